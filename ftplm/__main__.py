@@ -1,0 +1,5 @@
+import sys
+
+from ftplm.cli import main
+
+sys.exit(main())

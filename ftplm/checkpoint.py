@@ -1,0 +1,207 @@
+"""Model I/O in the HF-style layout, written atomically.
+
+A saved model is a directory with config.json, model.safetensors and tokenizer.json. A training run adds
+trainer_state.json + optimizer.safetensors and keeps each checkpoint in its own directory:
+
+    RUN/checkpoints/step_0000500/{config.json, model.safetensors, tokenizer.json, trainer_state.json, optimizer.safetensors}
+    RUN/latest -> checkpoints/step_0000500          (a symlink, swapped atomically)
+    RUN/config.json -> latest/config.json           (and model.safetensors, tokenizer.json, trainer_state.json)
+
+A checkpoint directory is written under a temporary name and renamed into place, then `latest` is re-pointed with
+an atomic rename: a process killed at any moment leaves the previous checkpoint whole and loadable. No pickle
+anywhere: tensors go to safetensors, everything else to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+from tokenizers import Tokenizer
+
+from ftplm.config import ModelConfig, load_model_config, model_config_dict
+from ftplm.errors import FtplmError
+from ftplm.model import LanguageModel, build_model
+from ftplm.tokenizer import load_tokenizer
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+RUN_LINKS = MODEL_FILES + ("trainer_state.json",)
+
+
+def unwrap(model: torch.nn.Module) -> LanguageModel:
+    """The plain model inside DDP / FSDP / torch.compile wrappers."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model  # type: ignore[return-value]
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Call write(tmp_path), fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, data: Any) -> None:
+    _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2)))
+
+
+def save_pretrained(model: torch.nn.Module, tokenizer: Tokenizer, directory: str | Path) -> Path:
+    """Write config.json, model.safetensors and tokenizer.json (each atomically) into `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model = unwrap(model)
+    _atomic_write(directory / "model.safetensors", lambda p: save_model(model, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / "tokenizer.json", lambda p: tokenizer.save(str(p)))
+    write_json(directory / "config.json", model_config_dict(model.cfg))
+    return directory
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory, a checkpoint directory or a saved model: the directory holding the model files."""
+    path = Path(path)
+    if not path.exists():
+        raise FtplmError(f"no such run or model directory: {path}")
+    if not path.is_dir():
+        raise FtplmError(f"{path} is not a directory (expected a run or saved model)")
+    if not (path / "config.json").exists():
+        raise FtplmError(f"{path} holds no model (no config.json): is it a run that has not saved a checkpoint yet?")
+    return path
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tuple[LanguageModel, Tokenizer]:
+    """Model (eval mode) and tokenizer from a run or saved-model directory; corrupt files give FtplmError."""
+    directory = resolve(path)
+    cfg = load_model_config(directory / "config.json")
+    tokenizer = load_tokenizer(directory / "tokenizer.json")
+    if tokenizer.get_vocab_size() > cfg.vocab_size:
+        raise FtplmError(f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {cfg.vocab_size}")
+    model = build_model(cfg)
+    try:
+        missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False, device=str(device))
+    except FileNotFoundError:
+        raise FtplmError(f"no model.safetensors in {directory}") from None
+    except (SafetensorError, RuntimeError, OSError, ValueError) as e:
+        raise FtplmError(f"corrupt checkpoint {directory / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
+    if missing or unexpected:
+        raise FtplmError(f"checkpoint {directory} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    return model.to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------------------------------------
+# training checkpoints
+# --------------------------------------------------------------------------------------------------------
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    sd = optimizer.state_dict()
+    tensors = {}
+    for index, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"state.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, sd["param_groups"]
+
+
+def save_checkpoint(
+    run: Path,
+    step: int,
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    optimizer: torch.optim.Optimizer,
+    trainer_state: dict[str, Any],
+    keep: int = 0,
+) -> Path:
+    """Write RUN/checkpoints/step_N atomically and point RUN/latest at it. keep: older step dirs kept (-1 all)."""
+    ckpt_root = run / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = ckpt_root / f".step_{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_pretrained(model, tokenizer, tmp)
+    tensors, groups = _optimizer_tensors(optimizer)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    _atomic_write(tmp / "optimizer.safetensors", lambda p: save_file(tensors, str(p)))
+    write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "optimizer_param_groups": groups})
+    if final.exists():  # re-saving the same step (e.g. final save right after a periodic one)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    link_tmp = run / ".latest.tmp"
+    if link_tmp.is_symlink() or link_tmp.exists():
+        link_tmp.unlink()
+    os.symlink(final.relative_to(run), link_tmp)
+    os.replace(link_tmp, run / "latest")
+    for name in RUN_LINKS:
+        link = run / name
+        if not link.is_symlink():
+            if link.exists():
+                link.unlink()
+            os.symlink(Path("latest") / name, link)
+    _fsync_dir(run)
+    _prune(ckpt_root, final, keep)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _prune(ckpt_root: Path, latest: Path, keep: int) -> None:
+    if keep < 0:
+        return
+    older = sorted(p for p in ckpt_root.glob("step_*") if p != latest and p.name < latest.name)
+    for p in older[: max(0, len(older) - keep)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def checkpoints(run: str | Path) -> list[Path]:
+    """All complete step checkpoints of a run, oldest first."""
+    return sorted(p for p in (Path(run) / "checkpoints").glob("step_*") if (p / "model.safetensors").exists())
+
+
+def load_trainer_state(run: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """trainer_state.json and the optimizer/RNG tensors of the latest checkpoint of a run."""
+    latest = run / "latest"
+    if not latest.exists():
+        raise FtplmError(f"{run} has no checkpoint to resume from")
+    try:
+        state = json.loads((latest / "trainer_state.json").read_text())
+        tensors = load_file(str(latest / "optimizer.safetensors"))
+    except FileNotFoundError as e:
+        raise FtplmError(f"incomplete checkpoint in {latest.resolve()}: {Path(e.filename).name} is missing") from None
+    except (SafetensorError, json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise FtplmError(f"corrupt checkpoint in {latest.resolve()}: {str(e).splitlines()[0]}") from None
+    return state, tensors
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, groups: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    try:
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+    except (ValueError, KeyError) as e:
+        raise FtplmError(f"optimizer state does not match the model: {e}") from None
+
+
+def model_config_of(run: str | Path) -> ModelConfig:
+    return load_model_config(resolve(run) / "config.json")

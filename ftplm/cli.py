@@ -1,0 +1,320 @@
+"""The `ftplm` command. Each subcommand is a plain typed function; its arguments come from the signature.
+
+Positional parameters become positional arguments, keyword-only ones become --options (required when they have
+no default), `bool` becomes a flag, `Literal[...]` becomes choices, `list[str]` a repeatable option, and the
+"Args:" section of the docstring gives each one its help. Bad input anywhere ends as one line on stderr, exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import re
+import sys
+import typing
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from ftplm.errors import FtplmError
+
+COMMANDS: dict[str, Callable[..., Any]] = {}
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., Any]:
+    COMMANDS[fn.__name__.rstrip("_").replace("_", "-")] = fn
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------------
+# commands
+# ------------------------------------------------------------------------------------------------------
+@command
+def prepare(
+    *,
+    corpus: str,
+    out: str,
+    vocab_size: int = 8192,
+    tokenizer: Literal["bpe", "gpt2"] = "bpe",
+    val_frac: float = 0.05,
+    test_frac: float = 0.10,
+    seed: int = 0,
+) -> None:
+    """Split a corpus into train/val/test documents, train the tokenizer, write token shards.
+
+    Args:
+        corpus: shakespeare, wiki-vital, bbc-news, python-code, a .txt/.jsonl file or folder, or an HF dataset
+            name; several joined by commas (e.g. wiki-vital,shakespeare)
+        out: data directory to write (replaced atomically if it is an earlier ftplm data directory)
+        vocab_size: BPE vocabulary size (ignored with --tokenizer gpt2)
+        tokenizer: bpe = byte-level BPE trained on the training split; gpt2 = GPT-2's own 50257-token vocabulary
+        val_frac: fraction of documents held out for validation
+        test_frac: fraction of documents held out for testing (classification, coherence prompts)
+        seed: seed of the document split
+    """
+    from ftplm.data import prepare as run_prepare
+
+    meta = run_prepare(corpus, out, vocab_size, tokenizer, val_frac, test_frac, seed)
+    splits = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in meta["splits"].items())
+    print(f"prepared {out}: vocab {meta['vocab_size']}; {splits}")
+
+
+def _split_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """--set key=value pairs, routed to the model or the training config by field name."""
+    from dataclasses import fields
+
+    from ftplm.config import ModelConfig, TrainConfig, parse_override
+
+    model_fields = {f.name for f in fields(ModelConfig)}
+    train_fields = {f.name for f in fields(TrainConfig)}
+    model_over: dict[str, Any] = {}
+    train_over: dict[str, Any] = {}
+    for item in items:
+        key, value = parse_override(item)
+        if key in model_fields:
+            model_over[key] = value
+        elif key in train_fields:
+            train_over[key] = value
+        else:
+            raise FtplmError(f"--set: unknown config field {key!r}")
+    return model_over, train_over
+
+
+@command
+def train(
+    *,
+    data: str,
+    out: str,
+    model: Literal["ftp", "gpt"] = "ftp",
+    preset: Literal["tiny", "small", "base"] = "small",
+    max_steps: Optional[int] = None,
+    max_tokens: Optional[int] = None,
+    time_budget: Optional[str] = None,
+    resume: bool = False,
+    batch_size: Optional[int] = None,
+    grad_accum: Optional[int] = None,
+    learning_rate: Optional[float] = None,
+    seed: Optional[int] = None,
+    dtype: Optional[Literal["bf16", "fp32"]] = None,
+    device: str = "auto",
+    set: list[str] = [],  # noqa: A002 - the option is called --set
+    no_progress: bool = False,
+) -> None:
+    """Train an FTP model or its GPT baseline on a prepared data directory.
+
+    Args:
+        data: data directory from `ftplm prepare`
+        out: run directory (checkpoints, log.jsonl); must not hold a run unless --resume
+        model: ftp (future token prediction) or gpt (the baseline)
+        preset: model + training size: tiny (tests), small (CPU), base (the paper's scale, GPU)
+        max_steps: stop after this many optimizer steps
+        max_tokens: stop after this many training tokens
+        time_budget: stop after this much training time, e.g. 90s, 5m, 1.5h
+        resume: continue the run in --out exactly where its latest checkpoint stopped
+        batch_size: sequences per micro-batch (default from the preset)
+        grad_accum: micro-batches per optimizer step
+        learning_rate: peak learning rate
+        seed: training seed (batches and initialisation)
+        dtype: bf16 autocast (default) or fp32
+        device: auto, cpu or cuda
+        set: any config field, e.g. --set n_future=8 --set gamma=0.9 (repeatable)
+        no_progress: no progress bar
+    """
+    from ftplm.config import parse_duration
+    from ftplm.train import train as run_train
+
+    model_over, train_over = _split_overrides(set)
+    explicit = {
+        "max_steps": max_steps, "max_tokens": max_tokens, "batch_size": batch_size, "grad_accum": grad_accum,
+        "learning_rate": learning_rate, "seed": seed, "dtype": dtype,
+        "time_budget": parse_duration(time_budget) if time_budget is not None else None,
+    }
+    train_over.update({k: v for k, v in explicit.items() if v is not None})
+    if resume and model_over:
+        raise FtplmError("--resume continues a run with its own model config; model fields cannot be changed")
+    info = run_train(
+        data, out, model_type=model, preset_name=preset, model_overrides=model_over, train_overrides=train_over,
+        resume=resume, device=device, progress=not no_progress,
+    )
+    ppl = f", val ppl {info.val['ppl']:.2f}" if info.val else ""
+    print(f"trained {model} to step {info.step} ({info.tokens:,} tokens, {info.elapsed:.0f}s){ppl}; saved {out}")
+
+
+@command
+def generate(
+    run: str,
+    *,
+    prompt: str,
+    max_new_tokens: int = 100,
+    temperature: float = 1.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    seed: Optional[int] = None,
+) -> None:
+    """Continue a prompt with a trained model and print the text.
+
+    Args:
+        run: run directory or saved model
+        prompt: text to continue
+        max_new_tokens: tokens to generate (fewer if the context fills up or the model ends the text)
+        temperature: sampling temperature; 0 = greedy
+        top_k: sample only among the k most likely tokens
+        top_p: nucleus sampling: the smallest set of tokens with this much probability
+        seed: random seed for reproducible samples
+    """
+    from ftplm.api import load
+    from ftplm.generate import Sampling
+
+    Sampling(temperature, top_k, top_p)  # validate before loading anything
+    if not prompt:
+        raise FtplmError("the prompt is empty")
+    model = load(run)
+    print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed))
+
+
+@command
+def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vital", preset: Literal["tiny", "small"] = "small") -> None:
+    """The main job: prepare data, train FTP and GPT for a fixed time each, compare them, write a report.
+
+    Args:
+        out: directory for data, runs and the report
+        budget: training time for each model, e.g. 150s or 3m
+        corpus: corpus to train on
+        preset: model size
+    """
+    from ftplm.config import parse_duration
+    from ftplm.demo import run_demo
+
+    run_demo(Path(out), parse_duration(budget), corpus, preset)
+
+
+@command
+def bench(
+    kind: Literal["train"],
+    *,
+    preset: Literal["tiny", "small", "base"] = "small",
+    steps: int = 8,
+    warmup: int = 2,
+    batch_size: Optional[int] = None,
+    json: Optional[str] = None,  # noqa: A002 - the option is called --json
+) -> None:
+    """Performance figures measured in one run (ratios between models measured side by side).
+
+    Args:
+        kind: train = training tokens/s of GPT and FTP with the same trunk, and their ratio
+        preset: model size
+        steps: timed steps per model (interleaved)
+        warmup: untimed steps per model first
+        batch_size: sequences per step (default from the preset)
+        json: also write the figures to this JSON file
+    """
+    from ftplm.bench import bench_train
+
+    result = bench_train(preset, steps, warmup, batch_size)
+    if json:
+        Path(json).write_text(_json_dumps(result))
+
+
+def _json_dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------------
+# the parser, from signatures
+# ------------------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, exit 2 (argparse prints usage + error)
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _param_help(doc: str) -> dict[str, str]:
+    helps: dict[str, str] = {}
+    if "Args:" not in doc:
+        return helps
+    current = None
+    for line in doc.split("Args:", 1)[1].splitlines():
+        m = re.match(r"\s+(\w+): (.*)", line)
+        if m and (current is None or len(line) - len(line.lstrip()) <= 8):
+            current = m.group(1)
+            helps[current] = m.group(2).strip()
+        elif current and line.strip():
+            helps[current] += " " + line.strip()
+    return helps
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, getattr(__import__("types"), "UnionType", Union)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+    doc = inspect.getdoc(fn) or ""
+    helps = _param_help(doc)
+    hints = typing.get_type_hints(fn)
+    for name, param in inspect.signature(fn).parameters.items():
+        tp = _unwrap_optional(hints.get(name, str))
+        kwargs: dict[str, Any] = {"help": helps.get(name, "")}
+        if typing.get_origin(tp) is Literal:
+            kwargs["choices"] = list(typing.get_args(tp))
+        elif typing.get_origin(tp) is list:
+            kwargs.update(action="append", default=[])
+        elif tp is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = tp
+        if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and param.default is inspect.Parameter.empty:
+            parser.add_argument(name, **kwargs)
+            continue
+        flag = "--" + name.replace("_", "-")
+        if param.default is inspect.Parameter.empty:
+            kwargs["required"] = True
+        elif "default" not in kwargs:
+            kwargs["default"] = param.default
+            if param.default not in (None, False) and kwargs["help"]:
+                kwargs["help"] += f" (default: {param.default})"
+        parser.add_argument(flag, dest=name, **kwargs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ftplm import __version__
+
+    parser = _Parser(prog="ftplm", description="Future Token Prediction language models: train, evaluate, generate, serve.")
+    parser.add_argument("--version", action="version", version=f"ftplm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, fn in COMMANDS.items():
+        doc = inspect.getdoc(fn) or ""
+        summary = doc.split("\n\n")[0]
+        p = sub.add_parser(name, help=summary, description=summary)
+        _add_params(p, fn)
+        p.set_defaults(_fn=fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_fn", None):
+        parser.print_help()
+        return 2
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("_fn", "command")}
+    try:
+        args._fn(**kwargs)
+    except FtplmError as e:
+        print(f"ftplm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ftplm {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

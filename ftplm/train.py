@@ -1,0 +1,270 @@
+"""The trainer: AdamW, warmup + cosine, grad clipping and accumulation, bf16 autocast, checkpoints, exact resume.
+
+Exact resume: batches are a pure function of (seed, step, micro-batch), the schedule is a function of the step, and
+optimizer moments + RNG state are saved with every checkpoint, so on CPU a resumed run's loss curve equals the
+uninterrupted one bit for bit (tests/test_train.py kills a run with SIGKILL to check it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from ftplm.checkpoint import load_trainer_state, restore_optimizer, save_checkpoint, write_json
+from ftplm.config import ModelConfig, TrainConfig, config_from_dict, load_model_config, preset, with_overrides
+from ftplm.data import TokenData
+from ftplm.errors import FtplmError
+from ftplm.model import LanguageModel, build_model
+from ftplm.tokenizer import load_tokenizer
+
+VAL_KEY = 982_451_653  # fixed seed of the validation batches: every model is scored on the same windows
+
+
+def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
+    if dtype == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FtplmError("CUDA was requested but no CUDA device is available")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg: TrainConfig, planned_steps: int) -> float:
+    """Linear warmup, then cosine decay to learning_rate * min_lr_ratio at planned_steps."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, planned_steps - cfg.warmup_steps))
+    min_lr = cfg.learning_rate * cfg.min_lr_ratio
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - min_lr)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not on norms, biases, pseudo-position vectors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(
+    model: LanguageModel, data: TokenData, batch_size: int, iters: int, dtype: str = "bf16", split: str = "val"
+) -> dict[str, Any]:
+    """Validation metrics on fixed windows of a split: next-token CE and perplexity (+ FTP per-offset CE/accuracy)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    totals: dict[str, Any] = {}
+    for i in range(iters):
+        x, y = data.batch(split, batch_size, model.cfg.block_size, key=(VAL_KEY, i))
+        with autocast(device, dtype):
+            out = model(x.to(device), y.to(device), with_metrics=True)
+        for name in ("loss", "next_token_ce", "offset_ce", "offset_acc"):
+            value = getattr(out, name)
+            if value is not None:
+                totals[name] = totals.get(name, 0) + value.float().cpu()
+    model.train(was_training)
+    result: dict[str, Any] = {k: (v / iters).tolist() for k, v in totals.items()}
+    result["ppl"] = math.exp(result["next_token_ce"])
+    return result
+
+
+@dataclass
+class RunInfo:
+    """What a finished (or stopped) training call reports."""
+
+    run: Path
+    step: int
+    tokens: int
+    elapsed: float
+    val: dict[str, Any] | None
+
+
+class Trainer:
+    def __init__(
+        self,
+        data_dir: str | Path,
+        out: str | Path,
+        model_type: str = "ftp",
+        preset_name: str = "small",
+        model_overrides: dict[str, Any] | None = None,
+        train_overrides: dict[str, Any] | None = None,
+        resume: bool = False,
+        device: str = "auto",
+        progress: bool = True,
+    ) -> None:
+        self.out = Path(out)
+        self.data = TokenData(data_dir)
+        self.device = pick_device(device)
+        self.progress = progress
+        self.resume_state: dict[str, Any] | None = None
+        self.resume_tensors: dict[str, torch.Tensor] | None = None
+        if resume:
+            if not (self.out / "latest").exists():
+                raise FtplmError(f"--resume: {self.out} has no checkpoint to resume from")
+            self.resume_state, self.resume_tensors = load_trainer_state(self.out)
+            self.model_cfg = load_model_config(self.out / "latest" / "config.json")
+            train_dict = dict(self.resume_state["train_config"])
+            train_dict.update(train_overrides or {})  # e.g. a longer --max-steps for the continuation
+            self.train_cfg = config_from_dict(TrainConfig, train_dict, "trainer_state.json").validate()
+        else:
+            if (self.out / "latest").exists():
+                raise FtplmError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
+            chosen = preset(preset_name, model_type)  # type: ignore[arg-type]
+            self.model_cfg = with_overrides(chosen.model, {"vocab_size": self.data.vocab_size, **(model_overrides or {})}).validate()
+            self.train_cfg = with_overrides(chosen.train, train_overrides or {}).validate()
+        if self.model_cfg.vocab_size < self.data.vocab_size:
+            raise FtplmError(f"model vocab ({self.model_cfg.vocab_size}) is smaller than the data's tokenizer ({self.data.vocab_size})")
+        cfg = self.train_cfg
+        if cfg.max_steps is None and cfg.max_tokens is None and cfg.time_budget is None:
+            raise FtplmError("say when to stop: --max-steps, --max-tokens or --time-budget")
+        self.tokenizer = load_tokenizer(self.data.tokenizer_path)
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
+
+    # ------------------------------------------------------------------------------------------------
+    def _planned_steps(self, step_seconds: float | None) -> int | None:
+        """Length of the LR schedule: from max_steps / max_tokens, else estimated from the time budget."""
+        cfg = self.train_cfg
+        limits = []
+        if cfg.max_steps is not None:
+            limits.append(cfg.max_steps)
+        if cfg.max_tokens is not None:
+            limits.append(math.ceil(cfg.max_tokens / self.tokens_per_step))
+        if limits:
+            return min(limits)
+        if step_seconds is None:
+            return None
+        return max(1, int(cfg.time_budget / step_seconds))  # type: ignore[operator]
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def _truncate_log(self, step: int) -> None:
+        """On resume, drop log lines written after the checkpoint we continue from."""
+        path = self.out / "log.jsonl"
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def fit(self) -> RunInfo:
+        cfg, device = self.train_cfg, self.device
+        torch.manual_seed(cfg.seed)
+        model = build_model(self.model_cfg).to(device)
+        optimizer = make_optimizer(model, cfg, device)
+        step, tokens, elapsed, planned = 0, 0, 0.0, None
+        if self.resume_state is not None:
+            from safetensors.torch import load_model
+
+            load_model(model, str(self.out / "latest" / "model.safetensors"), device=str(device))
+            restore_optimizer(optimizer, self.resume_state["optimizer_param_groups"], self.resume_tensors)
+            torch.set_rng_state(self.resume_tensors["rng.torch"])
+            step, tokens = self.resume_state["step"], self.resume_state["tokens"]
+            elapsed, planned = self.resume_state["elapsed"], self.resume_state.get("planned_steps")
+            self._truncate_log(step)
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "log.jsonl").write_text("")
+        planned = self._planned_steps(None) if self.train_cfg.max_steps or self.train_cfg.max_tokens else planned
+        train_model = torch.compile(model) if cfg.compile else model
+        model.train()
+
+        def state() -> dict[str, Any]:
+            return {
+                "tokens": tokens,
+                "elapsed": elapsed,
+                "planned_steps": planned,
+                "data_dir": str(self.data.root.resolve()),
+                "data_position": {"step": step, "note": "batches are a function of (seed, step, micro)"},
+                "train_config": dataclasses.asdict(cfg),
+                "world_size": 1,
+            }
+
+        def save() -> None:
+            save_checkpoint(self.out, step, model, self.tokenizer, optimizer, state(), keep=cfg.keep_checkpoints)
+
+        bar = tqdm(total=planned, initial=step, desc=f"train {self.model_cfg.model_type}", unit="step", disable=not self.progress, dynamic_ncols=True)
+        last_val: dict[str, Any] | None = None
+        loss_value = float("nan")
+        start_time = time.perf_counter() - elapsed
+        while True:
+            if planned is not None and step >= planned:
+                break
+            if cfg.time_budget is not None and elapsed >= cfg.time_budget:
+                break
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg, planned or 10**9)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_sum = 0.0
+            for micro in range(cfg.grad_accum):
+                x, y = self.data.batch("train", cfg.batch_size, self.model_cfg.block_size, key=(cfg.seed, step, micro))
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with autocast(device, cfg.dtype):
+                    out = train_model(x, y)
+                (out.loss / cfg.grad_accum).backward()
+                loss_sum += out.loss.item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens += self.tokens_per_step
+            loss_value = loss_sum / cfg.grad_accum
+            step_time = time.perf_counter() - t0
+            elapsed = time.perf_counter() - start_time
+            if planned is None and step >= 3:  # time budget only: fix the schedule length once warmed up
+                planned = self._planned_steps(elapsed / step)
+                bar.total = planned
+            if step % cfg.log_interval == 0 or step == 1:
+                self._log({
+                    "step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed": round(elapsed, 3),
+                    "tokens_per_s": round(self.tokens_per_step / step_time, 1),
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                })
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{self.tokens_per_step / step_time:,.0f}")
+            done = (planned is not None and step >= planned) or (cfg.time_budget is not None and elapsed >= cfg.time_budget)
+            if step % cfg.eval_interval == 0 or done:
+                last_val = evaluate(model, self.data, cfg.batch_size, cfg.eval_iters, cfg.dtype)
+                self._log({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "val": last_val})
+                bar.write(f"step {step}: val ppl {last_val['ppl']:.2f}")
+            if step % cfg.save_interval == 0 or done:
+                save()
+        bar.close()
+        if step == 0:
+            raise FtplmError("the budget ended before the first step")
+        if not (self.out / "checkpoints" / f"step_{step:07d}").exists():
+            save()
+        return RunInfo(self.out, step, tokens, elapsed, last_val)
+
+
+def read_log(run: str | Path) -> list[dict[str, Any]]:
+    path = Path(run) / "log.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def train(data_dir: str | Path, out: str | Path, **kwargs: Any) -> RunInfo:
+    """Train a model; see Trainer for the arguments."""
+    return Trainer(data_dir, out, **kwargs).fit()
+
+
+def model_config_for(preset_name: str, model_type: str, vocab_size: int) -> ModelConfig:
+    return with_overrides(preset(preset_name, model_type).model, {"vocab_size": vocab_size})  # type: ignore[arg-type]
