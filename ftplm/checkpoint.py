@@ -205,3 +205,15 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, groups: list[dict], tens
 
 def model_config_of(run: str | Path) -> ModelConfig:
     return load_model_config(resolve(run) / "config.json")
+
+
+def run_data_dir(path: str | Path) -> Path | None:
+    """The prepared data directory a run (or one of its checkpoints) was trained on, if recorded and present."""
+    state = resolve(path) / "trainer_state.json"
+    if not state.exists():
+        return None
+    try:
+        data_dir = Path(json.loads(state.read_text())["data_dir"])
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        return None
+    return data_dir if (data_dir / "meta.json").exists() else None

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import re
 import sys
@@ -23,9 +22,14 @@ from ftplm.errors import FtplmError
 COMMANDS: dict[str, Callable[..., Any]] = {}
 
 
-def command(fn: Callable[..., Any]) -> Callable[..., Any]:
-    COMMANDS[fn.__name__.rstrip("_").replace("_", "-")] = fn
-    return fn
+def command(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
+    """Register a subcommand; a name with a space ("bench train") makes a nested subcommand."""
+
+    def register(f: Callable[..., Any]) -> Callable[..., Any]:
+        COMMANDS[name or f.__name__.rstrip("_").replace("_", "-")] = f
+        return f
+
+    return register(fn) if fn is not None else register
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -190,9 +194,8 @@ def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vi
     run_demo(Path(out), parse_duration(budget), corpus, preset)
 
 
-@command
-def bench(
-    kind: Literal["train"],
+@command(name="bench train")
+def bench_train(
     *,
     preset: Literal["tiny", "small", "base"] = "small",
     steps: int = 8,
@@ -200,25 +203,26 @@ def bench(
     batch_size: Optional[int] = None,
     json: Optional[str] = None,  # noqa: A002 - the option is called --json
 ) -> None:
-    """Performance figures measured in one run (ratios between models measured side by side).
+    """Training throughput of GPT and FTP with the same trunk, measured interleaved in one run, and their ratio.
 
     Args:
-        kind: train = training tokens/s of GPT and FTP with the same trunk, and their ratio
         preset: model size
         steps: timed steps per model (interleaved)
         warmup: untimed steps per model first
         batch_size: sequences per step (default from the preset)
         json: also write the figures to this JSON file
     """
-    from ftplm.bench import bench_train
+    from ftplm.bench.train import bench_train as run
 
-    result = bench_train(preset, steps, warmup, batch_size)
-    if json:
-        Path(json).write_text(_json_dumps(result))
+    _emit(run(preset=preset, steps=steps, warmup=warmup, batch_size=batch_size), json)
 
 
-def _json_dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2) + "\n"
+def _emit(result: dict[str, Any], json_path: str | None) -> None:
+    """Write a benchmark's figures to --json (atomically) when asked; the benchmark prints its own table."""
+    if json_path:
+        from ftplm.checkpoint import write_json
+
+        write_json(Path(json_path), result)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -267,7 +271,9 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None
             kwargs["action"] = "store_true"
         else:
             kwargs["type"] = tp
-        if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and param.default is inspect.Parameter.empty:
+        if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+            if param.default is not inspect.Parameter.empty:
+                kwargs.update(nargs="?", default=param.default)
             parser.add_argument(name, **kwargs)
             continue
         flag = "--" + name.replace("_", "-")
@@ -286,10 +292,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ftplm", description="Future Token Prediction language models: train, evaluate, generate, serve.")
     parser.add_argument("--version", action="version", version=f"ftplm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    groups: dict[str, Any] = {}
     for name, fn in COMMANDS.items():
         doc = inspect.getdoc(fn) or ""
         summary = doc.split("\n\n")[0]
-        p = sub.add_parser(name, help=summary, description=summary)
+        if " " in name:  # nested: "bench train" -> `ftplm bench train`
+            group, leaf = name.split(" ", 1)
+            if group not in groups:
+                gp = sub.add_parser(group, help=f"{group} subcommands", description=f"{group} subcommands")
+                groups[group] = gp.add_subparsers(dest="subcommand", metavar="KIND", parser_class=_Parser, required=True)
+            p = groups[group].add_parser(leaf, help=summary, description=summary)
+        else:
+            p = sub.add_parser(name, help=summary, description=summary)
         _add_params(p, fn)
         p.set_defaults(_fn=fn)
     return parser
@@ -301,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_fn", None):
         parser.print_help()
         return 2
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("_fn", "command")}
+    kwargs = {k: v for k, v in vars(args).items() if k not in ("_fn", "command", "subcommand")}
     try:
         args._fn(**kwargs)
     except FtplmError as e:

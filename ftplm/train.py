@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ftplm.checkpoint import load_trainer_state, restore_optimizer, save_checkpoint, write_json
-from ftplm.config import ModelConfig, TrainConfig, config_from_dict, load_model_config, preset, with_overrides
+from ftplm.config import TrainConfig, config_from_dict, load_model_config, preset, with_overrides
 from ftplm.data import TokenData
 from ftplm.errors import FtplmError
 from ftplm.model import LanguageModel, build_model
@@ -265,6 +265,3 @@ def train(data_dir: str | Path, out: str | Path, **kwargs: Any) -> RunInfo:
     """Train a model; see Trainer for the arguments."""
     return Trainer(data_dir, out, **kwargs).fit()
 
-
-def model_config_for(preset_name: str, model_type: str, vocab_size: int) -> ModelConfig:
-    return with_overrides(preset(preset_name, model_type).model, {"vocab_size": vocab_size})  # type: ignore[arg-type]

@@ -1,0 +1,1 @@
+"""Speculative drafters, one file each, registered by name (used by ftplm.generate)."""
