@@ -137,7 +137,7 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
 
     # ------------------------------------------------------------------------------------------------
-    def _planned_steps(self, step_seconds: float | None) -> int | None:
+    def _planned_steps(self, step_seconds: float | None, seconds_left: float | None = None) -> int | None:
         """Length of the LR schedule: from max_steps / max_tokens, else estimated from the time budget."""
         cfg = self.train_cfg
         limits = []
@@ -149,7 +149,7 @@ class Trainer:
             return min(limits)
         if step_seconds is None:
             return None
-        return max(1, int(cfg.time_budget / step_seconds))  # type: ignore[operator]
+        return max(1, int((seconds_left if seconds_left is not None else cfg.time_budget) / step_seconds))  # type: ignore[operator]
 
     def _log(self, record: dict[str, Any]) -> None:
         with open(self.out / "log.jsonl", "a") as f:
@@ -203,6 +203,7 @@ class Trainer:
         last_val: dict[str, Any] | None = None
         loss_value = float("nan")
         start_time = time.perf_counter() - elapsed
+        warm_mark = (step, elapsed)  # (step, elapsed) after which step times count for the time-budget plan
         while True:
             if planned is not None and step >= planned:
                 break
@@ -228,9 +229,13 @@ class Trainer:
             loss_value = loss_sum / cfg.grad_accum
             step_time = time.perf_counter() - t0
             elapsed = time.perf_counter() - start_time
-            if planned is None and step >= 3:  # time budget only: fix the schedule length once warmed up
-                planned = self._planned_steps(elapsed / step)
-                bar.total = planned
+            if planned is None:  # time budget only: fix the schedule length from warmed-up step times
+                if step == 2:
+                    warm_mark = (step, elapsed)
+                elif step >= warm_mark[0] + 8:
+                    seconds_per_step = (elapsed - warm_mark[1]) / (step - warm_mark[0])
+                    planned = step + self._planned_steps(seconds_per_step, cfg.time_budget - elapsed)
+                    bar.total = planned
             if step % cfg.log_interval == 0 or step == 1:
                 self._log({
                     "step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed": round(elapsed, 3),
