@@ -181,19 +181,29 @@ def hf_documents(name: str) -> Iterator[Document]:
 
 
 def documents(spec: str) -> Iterator[Document]:
-    """Documents of a corpus spec: comma-separated corpus names, local paths or HF dataset names."""
+    """Documents of a corpus spec: comma-separated corpus names, local paths or HF dataset names.
+
+    Names and paths are checked before the first document is read, so a typo fails at once.
+    """
     parts = [p.strip() for p in spec.split(",") if p.strip()]
     if not parts:
         raise FtplmError("no corpus given")
+    sources: list[Callable[[], Iterator[Document]]] = []
     for part in parts:
         if part in CORPORA:
-            yield from CORPORA[part]()
+            sources.append(CORPORA[part])
         elif Path(part).exists():
-            yield from local_documents(Path(part))
-        elif part.startswith(("/", ".", "~")) or part.endswith((".txt", ".jsonl")):
-            raise FtplmError(f"no such file or directory: {part}")
-        else:
-            yield from hf_documents(part)
+            sources.append(lambda path=Path(part): local_documents(path))
+        elif part.startswith("hf:"):
+            sources.append(lambda name=part[3:]: hf_documents(name))
+        elif part.startswith(("/", ".", "~")) or part.endswith((".txt", ".jsonl")) or "/" not in part:
+            raise FtplmError(
+                f"no such file, directory or corpus: {part} (known corpora: {', '.join(CORPORA)}; "
+                "HF datasets: owner/name or hf:name)"
+            )
+        else:  # owner/name: a Hugging Face dataset
+            sources.append(lambda name=part: hf_documents(name))
+    return (doc for source in sources for doc in source())
 
 
 def split_of(doc_id: str, val_frac: float, test_frac: float, seed: int) -> str:
@@ -294,7 +304,7 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
     # 1. one pass to validate, count, and keep the held-out documents (small) for evaluation
     counts = {s: 0 for s in SPLITS}
     with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
-        for doc in tqdm(documents(corpus_spec), desc="reading documents", unit=" docs", leave=False):
+        for doc in tqdm(documents(corpus_spec), desc="reading documents", unit=" docs", leave=False, delay=1):
             split = split_of(doc.doc_id, val_frac, test_frac, seed)
             counts[split] += 1
             if split != "train":
@@ -321,7 +331,7 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
     for split in SPLITS:
         writer = ShardWriter(tmp, split, dtype, shard_tokens)
         texts = (d.text for d in docs_of(split))
-        for ids in tqdm(encode_batches(tok, texts), desc=f"tokenizing {split}", total=counts[split], unit=" docs", leave=False):
+        for ids in tqdm(encode_batches(tok, texts), desc=f"tokenizing {split}", total=counts[split], unit=" docs", leave=False, delay=1):
             writer.add(ids + [eos])
         splits[split] = {**writer.close(), "documents": counts[split]}
     meta = {
