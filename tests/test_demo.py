@@ -1,0 +1,19 @@
+"""The main job end to end, shrunk: tiny preset, a few seconds of training per model."""
+
+import json
+
+from ftplm.demo import run_demo
+
+
+def test_demo_end_to_end(tmp_path, tiny_corpus, capsys):
+    summary = run_demo(tmp_path / "demo", budget_s=3, corpus=str(tiny_corpus), preset="tiny")
+    out = capsys.readouterr().out
+    assert "FTP" in out and "GPT" in out and "val perplexity" in out
+    saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    for name in ("ftp", "gpt"):
+        r = saved["results"][name]
+        assert r["steps"] > 0 and r["val_ppl"] > 1
+        assert (tmp_path / "demo" / name / "model.safetensors").exists()
+    assert len(saved["results"]["ftp"]["offset_acc"]) == 4
+    assert (tmp_path / "demo" / "report.md").read_text().startswith("# ftplm demo")
+    assert summary["samples"]["ftp"] and summary["samples"]["gpt"]
