@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(VENV)/bin/ftplm demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis
