@@ -76,25 +76,46 @@ class TextModel:
 
     @torch.no_grad()
     def state_vectors(self, text: str) -> np.ndarray:
-        """Per-token top-layer vectors (T, n_embd) of a text (truncated to the context)."""
+        """Per-token top-layer vectors (T, n_embd) of a text (truncated to the context): FTP's semantic states."""
         ids = self.encode(text)[: self.config.block_size]
         if not ids:
             raise FtplmError("cannot embed empty text")
         idx = torch.tensor([ids], device=self.device)
         return self.model.state_vectors(idx)[0].float().cpu().numpy()
 
-    def embed(self, texts: list[str], pooling: Literal["mean", "last"] = "mean") -> np.ndarray:
-        """L2-normalised document vectors (len(texts), n_embd): mean- or last-token-pooled state vectors."""
+    @torch.no_grad()
+    def embed(
+        self, texts: list[str], pooling: Literal["mean", "last"] = "mean", batch_size: int = 32
+    ) -> np.ndarray:
+        """L2-normalised document vectors (len(texts), n_embd): mean- or last-token-pooled state vectors.
+
+        Texts are truncated to the context and run in right-padded batches (sorted by length): the trunk is causal,
+        so padding after a text cannot change its vectors, and pooling reads only its own positions.
+        """
         if pooling not in ("mean", "last"):
             raise FtplmError(f"pooling must be 'mean' or 'last', got {pooling!r}")
         if isinstance(texts, str):
             texts = [texts]
-        vectors = []
-        for text in texts:
-            h = self.state_vectors(text)
-            v = h.mean(0) if pooling == "mean" else h[-1]
-            vectors.append(v / max(np.linalg.norm(v), 1e-12))
-        return np.stack(vectors) if vectors else np.zeros((0, self.config.n_embd), dtype=np.float32)
+        ids = [self.encode(t)[: self.config.block_size] for t in texts]
+        if any(not x for x in ids):
+            raise FtplmError("cannot embed empty text")
+        out = np.zeros((len(ids), self.config.n_embd), dtype=np.float32)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        self.model.eval()
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            lengths = torch.tensor([len(ids[i]) for i in rows], device=self.device)
+            idx = torch.zeros(len(rows), int(lengths.max()), dtype=torch.long, device=self.device)
+            for r, i in enumerate(rows):
+                idx[r, : len(ids[i])] = torch.tensor(ids[i])
+            h = self.model.state_vectors(idx).float()
+            if pooling == "mean":
+                valid = (torch.arange(idx.size(1), device=self.device) < lengths[:, None]).unsqueeze(-1)
+                v = (h * valid).sum(1) / lengths[:, None]
+            else:
+                v = h[torch.arange(len(rows)), lengths - 1]
+            out[rows] = torch.nn.functional.normalize(v, dim=-1).cpu().numpy()
+        return out
 
     def save_pretrained(self, directory: str | Path) -> Path:
         return save_pretrained(self.model, self.tokenizer, directory)

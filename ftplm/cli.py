@@ -105,8 +105,11 @@ def train(
     device: str = "auto",
     set: list[str] = [],  # noqa: A002 - the option is called --set
     no_progress: bool = False,
+    strategy: Literal["ddp", "fsdp"] = "ddp",
+    backend: Literal["auto", "gloo", "nccl"] = "auto",
+    dist_timeout: float = 1800.0,
 ) -> None:
-    """Train an FTP model or its GPT baseline on a prepared data directory.
+    """Train an FTP model or its GPT baseline on a prepared data directory (several processes: torchrun -m ftplm train).
 
     Args:
         data: data directory from `ftplm prepare`
@@ -125,6 +128,10 @@ def train(
         device: auto, cpu or cuda
         set: any config field, e.g. --set n_future=8 --set gamma=0.9 (repeatable)
         no_progress: no progress bar
+        strategy: under torchrun: ddp (replicate the model) or fsdp (shard parameters, gradients and optimizer
+            state with FSDP2, for models that do not fit one device)
+        backend: under torchrun: process-group backend; auto = nccl on CUDA, gloo on CPU
+        dist_timeout: under torchrun: seconds to wait for peers (joining, and each collective) before failing
     """
     from ftplm.config import parse_duration
     from ftplm.train import train as run_train
@@ -140,8 +147,10 @@ def train(
         raise FtplmError("--resume continues a run with its own model config; model fields cannot be changed")
     info = run_train(
         data, out, model_type=model, preset_name=preset, model_overrides=model_over, train_overrides=train_over,
-        resume=resume, device=device, progress=not no_progress,
+        resume=resume, device=device, progress=not no_progress, strategy=strategy, backend=backend, dist_timeout=dist_timeout,
     )
+    if os.environ.get("RANK", "0") != "0":
+        return  # under torchrun only rank 0 reports
     ppl = f", val ppl {info.val['ppl']:.2f}" if info.val else ""
     print(f"trained {model} to step {info.step} ({info.tokens:,} tokens, {info.elapsed:.0f}s){ppl}; saved {out}")
 
@@ -176,6 +185,44 @@ def generate(
         raise FtplmError("the prompt is empty")
     model = load(run)
     print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed))
+
+
+@command
+def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = "mean") -> None:  # noqa: A002
+    """Embed texts with a trained model's state vectors and save them as a (n_texts, n_embd) .npy array.
+
+    Args:
+        run: run directory or saved model
+        input: texts to embed: a .jsonl file with a "text" field per line, or a text file with one text per line
+        out: .npy file to write (float32, L2-normalised rows in input order)
+        pooling: mean = average of the per-token state vectors; last = the final token's vector
+    """
+    import json as json_lib
+
+    import numpy as np
+
+    from ftplm.api import load
+
+    src, dst = Path(input), Path(out)
+    if not src.is_file():
+        raise FtplmError(f"no such file: {src}")
+    if dst.suffix != ".npy":
+        raise FtplmError(f"--out must end in .npy, got {dst}")
+    lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if src.suffix == ".jsonl":
+        try:
+            texts = [json_lib.loads(line)["text"] for line in lines]
+        except (json_lib.JSONDecodeError, KeyError, TypeError) as e:
+            raise FtplmError(f"{src}: every line must be a JSON object with a \"text\" field ({e})") from None
+    else:
+        texts = lines
+    if not texts:
+        raise FtplmError(f"{src} holds no texts")
+    vectors = load(run).embed(texts, pooling)
+    tmp = dst.with_name(dst.name + ".tmp.npy")
+    np.save(tmp, vectors)
+    tmp.replace(dst)  # atomic: a failed run leaves an existing --out untouched
+    print(f"embedded {len(texts)} texts -> {dst} {vectors.shape}")
 
 
 @command
