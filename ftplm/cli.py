@@ -264,6 +264,61 @@ def bench_train(
     _emit(run(preset=preset, steps=steps, warmup=warmup, batch_size=batch_size), json)
 
 
+@command
+def serve(
+    run: str,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: Optional[str] = None,
+    speculative: Literal["auto", "none", "ftp", "recycling", "lookup"] = "auto",
+    max_tokens_cap: Optional[int] = None,
+) -> None:
+    """OpenAI-compatible HTTP server: /v1/completions (streaming too), /v1/embeddings, /v1/models, /health.
+
+    Args:
+        run: run directory or saved model
+        host: interface to listen on (127.0.0.1 = this machine only)
+        port: TCP port
+        model_name: the model id clients pass as "model" (default: the run directory's name)
+        speculative: auto = self-speculative decoding for FTP models, plain for GPT; or a drafter, or none
+        max_tokens_cap: the largest max_tokens a request may ask for (default: the model's context length)
+    """
+    from ftplm.serve import serve as run_serve
+
+    if not 0 <= port <= 65535:
+        raise FtplmError(f"--port must be in 0..65535, got {port}")
+    run_serve(run, host, port, model_name=model_name, speculative=None if speculative == "none" else speculative,
+              max_tokens_cap=max_tokens_cap)
+
+
+@command(name="bench serve")
+def bench_serve(
+    run: str,
+    *,
+    clients: int = 50,
+    requests: int = 500,
+    max_tokens: int = 8,
+    speculative: Literal["auto", "none", "ftp", "recycling", "lookup"] = "auto",
+    json: Optional[str] = None,  # noqa: A002 - the option is called --json
+) -> None:
+    """HTTP load on a loopback server for RUN: p50/p99 latency, throughput, error counts.
+
+    Args:
+        run: run directory or saved model
+        clients: concurrent clients
+        requests: requests in all (half streamed, half greedy, half sampled)
+        max_tokens: tokens per completion
+        speculative: auto = self-speculative decoding for FTP models, plain for GPT; or a drafter, or none
+        json: also write the figures to this JSON file
+    """
+    from ftplm.bench.serve import bench_serve as run_bench
+
+    if clients < 1 or requests < 1 or max_tokens < 1:
+        raise FtplmError("--clients, --requests and --max-tokens must be positive")
+    _emit(run_bench(run, clients, requests, max_tokens, None if speculative == "none" else speculative), json)
+
+
 def _emit(result: dict[str, Any], json_path: str | None) -> None:
     """Write a benchmark's figures to --json (atomically) when asked; the benchmark prints its own table."""
     if json_path:

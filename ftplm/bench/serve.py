@@ -1,0 +1,131 @@
+"""`ftplm bench serve`: load on the HTTP server, on loopback, bounded: latency percentiles, throughput, errors.
+
+The server runs in this process (uvicorn in a thread) on a free loopback port; `clients` concurrent async clients
+share `requests` requests, alternating streaming and plain completions (greedy and sampled). A request counts as
+complete only if its body is whole: a non-streamed one has a finish_reason, a streamed one ends with a
+finish_reason and `data: [DONE]`. Nothing leaves the machine and the run stops by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+PROMPTS = [
+    "The history of", "In mathematics, a", "The city is", "Music is", "The river flows",
+    "A scientist", "During the war", "The language", "Water is", "The first",
+]
+
+
+async def _one(client: Any, i: int, max_tokens: int) -> dict[str, Any]:
+    stream = i % 2 == 1
+    body = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.0 if i % 4 < 2 else 0.8,
+            "seed": i, "stream": stream}
+    t0 = time.perf_counter()
+    rec: dict[str, Any] = {"stream": stream, "status": None, "complete": False, "ttft": None, "tokens": 0}
+    try:
+        if not stream:
+            r = await client.post("/v1/completions", json=body)
+            rec["status"] = r.status_code
+            if r.status_code == 200:
+                data = r.json()
+                rec["complete"] = data["choices"][0]["finish_reason"] in ("stop", "length")
+                rec["tokens"] = data["usage"]["completion_tokens"]
+        else:
+            body["stream_options"] = {"include_usage": True}
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                rec["status"] = r.status_code
+                finish, done = None, False
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    if rec["ttft"] is None:
+                        rec["ttft"] = time.perf_counter() - t0
+                    if line == "data: [DONE]":
+                        done = True
+                        continue
+                    event = json.loads(line[6:])
+                    if event.get("choices"):
+                        finish = event["choices"][0]["finish_reason"] or finish
+                    if event.get("usage"):
+                        rec["tokens"] = event["usage"]["completion_tokens"]
+                rec["complete"] = r.status_code == 200 and done and finish in ("stop", "length")
+    except Exception as e:  # noqa: BLE001 - a transport failure is a result here, counted and reported
+        rec["error"] = f"{type(e).__name__}: {e}"
+    rec["latency"] = time.perf_counter() - t0
+    return rec
+
+
+async def run_load(url: str, clients: int = 50, requests: int = 500, max_tokens: int = 8,
+                   timeout: float = 120.0) -> dict[str, Any]:
+    """`clients` concurrent clients sharing `requests` requests against a running server at `url`."""
+    import httpx
+
+    next_i = iter(range(requests))
+    records: list[dict[str, Any]] = []
+
+    async def client_loop(client: httpx.AsyncClient) -> None:
+        for i in next_i:  # one shared iterator: each request index is taken exactly once
+            records.append(await _one(client, i, max_tokens))
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
+        await asyncio.gather(*(client_loop(client) for _ in range(clients)))
+    wall = time.perf_counter() - t0
+    lat = np.array([r["latency"] for r in records]) * 1000
+    ttft = np.array([r["ttft"] for r in records if r["ttft"] is not None]) * 1000
+    status = [r["status"] for r in records]
+    return {
+        "clients": clients, "requests": requests, "max_tokens": max_tokens, "completed": len(records),
+        "ok": sum(s == 200 for s in status),
+        "errors_4xx": sum(s is not None and 400 <= s < 500 for s in status),
+        "errors_5xx": sum(s is not None and s >= 500 for s in status),
+        "transport_errors": sum("error" in r for r in records),
+        "incomplete": sum(not r["complete"] for r in records),
+        "streamed": sum(r["stream"] for r in records),
+        "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
+        "ttft_ms_p50": float(np.percentile(ttft, 50)) if len(ttft) else None,
+        "wall_s": wall, "requests_per_s": len(records) / wall,
+        "completion_tokens_per_s": sum(r["tokens"] for r in records) / wall,
+    }
+
+
+def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: int = 8,
+                speculative: str | None = "auto", threads: int | None = None) -> dict[str, Any]:
+    """Start a server for `run` on loopback, warm it up, put the load on it, print and return the figures."""
+    import httpx
+
+    from ftplm.serve import create_app, running_server, set_cpu_threads
+
+    threads = set_cpu_threads(threads)
+    app = create_app(run, speculative=speculative)
+    with running_server(app) as url:
+        for prompt in ("Warm", "up"):
+            httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens}, timeout=60)
+        figures = asyncio.run(run_load(url, clients, requests, max_tokens))
+    tm = app.state.text_model
+    figures.update(
+        run=str(run), model_type=tm.config.model_type, speculative=app.state.speculative,
+        machine=f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch threads {threads}",
+        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+    )
+    _print(figures)
+    return figures
+
+
+def _print(f: dict[str, Any]) -> None:
+    print(f"bench serve: {f['run']} ({f['model_type']}, speculative {f['speculative'] or 'off'}), "
+          f"{f['clients']} clients, {f['requests']} requests ({f['streamed']} streamed), max_tokens {f['max_tokens']}")
+    ttft = f"{f['ttft_ms_p50']:.0f}" if f["ttft_ms_p50"] is not None else "-"
+    print(f"latency p50 {f['latency_ms_p50']:.0f} ms, p99 {f['latency_ms_p99']:.0f} ms; stream TTFT p50 {ttft} ms")
+    print(f"throughput {f['requests_per_s']:.1f} req/s, {f['completion_tokens_per_s']:.0f} completion tokens/s "
+          f"({f['wall_s']:.1f} s)")
+    print(f"ok {f['ok']}/{f['requests']}; 4xx {f['errors_4xx']}, 5xx {f['errors_5xx']}, transport errors "
+          f"{f['transport_errors']}, incomplete {f['incomplete']}")

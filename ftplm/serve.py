@@ -1,0 +1,565 @@
+"""`ftplm serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) for completions and embeddings.
+
+    POST /v1/completions   prompt, max_tokens, temperature (0 = greedy), top_p, top_k, stop, seed, stream (SSE)
+    POST /v1/embeddings    input (str or list of str), encoding_format float|base64, pooling mean|last (extension)
+    GET  /v1/models, /v1/models/{id}, /health
+
+One worker thread owns the model: request handlers hand it jobs and await the results, so the model never runs on
+two threads at once. Completions run in chunks of tokens (8, 16, 32, 64, ...) and the worker serves its active jobs
+round-robin, one chunk each, so a long request cannot starve short ones and a stream gets its first tokens early.
+The worker pushes results into the request's asyncio queue with `call_soon_threadsafe` and never waits on a client
+socket: a slow or vanished client holds up nobody (and a vanished client's job is dropped at its next chunk).
+FTP models generate with self-speculative decoding when the installed ftplm supports it (lossless: greedy output
+equals plain decoding). Client mistakes always get a 4xx with an OpenAI-style JSON error, never a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import inspect
+import json
+import queue
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+
+from ftplm.api import TextModel, load
+from ftplm.errors import FtplmError
+from ftplm.generate import Sampling
+
+MAX_BODY_BYTES = 1 << 20  # request bodies above this get 413
+MAX_EMBED_INPUTS = 256
+MAX_STOP = 4  # as OpenAI
+FIRST_CHUNK, MAX_CHUNK = 8, 64  # tokens generated per worker turn (doubling)
+
+
+# ------------------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------------------
+class APIError(Exception):
+    """A client-visible error: HTTP status + OpenAI's {"error": {message, type, param, code}} body."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:  # noqa: A002 - OpenAI's field name
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for request bodies over `max_bytes`, declared (Content-Length) or streamed (chunked)."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = APIError(413, f"request body exceeds {self.max_bytes} bytes", code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            return await too_big.response()(scope, receive, send)
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_bytes:
+                raise HTTPException(413, too_big.message)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+# ------------------------------------------------------------------------------------------------------
+# requests (extra fields are accepted and ignored, as OpenAI does; types are strict: "5" is not a number)
+# ------------------------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = None
+    prompt: str | list[str] | list[int] = ""
+    max_tokens: int | None = Field(None, ge=0)  # None = OpenAI's default of 16
+    temperature: float | None = Field(None, ge=0, le=2)  # None = 1; 0 = greedy
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=1)  # extension (vLLM has it too)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(1, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = Field(None, ge=1)
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+    model: str | None = None
+    input: str | list[str]
+    encoding_format: Literal["float", "base64"] | None = "float"
+    dimensions: int | None = None
+    pooling: Literal["mean", "last"] = "mean"  # extension
+
+
+# ------------------------------------------------------------------------------------------------------
+# the worker thread that owns the model
+# ------------------------------------------------------------------------------------------------------
+class Job:
+    """A unit of model work: an iterator the worker advances one step per turn, results flowing to an asyncio queue."""
+
+    def __init__(self, steps: Iterator[Any], loop: asyncio.AbstractEventLoop) -> None:
+        self.steps, self.loop = steps, loop
+        self.results: asyncio.Queue = asyncio.Queue()
+        self.cancelled = False
+
+    def push(self, kind: str, value: Any = None) -> None:  # worker thread -> event loop, never blocks
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
+            self.loop.call_soon_threadsafe(self.results.put_nowait, (kind, value))
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def __aiter__(self) -> AsyncIterator[Any]:
+        while True:
+            kind, value = await self.results.get()
+            if kind == "done":
+                return
+            if kind == "error":
+                raise value
+            yield value
+
+
+class ModelWorker:
+    """The only thread that runs the model. Serves its active jobs round-robin, one step each."""
+
+    def __init__(self, max_pending: int = 256) -> None:
+        self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.max_pending = max_pending
+        self.pending = 0  # jobs submitted and not finished (read by the event loop for back-pressure)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._thread = threading.Thread(target=self._run, name="ftplm-model", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._thread is not None:
+            self.inbox.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, steps: Iterator[Any]) -> Job:
+        if self.pending >= self.max_pending:
+            raise APIError(429, f"server busy: {self.pending} requests queued; retry later", code="server_busy",
+                           type="rate_limit_error")
+        self.start()
+        job = Job(steps, asyncio.get_running_loop())
+        with self._lock:
+            self.pending += 1
+        self.inbox.put(job)
+        return job
+
+    def _finish(self, job: Job, kind: str, value: Any = None) -> None:
+        with self._lock:
+            self.pending -= 1
+        job.push(kind, value)
+
+    def _run(self) -> None:
+        active: deque[Job] = deque()
+        while True:
+            try:  # block only when idle; otherwise take whatever arrived since the last turn
+                while True:
+                    job = self.inbox.get(block=not active)
+                    if job is None:
+                        return
+                    active.append(job)
+            except queue.Empty:
+                pass
+            job = active.popleft()
+            if job.cancelled:
+                self._finish(job, "done")
+                continue
+            try:
+                item = next(job.steps)
+            except StopIteration:
+                self._finish(job, "done")
+            except BaseException as e:  # noqa: BLE001 - handed to the request, which answers for it
+                self._finish(job, "error", e)
+            else:
+                job.push("item", item)
+                active.append(job)
+
+
+# ------------------------------------------------------------------------------------------------------
+# completions
+# ------------------------------------------------------------------------------------------------------
+def _chunk_seed(seed: int | None, i: int) -> int | None:
+    """Seed of the i-th chunk: the request's seed itself first (so a short request matches `ftplm generate`)."""
+    return None if seed is None else (seed + 1_000_003 * i) % 2**63
+
+
+def completion_steps(tm: TextModel, ids: list[int], max_tokens: int, temperature: float, top_k: int | None,
+                     top_p: float | None, seed: int | None, extra: dict[str, Any]) -> Iterator[list[int]]:
+    """New token ids, a chunk per step, until max_tokens, EOS or the end of the context (runs on the worker)."""
+    produced: list[int] = []
+    chunk, i = FIRST_CHUNK, 0
+    while len(produced) < max_tokens and len(ids) + len(produced) < tm.config.block_size:
+        n = min(chunk, max_tokens - len(produced))
+        new = tm.generate_ids(ids + produced, n, temperature, top_k, top_p, _chunk_seed(seed, i), True, **extra)
+        produced += new
+        yield new
+        if len(new) < n or (tm.eos_id is not None and tm.eos_id in new):
+            return
+        chunk, i = min(2 * chunk, MAX_CHUNK), i + 1
+
+
+class TextAssembler:
+    """Generated ids -> text deltas. Cuts at EOS and at stop strings; holds back text that may still become a stop
+    string or is an incomplete UTF-8 character, so the deltas always add up to the final text."""
+
+    def __init__(self, tm: TextModel, stops: list[str]) -> None:
+        self.tm, self.stops = tm, stops
+        self.ids: list[int] = []
+        self.n_generated = 0
+        self.sent = 0
+        self.finish_reason: str | None = None
+
+    def add(self, new: list[int]) -> str:
+        self.n_generated += len(new)
+        for t in new:
+            if t == self.tm.eos_id:
+                self.finish_reason = "stop"
+                break
+            self.ids.append(t)
+        text = self.tm.decode(self.ids)
+        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.finish_reason = "stop"
+            return self._emit(text, max(min(hits), self.sent))
+        if self.finish_reason:
+            return self._emit(text, len(text))
+        safe = len(text.rstrip("\ufffd"))  # a multi-byte character split across tokens
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    safe = min(safe, len(text) - k)
+                    break
+        return self._emit(text, max(safe, self.sent))
+
+    def flush(self) -> str:
+        """The rest of the text once generation has ended without a stop."""
+        return self._emit(self.tm.decode(self.ids), None)
+
+    def _emit(self, text: str, end: int | None) -> str:
+        end = len(text) if end is None else end
+        delta, self.sent = text[self.sent : end], end
+        return delta
+
+
+# ------------------------------------------------------------------------------------------------------
+# the app
+# ------------------------------------------------------------------------------------------------------
+def _speculative_kwargs(tm: TextModel, speculative: str | None) -> dict[str, Any]:
+    """{"speculative": ...} for generate_ids when this ftplm supports it; "auto" = "ftp" for FTP models."""
+    supported = "speculative" in inspect.signature(tm.generate_ids).parameters
+    if speculative == "auto":
+        speculative = "ftp" if tm.config.model_type == "ftp" and supported else None
+    if speculative in (None, "none"):
+        return {}
+    if not supported:
+        raise FtplmError("this ftplm has no speculative decoding; serve with speculative=None")
+    return {"speculative": speculative}
+
+
+def _check_model(requested: str | None, name: str) -> None:
+    if requested is not None and requested != name:
+        raise APIError(404, f"the model {requested!r} does not exist; this server serves {name!r}", "model",
+                       "model_not_found")
+
+
+def create_app(
+    model: TextModel | str | Path,
+    *,
+    model_name: str | None = None,
+    speculative: str | None = "auto",
+    max_tokens_cap: int | None = None,
+    max_body_bytes: int = MAX_BODY_BYTES,
+    max_pending: int = 256,
+) -> FastAPI:
+    """The FastAPI app serving one model (a TextModel or a run / saved-model path).
+
+    speculative: "auto" (FTP models: self-speculative "ftp"; GPT: plain), a drafter name, or None.
+    max_tokens_cap: the most tokens one completion may ask for (default: the model's context length).
+    """
+    tm = model if isinstance(model, TextModel) else load(model)
+    name = model_name or (tm.path.name if tm.path is not None else "ftplm")
+    block = tm.config.block_size
+    cap = max_tokens_cap or block
+    gen_extra = _speculative_kwargs(tm, speculative)
+    worker = ModelWorker(max_pending)
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        yield
+        worker.stop()
+
+    app = FastAPI(title="ftplm", lifespan=lifespan)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.state.text_model, app.state.worker, app.state.model_name = tm, worker, name
+    app.state.speculative = gen_extra.get("speculative")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+        err = e.errors()[0] if e.errors() else {}
+        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        if err.get("type") == "json_invalid":
+            return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
+                            code="invalid_json").response()
+        param = loc[0] if loc else None
+        # a union field (e.g. prompt: str | list[str]) fails once per member: say all of it, under the field's name
+        msgs = dict.fromkeys(x.get("msg", "invalid value") for x in e.errors() if [str(y) for y in x.get("loc", ()) if y != "body"][:1] == loc[:1])
+        return APIError(400, f"{param or 'body'}: {'; or '.join(msgs)}", param, "invalid_value").response()
+
+    @app.exception_handler(FtplmError)
+    async def bad_input(request: Request, e: FtplmError) -> JSONResponse:
+        return APIError(400, str(e)).response()
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+        return APIError(e.status_code, str(e.detail), code=code).response()
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+
+    def model_card() -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "ftplm",
+                "model_type": tm.config.model_type, "context_length": block, "embedding_dim": tm.config.n_embd}
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": name, "pending": worker.pending, "speculative": app.state.speculative}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        _check_model(model_id, name)
+        return model_card()
+
+    def prompt_ids(prompt: str | list[str] | list[int]) -> list[int]:
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            if any(not 0 <= t < tm.config.vocab_size for t in prompt):
+                raise APIError(400, f"token ids must be in [0, {tm.config.vocab_size})", "prompt")
+            ids = list(prompt)
+        elif isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, f"one prompt per request is supported, got {len(prompt)}", "prompt")
+            ids = tm.encode(prompt[0])
+        else:
+            ids = tm.encode(prompt)
+        if not ids:  # OpenAI: an empty prompt means the start of a document
+            if tm.eos_id is None:
+                raise APIError(400, "the prompt is empty", "prompt")
+            ids = [tm.eos_id]
+        if len(ids) >= block:
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {block} tokens, "
+                                "including the completion", "prompt", "context_length_exceeded")
+        return ids
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
+        _check_model(req.model, name)
+        if req.n not in (None, 1) or req.best_of not in (None, 1):
+            raise APIError(400, "only n=1 (and best_of=1) is supported", "n")
+        if req.echo or req.logprobs is not None:
+            raise APIError(400, "echo and logprobs are not supported", "echo" if req.echo else "logprobs")
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        if max_tokens > cap:
+            raise APIError(400, f"max_tokens is at most {cap}, got {max_tokens}", "max_tokens")
+        stops = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        if len(stops) > MAX_STOP or any(not s for s in stops):
+            raise APIError(400, f"stop takes up to {MAX_STOP} non-empty strings", "stop")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = None if req.top_p in (None, 1) else req.top_p
+        try:
+            Sampling(temperature, req.top_k, top_p)
+        except FtplmError as e:
+            raise APIError(400, str(e)) from None
+        ids = prompt_ids(req.prompt)
+        steps = completion_steps(tm, ids, max_tokens, temperature, req.top_k, top_p, req.seed, gen_extra)
+        job = worker.submit(steps)
+        asm = TextAssembler(tm, stops)
+        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                "model": name}
+
+        def usage() -> dict[str, int]:
+            return {"prompt_tokens": len(ids), "completion_tokens": asm.n_generated,
+                    "total_tokens": len(ids) + asm.n_generated}
+
+        def choice(text: str, finish: str | None) -> dict[str, Any]:
+            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+
+        if not req.stream:
+            parts = []
+            try:
+                async for new in job:
+                    parts.append(asm.add(new))
+                    if asm.finish_reason:
+                        break
+            finally:
+                job.cancel()
+            parts.append("" if asm.finish_reason else asm.flush())
+            return JSONResponse({**head, "choices": [choice("".join(parts), asm.finish_reason or "length")],
+                                 "usage": usage()})
+
+        def sse(obj: Any) -> str:
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for new in job:
+                    delta = asm.add(new)
+                    if delta:
+                        yield sse({**head, "choices": [choice(delta, None)]})
+                    if asm.finish_reason:
+                        break
+                rest = "" if asm.finish_reason else asm.flush()
+                yield sse({**head, "choices": [choice(rest, asm.finish_reason or "length")]})
+                if req.stream_options is not None and req.stream_options.include_usage:
+                    yield sse({**head, "choices": [], "usage": usage()})
+            except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band, as OpenAI does
+                yield sse(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body())
+            finally:
+                job.cancel()
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    @app.post("/v1/embeddings")
+    async def embeddings(req: EmbeddingRequest) -> JSONResponse:
+        _check_model(req.model, name)
+        texts = [req.input] if isinstance(req.input, str) else req.input
+        if not texts or len(texts) > MAX_EMBED_INPUTS:
+            raise APIError(400, f"input must hold 1 to {MAX_EMBED_INPUTS} texts, got {len(texts)}", "input")
+        if req.dimensions is not None and req.dimensions != tm.config.n_embd:
+            raise APIError(400, f"this model's embeddings have {tm.config.n_embd} dimensions", "dimensions")
+        n_tokens = []
+        for i, text in enumerate(texts):
+            n = len(tm.encode(text))
+            if n == 0:
+                raise APIError(400, f"input[{i}] is empty", "input")
+            if n > block:
+                raise APIError(400, f"input[{i}] has {n} tokens; this model's context is {block} tokens", "input",
+                               "context_length_exceeded")
+            n_tokens.append(n)
+
+        def steps() -> Iterator[np.ndarray]:
+            yield tm.embed(texts, req.pooling)
+
+        vectors = None
+        async for vectors in worker.submit(steps()):
+            pass
+        assert vectors is not None
+        if req.encoding_format == "base64":
+            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+        else:
+            data = [v.tolist() for v in vectors]
+        return JSONResponse({
+            "object": "list", "model": name,
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": sum(n_tokens), "total_tokens": sum(n_tokens)},
+        })
+
+    return app
+
+
+# ------------------------------------------------------------------------------------------------------
+# running it
+# ------------------------------------------------------------------------------------------------------
+def set_cpu_threads(threads: int | None = None) -> int:
+    """Torch CPU threads for serving: by default one core is left to the HTTP thread. Batch-1 decoding with more
+    OpenMP threads than free cores spin-waits: on a busy 2-core machine 2 threads were ~50x slower than 1."""
+    import os
+
+    import torch
+
+    if threads is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        threads = max(1, cores - 1)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
+          **app_kwargs: Any) -> None:
+    """Serve a run until interrupted (Ctrl-C)."""
+    import uvicorn
+
+    set_cpu_threads(threads)
+    app = create_app(run, **app_kwargs)
+    print(f"serving {app.state.model_name} ({app.state.text_model.config.model_type}, speculative: "
+          f"{app.state.speculative or 'off'}) on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+
+
+@contextlib.contextmanager
+def running_server(app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0) -> Iterator[str]:
+    """Run `app` with uvicorn in a background thread on a free port of `host`; yields its base URL."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, 0))  # the OS picks the port: no race with other tests or servers
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ftplm-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise FtplmError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
