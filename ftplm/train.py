@@ -19,9 +19,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ftplm.checkpoint import load_trainer_state, restore_optimizer, save_checkpoint, write_json
+from ftplm.checkpoint import load_trainer_state, save_checkpoint, write_json
 from ftplm.config import TrainConfig, config_from_dict, load_model_config, preset, with_overrides
 from ftplm.data import TokenData
+from ftplm.distributed import DEFAULT_TIMEOUT, Parallel, context_from_env, global_micro, init_process_group, shutdown, split_accum, to_device
 from ftplm.errors import FtplmError
 from ftplm.model import LanguageModel, build_model
 from ftplm.tokenizer import load_tokenizer
@@ -107,11 +108,16 @@ class Trainer:
         resume: bool = False,
         device: str = "auto",
         progress: bool = True,
+        strategy: str = "ddp",
+        backend: str = "auto",
+        dist_timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         self.out = Path(out)
         self.data = TokenData(data_dir)
-        self.device = pick_device(device)
-        self.progress = progress
+        self.dist = context_from_env(backend, device, dist_timeout)  # torchrun's variables; world_size 1 without them
+        self.device = self.dist.device
+        self.progress = progress and self.dist.is_main
+        self.strategy = strategy
         self.resume_state: dict[str, Any] | None = None
         self.resume_tensors: dict[str, torch.Tensor] | None = None
         if resume:
@@ -120,6 +126,9 @@ class Trainer:
             self.resume_state, self.resume_tensors = load_trainer_state(self.out)
             self.model_cfg = load_model_config(self.out / "latest" / "config.json")
             train_dict = dict(self.resume_state["train_config"])
+            if "grad_accum" not in (train_overrides or {}):  # same global batch on any world size
+                saved_world = self.resume_state.get("world_size", 1)
+                train_dict["grad_accum"] = split_accum(train_dict["grad_accum"] * saved_world, self.dist.world_size)
             train_dict.update(train_overrides or {})  # e.g. a longer --max-steps for the continuation
             self.train_cfg = config_from_dict(TrainConfig, train_dict, "trainer_state.json").validate()
         else:
@@ -133,8 +142,13 @@ class Trainer:
         cfg = self.train_cfg
         if cfg.max_steps is None and cfg.max_tokens is None and cfg.time_budget is None:
             raise FtplmError("say when to stop: --max-steps, --max-tokens or --time-budget")
+        if strategy not in ("ddp", "fsdp"):
+            raise FtplmError(f"unknown strategy {strategy!r}; choose ddp or fsdp")
+        if strategy == "fsdp" and not self.dist.distributed:
+            raise FtplmError("--strategy fsdp shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
         self.tokenizer = load_tokenizer(self.data.tokenizer_path)
-        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size * self.dist.world_size
+        init_process_group(self.dist)  # last: every check above fails fast, before any network wait
 
     # ------------------------------------------------------------------------------------------------
     def _planned_steps(self, step_seconds: float | None, seconds_left: float | None = None) -> int | None:
@@ -152,6 +166,8 @@ class Trainer:
         return max(1, int((seconds_left if seconds_left is not None else cfg.time_budget) / step_seconds))  # type: ignore[operator]
 
     def _log(self, record: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         with open(self.out / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -164,25 +180,29 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in keep))
 
     def fit(self) -> RunInfo:
-        cfg, device = self.train_cfg, self.device
+        cfg, device, ctx = self.train_cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
         model = build_model(self.model_cfg).to(device)
-        optimizer = make_optimizer(model, cfg, device)
-        step, tokens, elapsed, planned = 0, 0, 0.0, None
-        if self.resume_state is not None:
+        if self.resume_state is not None:  # weights before wrapping: FSDP shards what is loaded here
             from safetensors.torch import load_model
 
             load_model(model, str(self.out / "latest" / "model.safetensors"), device=str(device))
-            restore_optimizer(optimizer, self.resume_state["optimizer_param_groups"], self.resume_tensors)
+        parallel = Parallel(model, ctx, self.strategy, cfg.compile)  # type: ignore[arg-type]
+        train_model = parallel.forward
+        optimizer = make_optimizer(model, cfg, device)
+        step, tokens, elapsed, planned = 0, 0, 0.0, None
+        if self.resume_state is not None:
+            parallel.load_optimizer(optimizer, self.resume_state["optimizer_param_groups"], self.resume_tensors)
             torch.set_rng_state(self.resume_tensors["rng.torch"])
             step, tokens = self.resume_state["step"], self.resume_state["tokens"]
             elapsed, planned = self.resume_state["elapsed"], self.resume_state.get("planned_steps")
-            self._truncate_log(step)
-        else:
+            if ctx.is_main:
+                self._truncate_log(step)
+        elif ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "log.jsonl").write_text("")
+        saved_step = step  # a resumed run's checkpoint of this step already exists
         planned = self._planned_steps(None) if self.train_cfg.max_steps or self.train_cfg.max_tokens else planned
-        train_model = torch.compile(model) if cfg.compile else model
         model.train()
 
         def state() -> dict[str, Any]:
@@ -191,13 +211,18 @@ class Trainer:
                 "elapsed": elapsed,
                 "planned_steps": planned,
                 "data_dir": str(self.data.root.resolve()),
-                "data_position": {"step": step, "note": "batches are a function of (seed, step, micro)"},
-                "train_config": dataclasses.asdict(cfg),
-                "world_size": 1,
+                "data_position": {"step": step, "note": "batches are a function of (seed, step, rank * grad_accum + micro)"},
+                "train_config": dataclasses.asdict(cfg),  # grad_accum is per process: global = grad_accum * world_size
+                "world_size": ctx.world_size,
+                "strategy": self.strategy,
             }
 
         def save() -> None:
-            save_checkpoint(self.out, step, model, self.tokenizer, optimizer, state(), keep=cfg.keep_checkpoints)
+            nonlocal saved_step
+            full_model, full_optimizer = parallel.full_state(optimizer)  # a collective under FSDP
+            if ctx.is_main:
+                save_checkpoint(self.out, step, full_model, self.tokenizer, full_optimizer, state(), keep=cfg.keep_checkpoints)
+            saved_step = step
 
         bar = tqdm(total=planned, initial=step, desc=f"train {self.model_cfg.model_type}", unit="step", disable=not self.progress, dynamic_ncols=True)
         last_val: dict[str, Any] | None = None
@@ -215,20 +240,22 @@ class Trainer:
                 group["lr"] = lr
             loss_sum = 0.0
             for micro in range(cfg.grad_accum):
-                x, y = self.data.batch("train", cfg.batch_size, self.model_cfg.block_size, key=(cfg.seed, step, micro))
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                with autocast(device, cfg.dtype):
-                    out = train_model(x, y)
-                (out.loss / cfg.grad_accum).backward()
+                key = (cfg.seed, step, global_micro(ctx, micro, cfg.grad_accum))  # this rank's slice of the global batch
+                x, y = self.data.batch("train", cfg.batch_size, self.model_cfg.block_size, key=key)
+                x, y = to_device(x, device), to_device(y, device)
+                with parallel.gradient_sync(micro == cfg.grad_accum - 1):  # reduce on the last micro-batch only
+                    with autocast(device, cfg.dtype):
+                        out = train_model(x, y)
+                    (out.loss / cfg.grad_accum).backward()
                 loss_sum += out.loss.item()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
             tokens += self.tokens_per_step
-            loss_value = loss_sum / cfg.grad_accum
             step_time = time.perf_counter() - t0
-            elapsed = time.perf_counter() - start_time
+            # every rank takes the same decisions (stop, schedule length) from the same averaged numbers
+            loss_value, elapsed, step_time = ctx.mean([loss_sum / cfg.grad_accum, time.perf_counter() - start_time, step_time])
             if planned is None:  # time budget only: fix the schedule length from warmed-up step times
                 if step == 2:
                     warm_mark = (step, elapsed)
@@ -240,23 +267,25 @@ class Trainer:
                 self._log({
                     "step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed": round(elapsed, 3),
                     "tokens_per_s": round(self.tokens_per_step / step_time, 1),
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "grad_norm": None if grad_norm is None else float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
                 })
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{self.tokens_per_step / step_time:,.0f}")
             done = (planned is not None and step >= planned) or (cfg.time_budget is not None and elapsed >= cfg.time_budget)
-            if step % cfg.eval_interval == 0 or done:
+            if (step % cfg.eval_interval == 0 or done) and (ctx.is_main or parallel.all_ranks_forward):
                 last_val = evaluate(model, self.data, cfg.batch_size, cfg.eval_iters, cfg.dtype)
                 self._log({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "val": last_val})
-                bar.write(f"step {step}: val ppl {last_val['ppl']:.2f}")
+                if ctx.is_main:
+                    bar.write(f"step {step}: val ppl {last_val['ppl']:.2f}")
             if step % cfg.save_interval == 0 or done:
                 save()
         bar.close()
         if step == 0:
             raise FtplmError("the budget ended before the first step")
-        if not (self.out / "checkpoints" / f"step_{step:07d}").exists():
+        if saved_step != step:
             save()
-        return RunInfo(self.out, step, tokens, elapsed, last_val)
+        ctx.barrier()  # nobody leaves while rank 0 still writes
+        return RunInfo(self.out, step, tokens, elapsed, last_val if ctx.is_main else None)
 
 
 def read_log(run: str | Path) -> list[dict[str, Any]]:
@@ -267,6 +296,9 @@ def read_log(run: str | Path) -> list[dict[str, Any]]:
 
 
 def train(data_dir: str | Path, out: str | Path, **kwargs: Any) -> RunInfo:
-    """Train a model; see Trainer for the arguments."""
-    return Trainer(data_dir, out, **kwargs).fit()
+    """Train a model; see Trainer for the arguments. Under torchrun every process calls this (see distributed.py)."""
+    try:
+        return Trainer(data_dir, out, **kwargs).fit()
+    finally:
+        shutdown()
 
