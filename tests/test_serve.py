@@ -1,0 +1,377 @@
+"""The HTTP server, for real: uvicorn on a free loopback port, requests through httpx and the official openai client."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import ftplm
+from ftplm.bench.serve import run_load
+from ftplm.cli import main
+from ftplm.serve import ModelWorker, TextAssembler, create_app, running_server
+
+PROMPTS = ["The history of", "In mathematics, a", "Rome"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The test process shares 2 cores with the server thread: 1 torch thread avoids OpenMP spin-waiting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Recorder:
+    """Wraps a TextModel's model calls: how many run at once (must never exceed 1) and on which threads."""
+
+    def __init__(self, tm) -> None:
+        self.active = self.max_active = self.calls = 0
+        self.threads: set[int] = set()
+        self.lock = threading.Lock()
+        for name in ("generate_ids", "embed"):
+            setattr(tm, name, self.wrap(getattr(tm, name)))
+
+    def wrap(self, fn):
+        def wrapped(*args, **kwargs):
+            with self.lock:
+                self.active += 1
+                self.calls += 1
+                self.max_active = max(self.max_active, self.active)
+                self.threads.add(threading.get_ident())
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.active -= 1
+
+        wrapped.__signature__ = __import__("inspect").signature(fn)  # keeps the speculative probe honest
+        return wrapped
+
+
+@pytest.fixture(scope="module")
+def ftp_server(tiny_ftp_run):
+    tm = ftplm.load(tiny_ftp_run)
+    reference = ftplm.load(tiny_ftp_run)  # an untouched copy for expected outputs, used on this thread only
+    recorder = Recorder(tm)
+    app = create_app(tm, model_name="tiny-ftp")
+    with running_server(app) as url:
+        yield url, reference, recorder
+
+
+@pytest.fixture(scope="module")
+def gpt_server(tiny_gpt_run):
+    app = create_app(tiny_gpt_run, model_name="tiny-gpt", max_tokens_cap=32)
+    with running_server(app) as url:
+        yield url, ftplm.load(tiny_gpt_run)
+
+
+def _stream_text(client: httpx.Client, body: dict) -> tuple[str, str | None, list[str]]:
+    """Concatenated streamed text, the finish reason, and the raw `data:` payloads."""
+    text, finish, payloads = "", None, []
+    with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                payloads.append(line[6:])
+                if line != "data: [DONE]":
+                    event = json.loads(line[6:])
+                    for c in event["choices"]:
+                        text += c["text"]
+                        finish = c["finish_reason"] or finish
+    assert payloads[-1] == "[DONE]"
+    return text, finish, payloads
+
+
+# ------------------------------------------------------------------------------------------------------
+# shapes and correctness
+# ------------------------------------------------------------------------------------------------------
+def test_health_and_models(ftp_server):
+    url, tm, _ = ftp_server
+    c = httpx.Client(base_url=url)
+    assert c.get("/health").json()["status"] == "ok"
+    models = c.get("/v1/models").json()
+    assert models["object"] == "list" and [m["id"] for m in models["data"]] == ["tiny-ftp"]
+    card = c.get("/v1/models/tiny-ftp").json()
+    assert card["object"] == "model" and card["context_length"] == tm.config.block_size
+    assert c.get("/v1/models/nope").status_code == 404
+
+
+def test_completion_shape_and_greedy_equals_generate(ftp_server, gpt_server):
+    for url, tm in (ftp_server[:2], gpt_server):
+        c = httpx.Client(base_url=url, timeout=60)
+        for prompt, n in zip(PROMPTS, (5, 20, 30)):  # 20 and 30 tokens span several worker chunks
+            expected = tm.generate(prompt, n, temperature=0)
+            r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": n, "temperature": 0})
+            assert r.status_code == 200
+            data = r.json()
+            assert data["object"] == "text_completion" and data["id"].startswith("cmpl-")
+            assert isinstance(data["created"], int) and data["model"] in ("tiny-ftp", "tiny-gpt")
+            (choice,) = data["choices"]
+            assert choice["index"] == 0 and choice["logprobs"] is None
+            assert choice["text"] == expected
+            ids = tm.generate_ids(prompt, n, temperature=0)
+            assert choice["finish_reason"] == ("stop" if tm.eos_id in ids else "length")
+            assert data["usage"] == {"prompt_tokens": len(tm.encode(prompt)), "completion_tokens": len(ids),
+                                     "total_tokens": len(tm.encode(prompt)) + len(ids)}
+            streamed, finish, _ = _stream_text(c, {"prompt": [prompt], "max_tokens": n, "temperature": 0})
+            assert streamed == expected and finish == choice["finish_reason"]
+
+
+def test_greedy_equals_cli_generate(ftp_server, tiny_ftp_run, capsys):
+    url, _, _ = ftp_server
+    capsys.readouterr()
+    assert main(["generate", str(tiny_ftp_run), "--prompt", "The history of", "--max-new-tokens", "24",
+                 "--temperature", "0"]) == 0
+    cli_text = capsys.readouterr().out[:-1]  # print() adds one newline
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "The history of", "max_tokens": 24, "temperature": 0})
+    assert r.json()["choices"][0]["text"] == cli_text
+
+
+def test_seeded_sampling_is_reproducible(ftp_server):
+    url, tm, _ = ftp_server
+    c = httpx.Client(base_url=url, timeout=60)
+    body = {"prompt": "Rome", "max_tokens": 6, "temperature": 1.0, "top_k": 50, "seed": 7}
+    a = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert a == c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    assert a == _stream_text(c, body)[0]
+    assert a == tm.generate("Rome", 6, temperature=1.0, top_k=50, seed=7)  # one chunk: the same seed as generate
+    long = {**body, "max_tokens": 30}
+    assert c.post("/v1/completions", json=long).json()["choices"][0]["text"] == _stream_text(c, long)[0]
+
+
+def test_stop_strings(ftp_server):
+    url, tm, _ = ftp_server
+    c = httpx.Client(base_url=url, timeout=60)
+    full = tm.generate("The history of", 30, temperature=0)
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    if not stop.strip(" "):
+        pytest.skip("degenerate tiny-model output")
+    expected = full[: full.find(stop)]
+    for body in ({"stop": stop}, {"stop": ["zzzz-never", stop]}):
+        r = c.post("/v1/completions", json={"prompt": "The history of", "max_tokens": 30, "temperature": 0, **body})
+        choice = r.json()["choices"][0]
+        assert choice["text"] == expected and choice["finish_reason"] == "stop"
+        text, finish, _ = _stream_text(c, {"prompt": "The history of", "max_tokens": 30, "temperature": 0, **body})
+        assert text == expected and finish == "stop"
+
+
+def test_stream_usage_and_chunks(ftp_server):
+    url, _, _ = ftp_server
+    c = httpx.Client(base_url=url, timeout=60)
+    _, finish, payloads = _stream_text(c, {"prompt": "Rome", "max_tokens": 30, "temperature": 0,
+                                          "stream_options": {"include_usage": True}})
+    events = [json.loads(p) for p in payloads[:-1]]
+    assert all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] >= 1
+    assert sum(1 for e in events if e["choices"]) >= 2  # tokens arrive in several events, not all at the end
+
+
+def test_embeddings(ftp_server):
+    url, tm, _ = ftp_server
+    c = httpx.Client(base_url=url, timeout=60)
+    texts = ["The cat sat on the mat.", "Rome was the capital of an empire."]
+    r = c.post("/v1/embeddings", json={"input": texts, "model": "tiny-ftp"})
+    data = r.json()
+    assert r.status_code == 200 and data["object"] == "list" and data["model"] == "tiny-ftp"
+    assert [d["index"] for d in data["data"]] == [0, 1] and all(d["object"] == "embedding" for d in data["data"])
+    vectors = np.array([d["embedding"] for d in data["data"]])
+    np.testing.assert_allclose(vectors, tm.embed(texts), atol=1e-6)
+    assert data["usage"]["prompt_tokens"] == sum(len(tm.encode(t)) for t in texts)
+    one = c.post("/v1/embeddings", json={"input": texts[0], "encoding_format": "base64", "pooling": "last"}).json()
+    v = np.frombuffer(base64.b64decode(one["data"][0]["embedding"]), dtype="<f4")
+    np.testing.assert_allclose(v, tm.embed([texts[0]], "last")[0], atol=1e-6)
+
+
+def test_openai_client(ftp_server):
+    url, tm, _ = ftp_server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list()] == ["tiny-ftp"]
+    expected = tm.generate("The history of", 12, temperature=0)
+    out = client.completions.create(model="tiny-ftp", prompt="The history of", max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected and out.usage.prompt_tokens == len(tm.encode("The history of"))
+    stream = client.completions.create(model="tiny-ftp", prompt="The history of", max_tokens=12, temperature=0,
+                                       stream=True)
+    assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
+    emb = client.embeddings.create(model="tiny-ftp", input=["a cat", "a dog"])  # the client asks for base64
+    np.testing.assert_allclose(np.array([d.embedding for d in emb.data]), tm.embed(["a cat", "a dog"]), atol=1e-6)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x", max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny-ftp", prompt="x", max_tokens=10**6)
+
+
+# ------------------------------------------------------------------------------------------------------
+# bad requests: 4xx with an OpenAI-style error body, and the server stays healthy
+# ------------------------------------------------------------------------------------------------------
+BAD = [
+    ("POST", "/v1/completions", b"{not json", 400),
+    ("POST", "/v1/completions", b"", 400),
+    ("POST", "/v1/completions", b"[1, 2]", 400),
+    ("POST", "/v1/completions", b'"a string"', 400),
+    ("POST", "/v1/completions", {"prompt": 5}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": -1}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 1.5}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 100000}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "temperature": -0.5}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "top_p": 0}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "top_p": 1.5}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "top_k": 0}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "stop": 3}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "stop": [""]}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "seed": "s"}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "stream": "yes"}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "n": 2}, 400),
+    ("POST", "/v1/completions", {"prompt": ["a", "b"]}, 400),
+    ("POST", "/v1/completions", {"prompt": [999999]}, 400),
+    ("POST", "/v1/completions", {"prompt": "word " * 400}, 400),  # longer than the context
+    ("POST", "/v1/completions", {"prompt": "x", "model": "not-this-one"}, 404),
+    ("POST", "/v1/completions", {"prompt": "x", "logprobs": 5}, 400),
+    ("POST", "/v1/embeddings", {}, 400),
+    ("POST", "/v1/embeddings", {"input": []}, 400),
+    ("POST", "/v1/embeddings", {"input": [""]}, 400),
+    ("POST", "/v1/embeddings", {"input": [1, 2]}, 400),
+    ("POST", "/v1/embeddings", {"input": "x", "encoding_format": "int8"}, 400),
+    ("POST", "/v1/embeddings", {"input": "x", "dimensions": 3}, 400),
+    ("POST", "/v1/embeddings", {"input": ["x"] * 1000}, 400),
+    ("POST", "/v1/embeddings", {"input": "x", "model": "nope"}, 404),
+    ("POST", "/v1/embeddings", {"input": "word " * 400}, 400),
+    ("GET", "/v1/completions", None, 405),
+    ("GET", "/v1/nothing-here", None, 404),
+    ("POST", "/v1/completions", b'{"prompt": "' + b"x" * (2 << 20) + b'"}', 413),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status", BAD, ids=[f"{i}-{b[3]}" for i, b in enumerate(BAD)])
+def test_bad_requests_get_4xx(ftp_server, method, path, body, status):
+    url, _, _ = ftp_server
+    kwargs = {"json": body} if isinstance(body, (dict, list)) else {"content": body}
+    if isinstance(body, bytes):
+        kwargs["headers"] = {"content-type": "application/json"}
+    r = httpx.request(method, f"{url}{path}", timeout=30, **kwargs)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_chunked_oversized_body_gets_413(ftp_server):
+    url, _, _ = ftp_server
+
+    def chunks():  # no Content-Length: the limit must hold while streaming the body in
+        yield b'{"prompt": "'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"}'
+
+    r = httpx.post(f"{url}/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_unknown_fields_are_ignored(ftp_server):
+    url, _, _ = ftp_server
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "user": "me", "presence_penalty": 0})
+    assert r.status_code == 200
+
+
+# ------------------------------------------------------------------------------------------------------
+# concurrency
+# ------------------------------------------------------------------------------------------------------
+def test_load_50_clients_500_requests(ftp_server):
+    url, _, recorder = ftp_server
+    t0 = time.perf_counter()
+    stats = asyncio.run(run_load(url, clients=50, requests=500, max_tokens=4))
+    assert stats["completed"] == 500 and stats["ok"] == 500, stats
+    assert stats["errors_5xx"] == 0 and stats["transport_errors"] == 0 and stats["incomplete"] == 0
+    assert stats["streamed"] == 250
+    assert recorder.max_active == 1 and len(recorder.threads) == 1  # the model ran on one thread, one call at a time
+    assert time.perf_counter() - t0 < 300
+    assert httpx.get(f"{url}/health").json()["pending"] == 0
+
+
+def test_slow_client_does_not_block_others(ftp_server):
+    """A streaming client that never reads its response does not hold up other requests."""
+    url, _, _ = ftp_server
+    slow = httpx.Client(base_url=url, timeout=60)
+    with slow.stream("POST", "/v1/completions", json={"prompt": "Rome", "max_tokens": 40, "stream": True}) as r:
+        assert r.status_code == 200  # headers only; the body is left unread
+        t0 = time.perf_counter()
+        for _ in range(3):
+            fast = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+            assert fast.status_code == 200
+        assert time.perf_counter() - t0 < 20
+
+
+def test_worker_round_robin():
+    """A long job does not make a short one wait for all of it: the worker takes turns, one step each."""
+    worker = ModelWorker()
+    order: list[str] = []
+
+    def steps(name: str, n: int):
+        for i in range(n):
+            order.append(f"{name}{i}")
+            yield i
+
+    async def go():
+        long = worker.submit(steps("L", 6))
+        await asyncio.sleep(0)
+        short = worker.submit(steps("S", 2))
+        return [x async for x in long], [x async for x in short]
+
+    try:
+        assert asyncio.run(go()) == ([0, 1, 2, 3, 4, 5], [0, 1])
+    finally:
+        worker.stop()
+    assert order.index("S1") < order.index("L5")
+    assert worker.pending == 0
+
+
+# ------------------------------------------------------------------------------------------------------
+# text assembly (stop strings, EOS, split characters)
+# ------------------------------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_text_assembler_deltas_add_up(tiny_gpt_run, data):
+    tm = _cached_model(tiny_gpt_run)
+    ids = data.draw(st.lists(st.integers(0, tm.config.vocab_size - 1), min_size=1, max_size=30))
+    stops = data.draw(st.lists(st.text(alphabet="abe ,.\u00e9", min_size=1, max_size=3), max_size=2))
+    # (if one stop string contained another, which one ends generation would depend on where chunks end)
+    assume(not any(a != b and a in b for a in stops for b in stops))
+    cuts = sorted(data.draw(st.lists(st.integers(1, len(ids)), max_size=4)))
+    asm = TextAssembler(tm, stops)
+    out, prev = "", 0
+    for cut in [*cuts, len(ids)]:
+        out += asm.add(ids[prev:cut])
+        prev = cut
+        if asm.finish_reason:
+            break
+    if not asm.finish_reason:
+        out += asm.flush()
+    before_eos = ids[: ids.index(tm.eos_id)] if tm.eos_id in ids else ids
+    full = tm.decode(before_eos)
+    hits = [full.find(s) for s in stops if s in full]
+    assert out == (full[: min(hits)] if hits else full)
+    assert asm.finish_reason == ("stop" if hits or tm.eos_id in ids else None)
+
+
+_MODELS: dict = {}
+
+
+def _cached_model(path):
+    if path not in _MODELS:
+        _MODELS[path] = ftplm.load(path)
+    return _MODELS[path]
