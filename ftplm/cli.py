@@ -101,7 +101,7 @@ def train(
     grad_accum: Optional[int] = None,
     learning_rate: Optional[float] = None,
     seed: Optional[int] = None,
-    dtype: Optional[Literal["bf16", "fp32"]] = None,
+    dtype: Optional[Literal["auto", "bf16", "fp32"]] = None,
     device: str = "auto",
     set: list[str] = [],  # noqa: A002 - the option is called --set
     no_progress: bool = False,
@@ -124,7 +124,7 @@ def train(
         grad_accum: micro-batches per optimizer step
         learning_rate: peak learning rate
         seed: training seed (batches and initialisation)
-        dtype: bf16 autocast (default) or fp32
+        dtype: auto (default: bf16 autocast where the hardware has native bf16, else fp32), bf16 or fp32
         device: auto, cpu or cuda
         set: any config field, e.g. --set n_future=8 --set gamma=0.9 (repeatable)
         no_progress: no progress bar

@@ -81,7 +81,7 @@ class TrainConfig:
     keep_checkpoints: int = 0  # older step checkpoints kept besides the latest (-1 = all)
     log_interval: int = 10
     seed: int = 1337
-    dtype: Literal["bf16", "fp32"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has native bf16
     compile: bool = False
 
     def validate(self) -> "TrainConfig":
@@ -99,7 +99,7 @@ class TrainConfig:
         for name in ("max_steps", "max_tokens", "time_budget"):
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be positive")
-        need(self.dtype in ("bf16", "fp32"), f"dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        need(self.dtype in ("auto", "bf16", "fp32"), f"dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
         return self
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -30,8 +31,32 @@ from ftplm.tokenizer import load_tokenizer
 VAL_KEY = 982_451_653  # fixed seed of the validation batches: every model is scored on the same windows
 
 
+@functools.cache
+def has_fast_bf16(device_type: str) -> bool:
+    """Whether bf16 autocast pays off: CUDA with bf16, or a CPU with native bf16 matmul (AVX512-BF16 / AMX).
+
+    On CPUs without them (e.g. AVX2-only) oneDNN emulates bf16 matmuls hundreds of times slower than fp32.
+    """
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type != "cpu":
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """'auto' -> 'bf16' where the hardware runs it fast, else 'fp32'; explicit choices are kept."""
+    if dtype == "auto":
+        return "bf16" if has_fast_bf16(device.type) else "fp32"
+    return dtype
+
+
 def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    if dtype == "bf16":
+    if resolve_dtype(dtype, device) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -64,7 +89,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 
 @torch.no_grad()
 def evaluate(
-    model: LanguageModel, data: TokenData, batch_size: int, iters: int, dtype: str = "bf16", split: str = "val"
+    model: LanguageModel, data: TokenData, batch_size: int, iters: int, dtype: str = "auto", split: str = "val"
 ) -> dict[str, Any]:
     """Validation metrics on fixed windows of a split: next-token CE and perplexity (+ FTP per-offset CE/accuracy)."""
     was_training = model.training

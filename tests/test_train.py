@@ -130,3 +130,14 @@ def test_resume_after_sigkill_is_bit_exact(tiny_data, tmp_path):
     assert sorted(got) == list(range(1, 61))
     assert got == ref  # every step, before and after the kill, bit for bit
     assert torch.equal(_logits(reference), _logits(killed))
+
+
+def test_auto_dtype_follows_the_hardware(monkeypatch):
+    import ftplm.train as tr
+
+    cpu = torch.device("cpu")
+    assert tr.resolve_dtype("fp32", cpu) == "fp32" and tr.resolve_dtype("bf16", cpu) == "bf16"
+    monkeypatch.setattr(tr, "has_fast_bf16", lambda device_type: False)
+    assert tr.resolve_dtype("auto", cpu) == "fp32"
+    monkeypatch.setattr(tr, "has_fast_bf16", lambda device_type: True)
+    assert tr.resolve_dtype("auto", cpu) == "bf16"

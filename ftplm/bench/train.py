@@ -16,7 +16,7 @@ import torch
 from ftplm.config import preset as get_preset
 from ftplm.config import with_overrides
 from ftplm.model import build_model
-from ftplm.train import autocast, make_optimizer, pick_device
+from ftplm.train import autocast, make_optimizer, pick_device, resolve_dtype
 
 
 def _timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -60,7 +60,7 @@ def bench_train(
         setups[model_type] = (model, make_optimizer(model, tcfg, dev), cfg, tcfg)
     _, _, cfg, tcfg = setups["ftp"]
     B, T = batch_size or tcfg.batch_size, cfg.block_size
-    run_dtype = dtype or tcfg.dtype
+    run_dtype = resolve_dtype(dtype or tcfg.dtype, dev)
     figures.update(batch_size=B, block_size=T, dtype=run_dtype, n_future=cfg.n_future, n_pseudo=cfg.n_pseudo,
                    dec_n_layer=cfg.dec_n_layer, dec_n_embd=cfg.dec_n_embd)
     generator = torch.Generator().manual_seed(seed)
