@@ -82,3 +82,49 @@ def test_cli_embed(tiny_ftp_run, tmp_path, capsys):
     assert err.startswith("ftplm embed: error:") and "\n" not in err
     assert out.read_bytes() == before  # a failed command leaves the earlier output intact
     assert main(["embed", str(tiny_ftp_run), "--input", str(src), "--out", str(tmp_path / "x.txt")]) == 2
+
+
+# ------------------------------------------------------------------------------------------------------
+# suite `retrieval`
+# ------------------------------------------------------------------------------------------------------
+def test_query_target_split():
+    from ftplm.eval.retrieval import query_target
+
+    text = "Rome is the capital city of Italy. It is also the capital of the Lazio region, and has many old churches."
+    assert query_target(text) == ("Rome is the capital city of Italy.",
+                                  "It is also the capital of the Lazio region, and has many old churches.")
+    assert query_target("One sentence only, with no second part at all here.") is None
+    assert query_target("Too short. " + "Rest of the text goes on for long enough to count here, yes.") is None
+
+
+def test_retrieval_ranks_and_summary():
+    from ftplm.eval.retrieval import retrieval_scores, summarise
+
+    rng = np.random.default_rng(0)
+    v = rng.normal(size=(20, 8))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    ranks = retrieval_scores(v, v)  # identical vectors: every target is its query's nearest
+    assert (ranks == 1).all()
+    s = summarise(ranks, seed=0)
+    assert s["recall@1"]["value"] == 1.0 and s["mrr"]["value"] == 1.0 and s["recall@1"]["n"] == 20
+    swapped = retrieval_scores(v, v[::-1])  # every own target is some other vector
+    assert swapped.mean() > 1 and summarise(swapped, 0)["recall@10"]["value"] <= 1
+    e = np.eye(3)
+    assert retrieval_scores(e, e[[1, 0, 2]]).tolist() == [2, 2, 1]  # targets 0 and 1 swapped
+
+
+def test_retrieval_suite(tiny_ftp_run, tiny_data):
+    from ftplm.eval import SUITES, EvalContext
+
+    import ftplm.eval.retrieval  # noqa: F401 - registers the suite
+
+    ctx = EvalContext(run=tiny_ftp_run, model=ftplm.load(tiny_ftp_run), data_dir=tiny_data,
+                      options={"retrieval_docs": 40})
+    r = SUITES["retrieval"](ctx)
+    assert r["n"] == 40 and r["model_type"] == "ftp" and "heldout" in r["docs"]
+    for name in ("recall@1", "recall@10", "mrr", "recall@1_last", "judge_recall@1", "judge_recall@10"):
+        m = r["metrics"][name]
+        assert 0 <= m["ci95"][0] <= m["value"] <= m["ci95"][1] <= 1 and m["n"] == 40
+    assert r["metrics"]["recall@10"]["value"] >= r["metrics"]["recall@1"]["value"]
+    assert r["metrics"]["judge_recall@10"]["value"] > 0.8  # the judge finds articles: the pairs are sound
+    assert json.loads(json.dumps(r)) == r
