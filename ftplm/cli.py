@@ -92,7 +92,7 @@ def train(
     data: str,
     out: str,
     model: Literal["ftp", "gpt"] = "ftp",
-    preset: Literal["tiny", "small", "base"] = "small",
+    preset: Literal["tiny", "mini", "small", "base"] = "small",
     max_steps: Optional[int] = None,
     max_tokens: Optional[int] = None,
     time_budget: Optional[str] = None,
@@ -115,7 +115,7 @@ def train(
         data: data directory from `ftplm prepare`
         out: run directory (checkpoints, log.jsonl); must not hold a run unless --resume
         model: ftp (future token prediction) or gpt (the baseline)
-        preset: model + training size: tiny (tests), small (CPU), base (the paper's scale, GPU)
+        preset: model + training size: tiny (tests), mini (the demo), small (CPU, ~1h with native bf16), base (the paper's scale, GPU)
         max_steps: stop after this many optimizer steps
         max_tokens: stop after this many training tokens
         time_budget: stop after this much training time, e.g. 90s, 5m, 1.5h
@@ -226,7 +226,7 @@ def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = 
 
 
 @command
-def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vital", preset: Literal["tiny", "small"] = "small") -> None:
+def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vital", preset: Literal["tiny", "mini", "small"] = "mini") -> None:
     """The main job: prepare data, train FTP and GPT for a fixed time each, compare them, write a report.
 
     Args:
@@ -244,7 +244,7 @@ def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vi
 @command(name="bench train")
 def bench_train(
     *,
-    preset: Literal["tiny", "small", "base"] = "small",
+    preset: Literal["tiny", "mini", "small", "base"] = "small",
     steps: int = 8,
     warmup: int = 2,
     batch_size: Optional[int] = None,

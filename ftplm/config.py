@@ -116,7 +116,12 @@ PRESETS: dict[str, Preset] = {
         ModelConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, n_future=4, n_pseudo=4, dec_n_layer=1, dec_n_head=2, dec_n_embd=32),
         TrainConfig(batch_size=8, learning_rate=3e-3, warmup_steps=10, eval_interval=50, eval_iters=4, save_interval=50),
     ),
-    # ~14M parameters: useful in an hour on 2 CPU cores; the demo trains it for a few minutes.
+    # ~5M parameters: the demo's model, a few hundred steps in minutes on 2 CPU cores without native bf16.
+    "mini": Preset(
+        ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=256, n_future=4, n_pseudo=8, dec_n_layer=1, dec_n_head=4, dec_n_embd=128),
+        TrainConfig(batch_size=16, learning_rate=2e-3, warmup_steps=20, eval_interval=100, eval_iters=10, save_interval=100),
+    ),
+    # ~14M parameters: useful in an hour on 2 CPU cores (with native bf16; a few hours in fp32).
     "small": Preset(
         ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, n_future=4, n_pseudo=8, dec_n_layer=1, dec_n_head=4, dec_n_embd=256),
         TrainConfig(batch_size=16, learning_rate=1e-3, warmup_steps=100, eval_interval=200, eval_iters=20, save_interval=200),

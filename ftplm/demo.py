@@ -31,7 +31,7 @@ def prepare_once(corpus: str, data_dir: Path) -> TokenData:
     return TokenData(data_dir)
 
 
-def run_demo(out: Path, budget_s: float, corpus: str = "wiki-vital", preset: str = "small") -> dict[str, Any]:
+def run_demo(out: Path, budget_s: float, corpus: str = "wiki-vital", preset: str = "mini") -> dict[str, Any]:
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     _step(f"1. prepare {corpus}")
