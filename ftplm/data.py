@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import itertools
 import json
 import re
 import sysconfig
@@ -164,15 +165,23 @@ def local_documents(path: Path) -> Iterator[Document]:
 
 
 def hf_documents(name: str) -> Iterator[Document]:
-    """A Hugging Face dataset, streamed (for users with network access, or a local dataset directory)."""
+    """A Hugging Face dataset's train split, streamed record by record (never held in memory): a hub name (needs
+    network access), a local folder of data files (.jsonl/.parquet/...), or a folder written by save_to_disk."""
     try:
         import datasets
     except ImportError:
         raise FtplmError("HF datasets need a package: pip install datasets") from None
     try:
-        stream = datasets.load_dataset(name, split="train", streaming=True)
+        if (Path(name) / "state.json").is_file() or (Path(name) / "dataset_dict.json").is_file():  # save_to_disk
+            saved = datasets.load_from_disk(name)
+            stream = (saved["train"] if isinstance(saved, datasets.DatasetDict) else saved).to_iterable_dataset()
+        else:
+            stream = datasets.load_dataset(name, split="train", streaming=True)
     except Exception as e:
         raise FtplmError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    columns = stream.column_names
+    if columns is not None and "text" not in columns:
+        raise FtplmError(f"dataset {name!r} has no 'text' column (columns: {', '.join(columns)})")
     for n, record in enumerate(stream):
         text = record.get("text")
         if isinstance(text, str) and text.strip():
@@ -326,14 +335,14 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
     eos = eos_id(tok)
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
 
-    # 3. token shards, one document after another, each followed by EOS
-    splits = {}
-    for split in SPLITS:
-        writer = ShardWriter(tmp, split, dtype, shard_tokens)
-        texts = (d.text for d in docs_of(split))
-        for ids in tqdm(encode_batches(tok, texts), desc=f"tokenizing {split}", total=counts[split], unit=" docs", leave=False, delay=1):
-            writer.add(ids + [eos])
-        splits[split] = {**writer.close(), "documents": counts[split]}
+    # 3. token shards, one document after another, each followed by EOS: one streaming pass for all splits,
+    #    tokenised in batches; memory holds one encode batch plus at most one shard buffer per split
+    writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
+    labelled, texts = itertools.tee((split_of(d.doc_id, val_frac, test_frac, seed), d.text) for d in documents(corpus_spec))
+    encoded = encode_batches(tok, (text for _, text in texts))
+    for (split, _), ids in tqdm(zip(labelled, encoded), desc="tokenizing", total=sum(counts.values()), unit=" docs", leave=False, delay=1):
+        writers[split].add(ids + [eos])
+    splits = {split: {**writer.close(), "documents": counts[split]} for split, writer in writers.items()}
     meta = {
         "corpus": corpus_spec,
         "tokenizer": tokenizer,
