@@ -1,18 +1,32 @@
-"""Sampling and plain autoregressive generation with a KV cache (same loop for GPT and FTP).
+"""Sampling, plain autoregressive generation with a KV cache, and lossless speculative generation.
 
 FTP's p(x_{t+1} | x_<=t) is its decoder's first output: the trunk runs incrementally with its KV cache, and each new
 state vector h_t is decoded for one token. `--temperature 0` means greedy everywhere.
+
+Speculative generation (`speculative_generate`, or `generate(..., speculative=NAME)`): a drafter (ftplm.drafters)
+proposes a token tree after the last accepted token; ONE trunk forward verifies the root and every draft node
+through the KV cache (a tree attention mask and depth-based positions for trees); the target distribution at each
+node is model.next_token_logits there. Greedy: the longest path whose tokens equal the argmax at their parent;
+sampling: the speculative-sampling rule (accept x ~ q with prob min(1, p/q), else continue from the residual
+norm(max(0, p - q))), then a bonus token from the last node's (residual) distribution, so the output is exactly
+distributed as plain sampling. The cache is cut back to the accepted path (copied into contiguous slots for trees).
+Batches run row by row (each row has its own cache and acceptance pattern); batch 1 is the speed target.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ftplm.errors import FtplmError
-from ftplm.model import LanguageModel
+from ftplm.model import KVCache, LanguageModel
+
+if TYPE_CHECKING:
+    from ftplm.drafters import Draft, Drafter, Template
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,7 @@ def check_budget(model: LanguageModel, prompt_len: int, max_new_tokens: int) -> 
     return min(max_new_tokens, block - prompt_len)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def generate(
     model: LanguageModel,
     idx: torch.Tensor,
@@ -91,19 +105,29 @@ def generate(
     sampling: Sampling = Sampling(),
     seed: int | None = None,
     eos_id: int | None = None,
+    speculative: "str | Drafter | None" = None,
+    draft_len: int | None = None,
+    tree: "bool | Template | None" = None,
+    stats: "SpecStats | None" = None,
 ) -> torch.Tensor:
-    """Plain KV-cache generation. idx (B, T) -> (B, T + n) with n <= max_new_tokens.
+    """KV-cache generation. idx (B, T) -> (B, T + n) with n <= max_new_tokens.
 
     Generation stops at the context length (no sliding window: positions are learned) and, when eos_id is given,
-    once every row has produced it (finished rows are padded with eos_id).
+    once every row has produced it (finished rows are padded with eos_id). speculative = "ftp" | "recycling" |
+    "lookup" (or a Drafter) gives the same tokens (greedy) / the same distribution (sampling), faster; `stats`
+    collects τ, target forwards and timings.
     """
+    if speculative not in (None, "none"):
+        return speculative_generate(model, idx, max_new_tokens, sampling, seed, eos_id, speculative, draft_len, tree, stats)
+    if draft_len is not None and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len <= 0):
+        raise FtplmError(f"draft_len must be a positive integer, got {draft_len!r}")
     if idx.dim() != 2:
         raise FtplmError("idx must be a (batch, time) tensor of token ids")
     n_new = check_budget(model, idx.size(1), max_new_tokens)
+    started = time.perf_counter()
     model.eval()
     generator = make_generator(seed, idx.device)
     cache = model.new_cache()
-    tokens = idx
     h = model.state_vectors(idx, cache)
     logits = model.next_token_logits(h[:, -1:], idx[:, -1:])[:, -1]
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
@@ -119,4 +143,201 @@ def generate(
         h = model.state_vectors(nxt[:, None], cache)
         logits = model.next_token_logits(h, nxt[:, None])[:, -1]
     tokens = torch.cat(out, dim=1)
+    if stats is not None:
+        stats.new_tokens += (tokens.size(1) - idx.size(1)) * idx.size(0)
+        stats.target_forwards += max(len(out) - 1, 0) * idx.size(0)
+        stats.verify_time += time.perf_counter() - started
+        stats.total_time += time.perf_counter() - started
     return tokens
+
+
+# ------------------------------------------------------------------------------------------------------
+# speculative generation
+# ------------------------------------------------------------------------------------------------------
+@dataclass
+class SpecStats:
+    """Bookkeeping of generations (summed over rows and calls). τ = new tokens per target forward, bonus included,
+    prefill included (plain decoding has τ = 1.00), as in Spec-Bench."""
+
+    new_tokens: int = 0
+    target_forwards: int = 0
+    draft_tokens: int = 0  # draft nodes verified
+    accepted_tokens: int = 0  # draft tokens accepted
+    draft_time: float = 0.0  # seconds in drafter.propose
+    verify_time: float = 0.0  # seconds in target forwards + acceptance + cache bookkeeping
+    total_time: float = 0.0
+
+    @property
+    def tau(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "tau": self.tau}
+
+
+def speculative_accept(p: torch.Tensor, token: int, q: torch.Tensor | None, u: float) -> tuple[bool, torch.Tensor]:
+    """The speculative-sampling rule for one drafted token x drawn from q, given u ~ U[0, 1).
+
+    Accept when u < p[x] / q[x]; otherwise return the distribution the output must then be drawn from (or the next
+    sibling candidate tested against): the residual norm(max(0, p - q)). q None = x chosen deterministically
+    (one-hot q: accept with probability p[x], residual = p without x). Returns (accepted, p or residual).
+    """
+    px = float(p[token])
+    qx = 1.0 if q is None else float(q[token])
+    if u * qx < px:
+        return True, p
+    if q is None:
+        residual = p.clone()
+        residual[token] = 0.0
+    else:
+        residual = (p - q).clamp_(min=0.0)
+    total = float(residual.sum())
+    if total <= 0.0:  # only when p == q up to rounding, where rejection has probability ~0
+        return False, p
+    return False, residual / total
+
+
+def _tree_inputs(draft: "Draft", start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (start + depth) and the attention mask (T, start + T) of root + draft nodes: each node sees the
+    cache and its own ancestors."""
+    depths = draft.depths()
+    positions = torch.tensor([start] + [start + d for d in depths], device=device)
+    ancestors: list[list[int]] = [[0]]
+    for i, parent in enumerate(draft.parents, start=1):
+        ancestors.append(ancestors[parent + 1] + [i])
+    T = len(ancestors)
+    tree = torch.zeros(T, T, dtype=torch.bool)
+    for i, anc in enumerate(ancestors):
+        tree[i, anc] = True
+    mask = torch.cat([torch.ones(T, start, dtype=torch.bool), tree], dim=1)
+    return positions, mask.to(device)
+
+
+def _accept_path(
+    inputs: list[int], logits: torch.Tensor, draft: "Draft", sampling: Sampling, generator: torch.Generator
+) -> tuple[list[int], list[int]]:
+    """Walk the verified tree from the root: (indices into inputs of the accepted path incl. root 0, new tokens
+    = accepted draft tokens + the bonus token)."""
+    children: list[list[int]] = [[] for _ in inputs]
+    for i, parent in enumerate(draft.parents, start=1):
+        children[parent + 1].append(i)
+    node, path, new = 0, [0], []
+    if sampling.greedy:
+        targets = logits.argmax(-1).tolist()
+        while True:
+            target = targets[node]
+            new.append(target)
+            node = next((c for c in children[node] if inputs[c] == target), -1)
+            if node < 0:
+                return path, new
+            path.append(node)
+    while True:
+        p = sampling.probs(logits[node])
+        for child in children[node]:
+            u = float(torch.rand((), generator=generator, device=generator.device))
+            accepted, p = speculative_accept(p, inputs[child], draft.q[child - 1], u)
+            if accepted:
+                break
+        else:
+            new.append(int(torch.multinomial(p, 1, generator=generator)))
+            return path, new
+        node = child
+        path.append(node)
+        new.append(inputs[node])
+
+
+def _keep_path(cache: KVCache, start: int, path: list[int]) -> None:
+    """Roll the cache back to the accepted path: its entries (slots start + path) become slots start.. contiguous."""
+    n = len(path)
+    if path != list(range(n)) and cache.k is not None:
+        src = torch.tensor(path, device=cache.k.device) + start
+        cache.k[:, :, :, start : start + n] = cache.k[:, :, :, src]
+        cache.v[:, :, :, start : start + n] = cache.v[:, :, :, src]
+    cache.length = start + n
+
+
+def _speculative_row(
+    model: LanguageModel, prompt: list[int], n_new: int, sampling: Sampling, generator: torch.Generator,
+    eos_id: int | None, drafter: "Drafter", stats: SpecStats,
+) -> list[int]:
+    """New tokens for one prompt. Invariant: the cache holds every token but the last accepted one (the root)."""
+    from ftplm.drafters import DraftContext
+
+    if n_new == 0:
+        return []
+    started = time.perf_counter()
+    device, block = model.device, model.cfg.block_size
+    cache = model.new_cache()
+    x = torch.tensor([prompt], device=device)
+    h = model.state_vectors(x, cache)
+    logits = model.next_token_logits(h[:, -1:], x[:, -1:])[0]
+    drafter.observe(prompt[-1:], logits, [0])
+    out = [int(sampling.sample(logits, generator)[0])]
+    h_prev = h[0, -1]
+    forwards = 1
+    draft_time = 0.0
+    while len(out) < n_new and out[-1] != eos_id:
+        tokens = prompt + out
+        t0 = time.perf_counter()
+        max_depth, max_nodes = n_new - len(out) - 1, block - len(tokens)
+        ctx = DraftContext(tokens, h_prev, max_depth, max_nodes, sampling, generator)
+        draft = drafter.propose(ctx).truncated(max_depth, max_nodes)
+        draft_time += time.perf_counter() - t0
+        start = cache.length  # == len(tokens) - 1
+        inputs = [tokens[-1]] + draft.tokens
+        x = torch.tensor([inputs], device=device)
+        if draft.is_chain():
+            h = model.state_vectors(x, cache)
+        else:
+            positions, mask = _tree_inputs(draft, start, device)
+            h = model.state_vectors(x, cache, positions, mask)
+        logits = model.next_token_logits(h, x)[0]
+        path, new = _accept_path(inputs, logits, draft, sampling, generator)
+        _keep_path(cache, start, path)
+        drafter.observe(inputs, logits, path)
+        h_prev = h[0, path[-1]]
+        forwards += 1
+        stats.draft_tokens += len(draft)
+        stats.accepted_tokens += len(path) - 1
+        if eos_id is not None and eos_id in new:
+            new = new[: new.index(eos_id) + 1]
+        out.extend(new)
+    out = out[:n_new]
+    total = time.perf_counter() - started
+    stats.new_tokens += len(out)
+    stats.target_forwards += forwards
+    stats.draft_time += draft_time
+    stats.verify_time += total - draft_time
+    stats.total_time += total
+    return out
+
+
+@torch.inference_mode()
+def speculative_generate(
+    model: LanguageModel,
+    idx: torch.Tensor,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int | None = None,
+    eos_id: int | None = None,
+    drafter: "str | Drafter" = "ftp",
+    draft_len: int | None = None,
+    tree: "bool | Template | None" = None,
+    stats: SpecStats | None = None,
+) -> torch.Tensor:
+    """Lossless speculative generation, same contract as `generate`. Rows of a batch are generated one by one."""
+    from ftplm.drafters import Drafter, get_drafter
+
+    if not isinstance(drafter, Drafter):
+        drafter = get_drafter(drafter, model, draft_len, tree)
+    if idx.dim() != 2:
+        raise FtplmError("idx must be a (batch, time) tensor of token ids")
+    n_new = check_budget(model, idx.size(1), max_new_tokens)
+    model.eval()
+    generator = make_generator(seed, idx.device)
+    stats = stats if stats is not None else SpecStats()
+    rows = [_speculative_row(model, row, n_new, sampling, generator, eos_id, drafter, stats) for row in idx.tolist()]
+    width = max(len(r) for r in rows)
+    pad = eos_id if eos_id is not None else 0  # rows only differ in length when they ended with EOS
+    new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=idx.dtype, device=idx.device)
+    return torch.cat([idx, new.view(idx.size(0), width)], dim=1)

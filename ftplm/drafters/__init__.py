@@ -1,1 +1,142 @@
-"""Speculative drafters, one file each, registered by name (used by ftplm.generate)."""
+"""Speculative drafters, one file each, registered by name (used by ftplm.generate).
+
+A drafter proposes a *token tree* continuing the last accepted token (the root); the target model verifies every
+node in one forward pass (ftplm.generate.speculative_generate). A chain is the tree in which every node has one
+child. Nodes come in topological (breadth-first) order, so any prefix of a draft is again a valid draft; that is
+how drafts are cut to the context length and to the remaining token budget.
+
+    ftp        the FTP model's own decoder drafts the next N-1 tokens from the last state vector (FTP only)
+    recycling  Token Recycling (Luo et al. 2024): top-k candidates recycled from earlier verifications
+    lookup     prompt lookup decoding: copy what followed the last n-gram earlier in the context
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ftplm.errors import FtplmError
+
+# A tree template: each node is the path of candidate ranks from the root, e.g. (0, 1) = the second-best
+# candidate after the best first token (Medusa's "choices" format).
+Template = Sequence[tuple[int, ...]]
+
+
+@dataclass
+class Draft:
+    """A token tree continuing the root (the last accepted token), nodes in topological order."""
+
+    tokens: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)  # index of each node's parent in `tokens`; -1 = the root
+    # each node's draft distribution q (V,) when its token was *sampled* from q; None = chosen deterministically
+    # (argmax, top-k rank, copied): the acceptance rule then treats q as one-hot on the token
+    q: list[torch.Tensor | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def add(self, token: int, parent: int, q: torch.Tensor | None = None) -> int:
+        self.tokens.append(int(token))
+        self.parents.append(parent)
+        self.q.append(q)
+        return len(self.tokens) - 1
+
+    def depths(self) -> list[int]:
+        d: list[int] = []
+        for p in self.parents:
+            d.append(1 if p < 0 else d[p] + 1)
+        return d
+
+    def is_chain(self) -> bool:
+        return all(p == i - 1 for i, p in enumerate(self.parents))
+
+    def truncated(self, max_depth: int, max_nodes: int) -> "Draft":
+        """The largest sub-draft with depth <= max_depth and at most max_nodes nodes (ancestors kept)."""
+        keep = [i for i, d in enumerate(self.depths()) if d <= max_depth][: max(max_nodes, 0)]
+        if len(keep) == len(self):
+            return self
+        new_index = {old: new for new, old in enumerate(keep)}
+        return Draft(
+            [self.tokens[i] for i in keep],
+            [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep],
+            [self.q[i] for i in keep],
+        )
+
+
+@dataclass
+class DraftContext:
+    """What a drafter sees each round. `tokens` ends with the root (the last accepted token)."""
+
+    tokens: list[int]
+    h_prev: torch.Tensor  # (n_embd,) state vector at the position before the root: its next token is the root
+    max_depth: int  # deeper nodes would exceed the token budget
+    max_nodes: int  # more nodes would exceed the context length
+    sampling: object  # ftplm.generate.Sampling
+    generator: torch.Generator
+
+
+class Drafter:
+    """Base class. Subclasses set `name`, implement `propose`, and may learn from every verification."""
+
+    name = ""
+    default_draft_len = 4
+
+    def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
+        self.model = model
+        self.draft_len = self.default_draft_len if draft_len is None else draft_len
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        raise NotImplementedError
+
+    def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:
+        """Called after each target forward: tokens (T,) fed, their next-token logits (T, V), accepted node indices."""
+
+
+DRAFTERS: dict[str, type[Drafter]] = {}
+
+
+def drafter(name: str) -> Callable[[type[Drafter]], type[Drafter]]:
+    def register(cls: type[Drafter]) -> type[Drafter]:
+        cls.name = name
+        DRAFTERS[name] = cls
+        return cls
+
+    return register
+
+
+def build_template_tree(template: Template, max_depth: int, max_nodes: int) -> tuple[list[tuple[int, ...]], list[int]]:
+    """Template paths cut to max_depth / max_nodes, sorted breadth-first, with each path's parent index (-1 = root)."""
+    index: dict[tuple[int, ...], int] = {}
+    paths, parents = [], []
+    for p in sorted({tuple(p) for p in template if 0 < len(p) <= max_depth}, key=lambda p: (len(p), p)):
+        if len(paths) == max_nodes:
+            break
+        if len(p) == 1 or p[:-1] in index:  # a path whose parent is missing is dropped with its subtree
+            index[p] = len(paths)
+            paths.append(p)
+            parents.append(index[p[:-1]] if len(p) > 1 else -1)
+    return paths, parents
+
+
+def check_template(tree: object) -> Template:
+    """Validate a user-given tree template (a list of rank paths)."""
+    try:
+        paths = [tuple(int(r) for r in p) for p in tree]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise FtplmError("tree must be True/False or a list of rank paths like [(0,), (1,), (0, 0)]") from None
+    if not paths or any(len(p) == 0 or min(p) < 0 for p in paths):
+        raise FtplmError("tree paths must be non-empty tuples of ranks >= 0")
+    return paths
+
+
+def get_drafter(name: str, model, draft_len: int | None = None, tree: bool | Template | None = None) -> Drafter:
+    """A drafter by name for this model; bad names and arguments raise FtplmError with one clear line."""
+    from ftplm.drafters import ftp, lookup, recycling  # noqa: F401  (registers them)
+
+    if name not in DRAFTERS:
+        raise FtplmError(f"unknown speculative drafter {name!r}; choose one of: {', '.join(sorted(DRAFTERS))} (or None)")
+    if draft_len is not None and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len <= 0):
+        raise FtplmError(f"draft_len must be a positive integer, got {draft_len!r}")
+    return DRAFTERS[name](model, draft_len, tree)

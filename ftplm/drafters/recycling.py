@@ -1,0 +1,63 @@
+"""Token Recycling (Luo et al. 2024, "Turning Trash into Treasure"): train-free drafting from discarded candidates.
+
+An adjacency matrix M[V, k] holds, for every token, the top-k next-token candidates the target model produced the
+last time that token was verified. Each verification updates the rows of every token it fed (accepted or not:
+the "trash" is recycled). A draft is a tree grown breadth-first from the root token along a static template of
+rank paths: node (r1, ..., rd) is M[token of its parent][rd]. The matrix lives as long as the model (it is shared
+by all generations with it, as in the paper, where it carries over between queries).
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
+
+TOP_K = 8
+# 23 nodes, depth 6: wide near the root, the best path deepest. The paper's GPU template has ~80 nodes; on a CPU
+# every verified node costs trunk compute, so the tree is smaller.
+DEFAULT_TREE: Template = [
+    (0,), (1,), (2,), (3,),
+    (0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0), (3, 0),
+    (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0), (2, 0, 0),
+    (0, 0, 0, 0), (0, 0, 0, 1), (0, 1, 0, 0), (1, 0, 0, 0),
+    (0, 0, 0, 0, 0), (0, 0, 0, 0, 1),
+    (0, 0, 0, 0, 0, 0),
+]  # fmt: skip
+
+_MATRICES: "weakref.WeakKeyDictionary[object, list[list[int]]]" = weakref.WeakKeyDictionary()
+
+
+@drafter("recycling")
+class RecyclingDrafter(Drafter):
+    default_draft_len = 6
+
+    def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
+        super().__init__(model, draft_len, tree)
+        # tree=False: the chain of best candidates; default (None/True): the template tree
+        self.template = [(0,) * d for d in range(1, self.draft_len + 1)] if tree is False else (
+            DEFAULT_TREE if tree in (None, True) else check_template(tree)
+        )
+        self.k = max(TOP_K, max(max(p) for p in self.template) + 1)
+        vocab = model.cfg.vocab_size
+        matrix = _MATRICES.get(model)
+        if matrix is None or len(matrix[0]) < self.k:
+            matrix = [list(range(self.k)) for _ in range(vocab)]  # before any evidence: arbitrary distinct tokens
+            _MATRICES[model] = matrix
+        self.matrix = matrix
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        paths, parents = build_template_tree(self.template, min(self.draft_len, ctx.max_depth), ctx.max_nodes)
+        draft = Draft()
+        root = ctx.tokens[-1]
+        for path, parent in zip(paths, parents):
+            row = self.matrix[root if parent < 0 else draft.tokens[parent]]
+            draft.add(row[min(path[-1], len(row) - 1)], parent)
+        return draft
+
+    def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:
+        top = logits.topk(min(self.k, logits.size(-1)), dim=-1).indices.tolist()
+        for token, row in zip(tokens, top):
+            self.matrix[token][: len(row)] = row
