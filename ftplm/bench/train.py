@@ -12,6 +12,7 @@ trained in, peak memory of a training step, and on CUDA the largest batch that f
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import resource
 import statistics
@@ -102,7 +103,8 @@ def _rss_kib(field: str) -> int | None:
 
 def step_memory(step: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     """Peak memory of one training step. CUDA: max_memory_allocated. CPU: the process's peak RSS during the step
-    (Linux: VmHWM after resetting it via /proc/self/clear_refs; elsewhere ru_maxrss, which cannot go down)."""
+    (Linux: VmHWM after resetting it via /proc/self/clear_refs, with freed heap trimmed first; elsewhere ru_maxrss,
+    which cannot go down). peak_mb is the whole process (both models live), step_mb what the step added on top."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -111,6 +113,10 @@ def step_memory(step: Callable[[], Any], device: torch.device) -> dict[str, Any]
         step()
         peak = torch.cuda.max_memory_allocated(device)
         return {"method": "cuda max_memory_allocated", "peak_mb": peak / 2**20, "step_mb": (peak - before) / 2**20}
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand freed heap back, so RSS counts live memory only
+    except (OSError, AttributeError):
+        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
         before = _rss_kib("VmRSS")
@@ -124,7 +130,7 @@ def step_memory(step: Callable[[], Any], device: torch.device) -> dict[str, Any]
         step()
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "ru_maxrss delta (a lower bound)"
-    return {"method": method, "peak_mb": peak / 1024, "step_mb": (peak - before) / 1024}
+    return {"method": method, "peak_mb": peak / 1024, "step_mb": max(0, peak - before) / 1024}
 
 
 def largest_batch(fits: Callable[[int], bool], cap: int = 1024) -> int:
