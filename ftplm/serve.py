@@ -532,6 +532,15 @@ def set_cpu_threads(threads: int | None = None) -> int:
     return threads
 
 
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0 = a free one), or one clear error (port taken, unknown host)."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family)
+    except OSError as e:
+        raise FtplmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
           **app_kwargs: Any) -> None:
     """Serve a run until interrupted (Ctrl-C)."""
@@ -539,9 +548,10 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: i
 
     set_cpu_threads(threads)
     app = create_app(run, **app_kwargs)
+    sock = bind(host, port)
     print(f"serving {app.state.model_name} ({app.state.text_model.config.model_type}, speculative: "
           f"{app.state.speculative or 'off'}) on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 
 @contextlib.contextmanager
@@ -549,9 +559,7 @@ def running_server(app: FastAPI, host: str = "127.0.0.1", timeout: float = 30.0)
     """Run `app` with uvicorn in a background thread on a free port of `host`; yields its base URL."""
     import uvicorn
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, 0))  # the OS picks the port: no race with other tests or servers
+    sock = bind(host, 0)  # the OS picks the port: no race with other tests or servers
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="ftplm-http", daemon=True)
