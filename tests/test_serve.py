@@ -405,3 +405,32 @@ def _cached_model(path):
     if path not in _MODELS:
         _MODELS[path] = ftplm.load(path)
     return _MODELS[path]
+
+
+# ------------------------------------------------------------------------------------------------------
+# the commands
+# ------------------------------------------------------------------------------------------------------
+def test_cli_bench_serve(tiny_gpt_run, tmp_path, capsys):
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", str(tiny_gpt_run), "--clients", "4", "--requests", "12", "--max-tokens", "2",
+                 "--json", str(out)]) == 0
+    figures = json.loads(out.read_text())
+    assert figures["ok"] == 12 and figures["errors_5xx"] == 0 and figures["incomplete"] == 0
+    assert figures["latency_ms_p99"] >= figures["latency_ms_p50"] > 0 and figures["requests_per_s"] > 0
+    assert "p50" in capsys.readouterr().out
+
+
+def test_cli_serve_bad_input(tiny_gpt_run, tmp_path, capsys):
+    from ftplm.serve import bind
+
+    taken = bind("127.0.0.1", 0)
+    try:
+        capsys.readouterr()
+        assert main(["serve", str(tiny_gpt_run), "--port", str(taken.getsockname()[1])]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("ftplm serve: error: cannot listen") and "\n" not in err
+    finally:
+        taken.close()
+    assert main(["serve", str(tmp_path / "no-run")]) == 2
+    assert main(["serve", str(tiny_gpt_run), "--port", "-1"]) == 2
+    assert main(["bench", "serve", str(tiny_gpt_run), "--clients", "0"]) == 2
