@@ -129,6 +129,15 @@ def python_code() -> Iterator[Document]:
             yield Document(f"python-code:{rel.as_posix()}", text, source="python-code")
 
 
+@corpus("coding")
+def coding() -> Iterator[Document]:
+    """The synthetic planning-ahead coding task's training programs (ftplm.coding); held-out problems never appear."""
+    from ftplm.coding import training_programs
+
+    for doc_id, text in training_programs():
+        yield Document(doc_id, text, source="coding")
+
+
 def read_text_file(path: Path) -> str:
     try:
         text = path.read_bytes().decode("utf-8")
