@@ -165,6 +165,9 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
+    speculative: Literal["none", "ftp", "recycling", "lookup"] = "none",
+    draft_len: Optional[int] = None,
+    tree: bool = False,
 ) -> None:
     """Continue a prompt with a trained model and print the text.
 
@@ -176,6 +179,10 @@ def generate(
         top_k: sample only among the k most likely tokens
         top_p: nucleus sampling: the smallest set of tokens with this much probability
         seed: random seed for reproducible samples
+        speculative: lossless faster decoding: ftp (FTP models draft with their own decoder), recycling (Token
+            Recycling) or lookup (prompt lookup); same output as none
+        draft_len: tokens drafted per step (default per drafter; ftp: at most n_future-1)
+        tree: verify a tree of draft candidates instead of a single chain (recycling always drafts a tree)
     """
     from ftplm.api import load
     from ftplm.generate import Sampling
@@ -183,8 +190,11 @@ def generate(
     Sampling(temperature, top_k, top_p)  # validate before loading anything
     if not prompt:
         raise FtplmError("the prompt is empty")
+    if draft_len is not None and draft_len <= 0:
+        raise FtplmError(f"draft_len must be a positive integer, got {draft_len}")
     model = load(run)
-    print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed))
+    spec = None if speculative == "none" else speculative
+    print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, speculative=spec, draft_len=draft_len, tree=tree or None))
 
 
 @command
@@ -239,6 +249,57 @@ def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vi
     from ftplm.demo import run_demo
 
     run_demo(Path(out), parse_duration(budget), corpus, preset)
+
+
+@command(name="eval")
+def eval_(
+    run: str,
+    *,
+    suite: Literal["all", "ppl", "smoothness", "coherence", "classify", "coding", "retrieval"] = "all",
+    against: Optional[str] = None,
+    json: Optional[str] = None,  # noqa: A002 - the option is called --json
+    quick: bool = False,
+    seed: int = 0,
+    data: Optional[str] = None,
+    set: list[str] = [],  # noqa: A002 - the option is called --set
+) -> None:
+    """Measure a run (and another on identical data) with the SPEC §5 suites: metrics, 95% CIs, n, checkpoint.
+
+    Args:
+        run: run directory, checkpoint directory or saved model
+        suite: all = ppl, smoothness, coherence, classify, coding; or one of them (retrieval: extra)
+        against: a second run evaluated on the same data, prompts and seeds; paired differences RUN - AGAINST
+        json: write all results to this JSON file (the input of `ftplm report`)
+        quick: small suite sizes (the demo's, and the tests')
+        seed: seed of document choice, sampling and bootstrap
+        data: prepared data directory (default: the one the run was trained on)
+        set: suite size, e.g. --set coherence_prompts=50 --set classify_docs=500 --set coding_problems=1000
+    """
+    from ftplm.config import parse_override
+    from ftplm.eval import headline, run_suites
+
+    options = dict(parse_override(item) for item in set)
+    result = run_suites(run, suite, against, quick=quick, seed=seed, options=options, data_dir=data)
+    for name, d in result.get("diff", {}).items():
+        if isinstance(d, dict):
+            print(f"{result['diff']['of']} {name}: {headline({'metrics': d, 'headline': list(d)})}")
+    _emit(result, json)
+
+
+@command
+def report(run_a: str, run_b: Optional[str] = None, *, out: str, title: str = "ftplm report: FTP vs GPT") -> None:
+    """Markdown + self-contained HTML report with PNG plots comparing two runs (or `ftplm eval --json` files).
+
+    Args:
+        run_a: a run directory, or an `ftplm eval --json` file (which may hold both runs)
+        run_b: a second run directory or eval JSON file
+        out: directory for report.md, report.html and plots/
+        title: the report's title
+    """
+    from ftplm.report import report as run_report
+
+    paths = run_report([x for x in (run_a, run_b) if x], out, title)
+    print(f"wrote {paths['md']} and {paths['html']}")
 
 
 @command(name="bench train")
@@ -317,6 +378,33 @@ def bench_serve(
     if clients < 1 or requests < 1 or max_tokens < 1:
         raise FtplmError("--clients, --requests and --max-tokens must be positive")
     _emit(run_bench(run, clients, requests, max_tokens, None if speculative == "none" else speculative), json)
+
+
+@command(name="bench decode")
+def bench_decode(
+    run: str,
+    *,
+    prompts: int = 8,
+    max_new_tokens: int = 128,
+    prompt_tokens: int = 64,
+    method: list[str] = [],
+    seed: int = 0,
+    json: Optional[str] = None,  # noqa: A002 - the option is called --json
+) -> None:
+    """Plain vs speculative decoding speed (tokens/s, speedup, tau) on held-out prompts, greedy and temperature 1.
+
+    Args:
+        run: run directory (its held-out validation documents give the prompts)
+        prompts: number of held-out prompts
+        max_new_tokens: tokens generated per prompt (no stop at EOS)
+        prompt_tokens: prompt length in tokens
+        method: plain, ftp, ftp-tree, recycling, lookup (repeatable; default all that apply to the model)
+        seed: sampling seed
+        json: also write the figures to this JSON file
+    """
+    from ftplm.bench.decode import bench_decode as run_bench
+
+    _emit(run_bench(run, prompts, max_new_tokens, prompt_tokens, method or None, seed=seed), json)
 
 
 def _emit(result: dict[str, Any], json_path: str | None) -> None:
