@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -50,9 +50,13 @@ class TextModel:
         top_p: float | None = None,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        **speculative: Any,
     ) -> str:
-        """The continuation of `prompt` (text, or token ids) as text, without the prompt."""
-        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos)
+        """The continuation of `prompt` (text, or token ids) as text, without the prompt.
+
+        `speculative`: generate_ids' speculative=, draft_len=, tree= (lossless faster decoding).
+        """
+        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, **speculative)
         if stop_at_eos and self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.decode(ids)
@@ -66,12 +70,21 @@ class TextModel:
         top_p: float | None = None,
         seed: int | None = None,
         stop_at_eos: bool = True,
+        speculative: str | None = None,
+        draft_len: int | None = None,
+        tree: bool | None = None,
     ) -> list[int]:
-        """New token ids only (including a final EOS when one was produced)."""
+        """New token ids only (including a final EOS when one was produced).
+
+        speculative = "ftp" (FTP models: the decoder drafts for itself), "recycling" or "lookup" (any model)
+        gives the same tokens as plain decoding (greedy) or the same distribution (sampling), in fewer trunk
+        passes; draft_len = tokens drafted per step, tree = verify a tree of candidates instead of a chain.
+        """
         sampling = Sampling(temperature, top_k, top_p)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = generate(self.model, idx, max_new_tokens, sampling, seed, self.eos_id if stop_at_eos else None)
+        eos = self.eos_id if stop_at_eos else None
+        out = generate(self.model, idx, max_new_tokens, sampling, seed, eos, speculative, draft_len, tree)
         return out[0, len(ids) :].tolist()
 
     @torch.no_grad()

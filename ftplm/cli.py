@@ -165,6 +165,9 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
+    speculative: Literal["none", "ftp", "recycling", "lookup"] = "none",
+    draft_len: Optional[int] = None,
+    tree: bool = False,
 ) -> None:
     """Continue a prompt with a trained model and print the text.
 
@@ -176,6 +179,10 @@ def generate(
         top_k: sample only among the k most likely tokens
         top_p: nucleus sampling: the smallest set of tokens with this much probability
         seed: random seed for reproducible samples
+        speculative: lossless faster decoding: ftp (FTP models draft with their own decoder), recycling (Token
+            Recycling) or lookup (prompt lookup); same output as none
+        draft_len: tokens drafted per step (default per drafter; ftp: at most n_future-1)
+        tree: verify a tree of draft candidates instead of a single chain (recycling always drafts a tree)
     """
     from ftplm.api import load
     from ftplm.generate import Sampling
@@ -183,8 +190,11 @@ def generate(
     Sampling(temperature, top_k, top_p)  # validate before loading anything
     if not prompt:
         raise FtplmError("the prompt is empty")
+    if draft_len is not None and draft_len <= 0:
+        raise FtplmError(f"draft_len must be a positive integer, got {draft_len}")
     model = load(run)
-    print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed))
+    spec = None if speculative == "none" else speculative
+    print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, speculative=spec, draft_len=draft_len, tree=tree or None))
 
 
 @command

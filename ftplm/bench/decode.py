@@ -1,0 +1,141 @@
+"""`ftplm bench decode RUN`: plain KV-cache decoding vs lossless speculative decoding, measured side by side.
+
+Held-out prompts (the run's validation documents, never trained on), batch 1, a fixed number of new tokens (no
+stop at EOS, so every method produces exactly the same number of tokens), fp32 weights under inference_mode for
+every method. After one warm-up generation per method, the methods run interleaved prompt by prompt (the order
+rotates per prompt) so that machine noise hits them alike. Per method and mode (greedy, temperature 1):
+tokens/s, speedup = plain wall time / method wall time over the same prompts, τ (tokens per target forward, bonus
+and prefill included), the share of time spent drafting, and, for greedy, whether the output equals plain's.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ftplm.errors import FtplmError
+
+FTP_METHODS = {"plain": (None, None), "ftp": ("ftp", False), "ftp-tree": ("ftp", True),
+               "recycling": ("recycling", None), "lookup": ("lookup", None)}  # fmt: skip
+GPT_METHODS = {k: v for k, v in FTP_METHODS.items() if v[0] != "ftp"}
+
+
+def heldout_prompts(run: str | Path, encode, n: int, prompt_tokens: int) -> list[list[int]]:
+    """The first prompt_tokens tokens of the first n validation documents long enough to have them."""
+    from ftplm.checkpoint import run_data_dir
+    from ftplm.data import TokenData
+
+    data_dir = run_data_dir(run)
+    if data_dir is None:
+        raise FtplmError(f"{run}: its training data directory is unknown or gone; bench decode needs its held-out documents")
+    prompts = []
+    for doc in TokenData(data_dir).heldout("val"):
+        ids = encode(doc.text)
+        if len(ids) >= prompt_tokens:
+            prompts.append(ids[:prompt_tokens])
+            if len(prompts) == n:
+                break
+    if not prompts:
+        raise FtplmError(f"{data_dir}: no validation document has {prompt_tokens} tokens")
+    return prompts
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per mode and method: totals over prompts, tokens/s, speedup over plain (same prompts), τ, lossless."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for mode in dict.fromkeys(r["mode"] for r in records):
+        rows = [r for r in records if r["mode"] == mode]
+        plain = {r["prompt"]: r for r in rows if r["method"] == "plain"}
+        plain_seconds = sum(r["seconds"] for r in plain.values())
+        out[mode] = {}
+        for method in dict.fromkeys(r["method"] for r in rows):
+            mine = [r for r in rows if r["method"] == method]
+            seconds = sum(r["seconds"] for r in mine)
+            tokens = sum(r["new_tokens"] for r in mine)
+            forwards = sum(r["target_forwards"] for r in mine)
+            entry = {
+                "prompts": len(mine), "new_tokens": tokens, "seconds": seconds,
+                "tokens_per_s": tokens / seconds if seconds else 0.0,
+                "speedup": plain_seconds / seconds if seconds and plain else None,
+                "tau": tokens / forwards if forwards else 0.0,
+                "target_forwards": forwards,
+                "draft_share": sum(r["draft_time"] for r in mine) / seconds if seconds else 0.0,
+            }
+            if mode == "greedy" and plain:
+                entry["lossless"] = sum(r["tokens"] == plain[r["prompt"]]["tokens"] for r in mine) / len(mine)
+            out[mode][method] = entry
+    return out
+
+
+def bench_decode(
+    run: str | Path,
+    prompts: int = 8,
+    max_new_tokens: int = 128,
+    prompt_tokens: int = 64,
+    methods: list[str] | None = None,
+    temperatures: tuple[float, ...] = (0.0, 1.0),
+    seed: int = 0,
+) -> dict[str, Any]:
+    from ftplm.api import load
+    from ftplm.drafters import get_drafter
+    from ftplm.generate import Sampling, SpecStats, generate
+
+    if prompts < 1 or max_new_tokens < 1 or prompt_tokens < 1:
+        raise FtplmError("--prompts, --max-new-tokens and --prompt-tokens must be positive")
+    tm = load(run)
+    model = tm.model.float().eval()
+    available = FTP_METHODS if model.cfg.model_type == "ftp" else GPT_METHODS
+    methods = methods or list(available)
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        raise FtplmError(f"unknown method(s) for a {model.cfg.model_type} model: {', '.join(unknown)}; choose from {', '.join(available)}")
+    if "plain" not in methods:
+        methods = ["plain", *methods]
+    if prompt_tokens + max_new_tokens > model.cfg.block_size:
+        prompt_tokens = max(1, model.cfg.block_size - max_new_tokens)
+    if prompt_tokens + max_new_tokens > model.cfg.block_size:
+        raise FtplmError(f"--max-new-tokens {max_new_tokens} does not fit the context of {model.cfg.block_size} tokens")
+    texts = heldout_prompts(run, tm.encode, prompts, prompt_tokens)
+    # one drafter per method for the whole benchmark (Token Recycling's matrix carries over between prompts)
+    drafters = {m: get_drafter(available[m][0], model, tree=available[m][1]) if available[m][0] else None for m in methods}
+
+    def one(method: str, ids: list[int], n: int, sampling: Sampling, seed: int) -> dict[str, Any]:
+        stats = SpecStats()
+        idx = torch.tensor([ids])
+        t0 = time.perf_counter()
+        out = generate(model, idx, n, sampling, seed=seed, speculative=drafters[method], stats=stats)
+        seconds = time.perf_counter() - t0
+        return {"seconds": seconds, "new_tokens": stats.new_tokens, "target_forwards": stats.target_forwards,
+                "draft_time": stats.draft_time, "tokens": out[0, len(ids):].tolist()}
+
+    with torch.inference_mode():
+        for method in methods:  # warm-up
+            one(method, texts[0], min(16, max_new_tokens), Sampling(0), seed)
+        records = []
+        for temperature in temperatures:
+            mode = "greedy" if temperature == 0 else f"T={temperature:g}"
+            for i, ids in enumerate(texts):
+                order = methods[i % len(methods):] + methods[: i % len(methods)]
+                for method in order:
+                    rec = one(method, ids, max_new_tokens, Sampling(temperature), seed + i)
+                    records.append({"mode": mode, "method": method, "prompt": i, **rec})
+    results = summarize(records)
+    print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
+          f"{max_new_tokens} new tokens, batch 1, fp32, {torch.get_num_threads()} threads")
+    print(f"{'mode':8} {'method':10} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
+    for mode, per_method in results.items():
+        for method, r in per_method.items():
+            lossless = f"{r['lossless']:.0%}" if "lossless" in r else "-"
+            print(f"{mode:8} {method:10} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
+                  f"{r['draft_share']:7.1%} {lossless:>9}")
+    return {
+        "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,
+        "max_new_tokens": max_new_tokens, "batch_size": 1, "dtype": "fp32", "threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} CPUs)".strip(),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
+    }

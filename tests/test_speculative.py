@@ -1,0 +1,283 @@
+"""Speculative generation: lossless (greedy token for token, sampling in distribution), bookkeeping, bad input.
+
+Lossless tests use small randomly initialised models in float64 (so that batched vs one-token verification cannot
+flip an argmax through rounding) with weights scaled up so that their distributions are peaked and drafts are
+actually accepted; the trained tiny fixtures check the public API in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from scipy.stats import chisquare
+
+import ftplm
+from ftplm.config import preset
+from ftplm.drafters import Draft, Drafter, get_drafter
+from ftplm.errors import FtplmError
+from ftplm.generate import Sampling, SpecStats, generate, speculative_accept
+from ftplm.model import KVCache, build_model
+
+VOCAB, BLOCK = 12, 32
+
+
+def random_model(model_type: str, vocab: int = VOCAB, block: int = BLOCK, scale: float = 12.0, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = dataclasses.replace(preset("tiny", model_type).model, vocab_size=vocab, block_size=block)
+    model = build_model(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(scale)
+    return model
+
+
+MODELS = {"ftp": random_model("ftp"), "gpt": random_model("gpt")}
+DRAFTERS_FOR = {"ftp": ("ftp", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is several times faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("model_type", ["ftp", "gpt"])
+@settings(max_examples=200, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_greedy_lossless(model_type, data):
+    """200 random prompts per model, each through every drafter (chain or tree): small alphabets (repeats, for
+    lookup), batch 1-3, prompts up to the context limit, a random EOS id that drafts often contain."""
+    model = MODELS[model_type]
+    batch = data.draw(st.integers(1, 3), label="batch")
+    length = data.draw(st.one_of(st.integers(1, 12), st.integers(BLOCK - 6, BLOCK - 1)), label="prompt length")
+    alphabet = data.draw(st.integers(2, VOCAB), label="alphabet")
+    prompt = data.draw(st.lists(st.lists(st.integers(0, alphabet - 1), min_size=length, max_size=length),
+                                min_size=batch, max_size=batch), label="prompt")
+    max_new = data.draw(st.integers(0, 12), label="max_new_tokens")
+    eos = data.draw(st.one_of(st.none(), st.integers(0, VOCAB - 1)), label="eos")
+    tree = data.draw(st.booleans(), label="tree")
+    draft_len = data.draw(st.one_of(st.none(), st.integers(1, model.cfg.n_future - 1)), label="draft_len")
+    idx = torch.tensor(prompt)
+    plain = generate(model, idx, max_new, Sampling(0), eos_id=eos).tolist()
+    for drafter in DRAFTERS_FOR[model_type]:
+        stats = SpecStats()
+        fast = generate(model, idx, max_new, Sampling(0), eos_id=eos, speculative=drafter, draft_len=draft_len,
+                        tree=tree, stats=stats)
+        assert fast.tolist() == plain, drafter
+        assert stats.target_forwards <= max(stats.new_tokens, batch)
+
+
+def test_drafts_are_accepted_and_trees_are_exercised():
+    """The lossless test above is only meaningful if drafts get accepted, also deep inside trees."""
+    model = MODELS["ftp"]
+    idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
+    for drafter, tree in [("ftp", False), ("ftp", True), ("recycling", True), ("lookup", True)]:
+        stats = SpecStats()
+        out = generate(model, idx, 20, Sampling(0), speculative=drafter, tree=tree, stats=stats)
+        assert out.tolist() == generate(model, idx, 20, Sampling(0)).tolist()
+        assert stats.accepted_tokens > 0 and stats.tau > 1.2, (drafter, tree, stats)
+
+
+def test_custom_tree_template_and_draft_longer_than_budget():
+    model = MODELS["ftp"]
+    idx = torch.tensor([[5, 6, 7]])
+    plain = generate(model, idx, 9, Sampling(0))
+    for template in ([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], [(3,), (3, 3)], [(0, 0)]):
+        assert generate(model, idx, 9, Sampling(0), speculative="ftp", tree=template).tolist() == plain.tolist()
+    assert generate(model, idx, 9, Sampling(0), speculative="recycling", tree=[(0,), (0, 0), (0, 0, 0)] * 3,
+                    draft_len=8).tolist() == plain.tolist()
+
+
+# --------------------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------------------
+def test_acceptance_rule_hand_computed():
+    p = torch.tensor([0.5, 0.3, 0.2])
+    q = torch.tensor([0.2, 0.6, 0.2])
+    # x=1: p/q = 0.5 -> accept iff u < 0.5; residual max(0, p-q) = [0.3, 0, 0] -> [1, 0, 0]
+    assert speculative_accept(p, 1, q, 0.49)[0]
+    accepted, residual = speculative_accept(p, 1, q, 0.51)
+    assert not accepted and torch.allclose(residual, torch.tensor([1.0, 0.0, 0.0]))
+    # x=0: p/q = 2.5 -> always accepted, p unchanged
+    accepted, same = speculative_accept(p, 0, q, 0.999)
+    assert accepted and same is p
+    # deterministic draft (one-hot q): accept with probability p[x]; residual = p without x, renormalised
+    assert speculative_accept(p, 1, None, 0.29)[0]
+    accepted, residual = speculative_accept(p, 1, None, 0.31)
+    assert not accepted and torch.allclose(residual, torch.tensor([0.5 / 0.7, 0.0, 0.2 / 0.7]))
+    # over u ~ U[0,1): P(accept x) * 1 + P(reject) * residual = p (for x ~ q): the rule is lossless
+    total = torch.zeros(3)
+    for x in range(3):
+        accept_prob = min(1.0, float(p[x] / q[x]))
+        residual = speculative_accept(p, x, q, 1.0 - 1e-9)[1] if accept_prob < 1 else torch.zeros(3)
+        total += q[x] * (accept_prob * torch.nn.functional.one_hot(torch.tensor(x), 3) + (1 - accept_prob) * residual)
+    assert torch.allclose(total, p)
+
+
+@torch.no_grad()
+def exact_sequence_probs(model, prompt: list[int], n: int, sampling: Sampling) -> dict[tuple[int, ...], float]:
+    """P(first n new tokens = s) for every s, by enumeration with the full (cache-free) forward."""
+    probs = {(): 1.0}
+    for _ in range(n):
+        seqs = list(probs)
+        x = torch.tensor([prompt + list(s) for s in seqs])
+        nxt = sampling.probs(model(x).logits[:, -1]).double()
+        probs = {s + (t,): probs[s] * float(nxt[i, t]) for i, s in enumerate(seqs) for t in range(nxt.size(1))}
+    return probs
+
+
+@pytest.mark.parametrize("drafter, tree", [("ftp", False), ("ftp", True), ("recycling", True), ("lookup", False)])
+def test_sampling_lossless_chi_square(drafter, tree):
+    model = random_model("ftp", vocab=6, scale=5.0, seed=3)
+    prompt, n, runs = [1, 2, 1, 2, 1], 3, 1000
+    sampling = Sampling(temperature=1.0)
+    exact = exact_sequence_probs(model, prompt, n, sampling)
+    stats = SpecStats()
+    out = generate(model, torch.tensor([prompt] * runs), n, sampling, seed=0, speculative=drafter, tree=tree,
+                   stats=stats)
+    assert stats.accepted_tokens > 0  # the acceptance rule was exercised, not only the bonus token
+    counts: dict[tuple[int, ...], int] = {}
+    for row in out[:, len(prompt):].tolist():
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    # cells expected >= 5 times on their own; the rest pooled
+    big = sorted(s for s, pr in exact.items() if pr * runs >= 5)
+    observed = [counts.get(s, 0) for s in big] + [runs - sum(counts.get(s, 0) for s in big)]
+    expected = [exact[s] * runs for s in big] + [runs * (1 - sum(exact[s] for s in big))]
+    assert len(big) >= 5
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_sampling_seeded_reproducible():
+    model = MODELS["ftp"]
+    idx = torch.tensor([[1, 2, 3]])
+    a = generate(model, idx, 12, Sampling(0.8, top_k=5), seed=4, speculative="ftp")
+    b = generate(model, idx, 12, Sampling(0.8, top_k=5), seed=4, speculative="ftp")
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------------------
+# bookkeeping with a mock model whose acceptance is known
+# --------------------------------------------------------------------------------------------------------
+class CountingModel(torch.nn.Module):
+    """Next token is always (x + 1) % V; counts trunk calls. Satisfies what speculative_generate needs."""
+
+    def __init__(self, vocab: int = 10, block: int = 200) -> None:
+        super().__init__()
+        self.cfg = dataclasses.replace(preset("tiny", "gpt").model, vocab_size=vocab, block_size=block)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.calls = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def new_cache(self) -> KVCache:
+        return KVCache(1, self.cfg.block_size)
+
+    def state_vectors(self, idx, cache=None, positions=None, attn_mask=None):
+        self.calls += 1
+        cache.advance(idx.size(1))
+        assert cache.length <= self.cfg.block_size
+        return idx.double().unsqueeze(-1)
+
+    def next_token_logits(self, h, idx):
+        return torch.nn.functional.one_hot((idx + 1) % self.cfg.vocab_size, self.cfg.vocab_size).double() * 10
+
+
+class KnownDrafter(Drafter):
+    """Drafts `k` tokens of which exactly the first `good` are right."""
+
+    def __init__(self, model, k: int, good: int) -> None:
+        super().__init__(model, k)
+        self.good = good
+
+    def propose(self, ctx) -> Draft:
+        draft, token = Draft(), ctx.tokens[-1]
+        for i in range(min(self.draft_len, ctx.max_depth)):
+            token = (token + 1) % 10 if i < self.good else (token + 5) % 10
+            draft.add(token, i - 1)
+        return draft
+
+
+@pytest.mark.parametrize("k, good, n", [(4, 4, 41), (4, 2, 30), (3, 0, 12), (6, 3, 7)])
+def test_tau_and_forward_bookkeeping(k, good, n):
+    model = CountingModel()
+    stats = SpecStats()
+    out = generate(model, torch.tensor([[3]]), n, Sampling(0), speculative=KnownDrafter(model, k, good), stats=stats)
+    assert out[0].tolist() == [(3 + i) % 10 for i in range(n + 1)]  # lossless: the mock's greedy sequence
+    per_round = good + 1  # accepted drafts + the bonus token
+    expected_forwards = 1 + -(-(n - 1) // per_round)  # prefill gives the first token
+    assert stats.target_forwards == model.calls == expected_forwards
+    assert stats.new_tokens == n
+    assert stats.tau == pytest.approx(n / expected_forwards)
+    assert stats.accepted_tokens == n - expected_forwards
+    assert stats.draft_time >= 0 and stats.verify_time > 0
+    assert stats.total_time == pytest.approx(stats.draft_time + stats.verify_time)
+
+
+def test_plain_generation_has_tau_one():
+    stats = SpecStats()
+    generate(MODELS["gpt"], torch.tensor([[1, 2]]), 10, Sampling(0), stats=stats)
+    assert stats.new_tokens == 10 and stats.tau == 1.0
+
+
+# --------------------------------------------------------------------------------------------------------
+# bad input and the public API
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "model_type, kwargs, message",
+    [("ftp", {"speculative": "ftp", "draft_len": 0}, "draft_len must be a positive integer"),
+     ("ftp", {"speculative": "lookup", "draft_len": -2}, "draft_len must be a positive integer"),
+     ("ftp", {"speculative": "medusa"}, "unknown speculative drafter 'medusa'"),
+     ("gpt", {"speculative": "ftp"}, "needs an FTP model"),
+     ("ftp", {"speculative": "ftp", "draft_len": 9}, "at most n_future-1"),
+     ("ftp", {"speculative": "ftp", "tree": [()]}, "tree paths"),
+     ("ftp", {"speculative": "lookup", "tree": [(0,)]}, "lookup")],
+)
+def test_bad_input(model_type, kwargs, message):
+    with pytest.raises(FtplmError, match=message) as e:
+        generate(MODELS[model_type], torch.tensor([[1, 2]]), 5, Sampling(0), **kwargs)
+    assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
+
+
+def test_get_drafter_registry():
+    assert {"ftp", "recycling", "lookup"} <= set(__import__("ftplm.drafters", fromlist=["DRAFTERS"]).DRAFTERS)
+    assert get_drafter("lookup", MODELS["gpt"], 3).draft_len == 3
+
+
+def test_api_speculative_matches_plain_fp32(tiny_ftp_run, tiny_gpt_run):
+    for run, drafters in ((tiny_ftp_run, ("ftp", "recycling", "lookup")), (tiny_gpt_run, ("recycling", "lookup"))):
+        m = ftplm.load(run)
+        for prompt, drafter, tree in itertools.product(["The", "In 1990 the city of"], drafters, (False, True)):
+            plain = m.generate_ids(prompt, max_new_tokens=24, temperature=0)
+            assert m.generate_ids(prompt, max_new_tokens=24, temperature=0, speculative=drafter, tree=tree) == plain
+        assert isinstance(m.generate("The", max_new_tokens=8, temperature=1.0, seed=1, speculative=drafters[0]), str)
+    with pytest.raises(FtplmError, match="needs an FTP model"):
+        ftplm.load(tiny_gpt_run).generate("The", speculative="ftp")
+
+
+def test_cli_generate_speculative(tiny_ftp_run, tiny_gpt_run):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "ftplm", "generate", *args], capture_output=True, text=True)
+
+    plain = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16")
+    fast = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
+               "--speculative", "ftp", "--tree")
+    assert plain.returncode == fast.returncode == 0 and fast.stdout == plain.stdout
+    for args, message in [(("--speculative", "ftp", "--draft-len", "0"), "draft_len"),
+                          (("--speculative", "medusa"), "invalid choice")]:
+        bad = run(str(tiny_ftp_run), "--prompt", "The", *args)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
+    bad = run(str(tiny_gpt_run), "--prompt", "The", "--speculative", "ftp")
+    assert bad.returncode == 2 and "needs an FTP model" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
