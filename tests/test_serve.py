@@ -324,16 +324,19 @@ def test_worker_round_robin():
     """A long job does not make a short one wait for all of it: the worker takes turns, one step each."""
     worker = ModelWorker()
     order: list[str] = []
+    short_submitted = threading.Event()
 
     def steps(name: str, n: int):
         for i in range(n):
+            if name == "L" and i == 0:
+                assert short_submitted.wait(10)  # the short job arrives while the long one is running
             order.append(f"{name}{i}")
             yield i
 
     async def go():
         long = worker.submit(steps("L", 6))
-        await asyncio.sleep(0)
         short = worker.submit(steps("S", 2))
+        short_submitted.set()
         return [x async for x in long], [x async for x in short]
 
     try:
