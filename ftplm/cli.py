@@ -302,6 +302,45 @@ def report(run_a: str, run_b: Optional[str] = None, *, out: str, title: str = "f
     print(f"wrote {paths['md']} and {paths['html']}")
 
 
+@command(name="experiment paper")
+def experiment_paper(
+    *,
+    out: str = "runs/paper",
+    preset: Literal["tiny", "mini", "small", "base"] = "small",
+    seeds: int = 3,
+    max_tokens: int = 200_000,
+    coding_max_tokens: Optional[int] = None,
+    quick: bool = False,
+    skip_coding: bool = False,
+    ppl_batches: int = 50,
+    set: list[str] = [],  # noqa: A002 - the option is called --set
+    train_set: list[str] = [],
+) -> None:
+    """The paper's four claims: train FTP and GPT per seed (or reuse/resume runs in OUT), match perplexity, evaluate, report.
+
+    Args:
+        out: experiment directory: data, ftp-s{seed}, gpt-s{seed}, coding-*, evals/, report/ (existing runs are reused)
+        preset: model size of every run
+        seeds: training seeds 0..seeds-1 for the text models (the coding models use seed 0)
+        max_tokens: training tokens per text model
+        coding_max_tokens: training tokens per coding model (default: --max-tokens)
+        quick: small suite sizes (a smoke run of the whole pipeline)
+        skip_coding: leave out the coding task (its corpus, models and suite)
+        ppl_batches: 8-window batches for every val perplexity (FTP and each GPT checkpoint: same windows)
+        set: suite size, e.g. --set coherence_prompts=50 (see `ftplm eval --help`)
+        train_set: training config for runs started here, e.g. --train-set save_interval=10
+    """
+    from ftplm.config import parse_override
+    from ftplm.experiment import paper_experiment
+
+    if max_tokens < 1 or (coding_max_tokens is not None and coding_max_tokens < 1) or ppl_batches < 1:
+        raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
+    paper_experiment(
+        out, preset, seeds, max_tokens, coding_max_tokens, quick, skip_coding,
+        options=dict(parse_override(x) for x in set), train_overrides=dict(parse_override(x) for x in train_set), ppl_batches=ppl_batches,
+    )
+
+
 @command(name="bench train")
 def bench_train(
     *,
@@ -389,6 +428,7 @@ def bench_decode(
     prompt_tokens: int = 64,
     method: list[str] = [],
     seed: int = 0,
+    threads: Optional[int] = None,
     json: Optional[str] = None,  # noqa: A002 - the option is called --json
 ) -> None:
     """Plain vs speculative decoding speed (tokens/s, speedup, tau) on held-out prompts, greedy and temperature 1.
@@ -400,11 +440,12 @@ def bench_decode(
         prompt_tokens: prompt length in tokens
         method: plain, ftp, ftp-tree, recycling, lookup (repeatable; default all that apply to the model)
         seed: sampling seed
+        threads: torch CPU threads (default: torch's; 1 is often fastest for batch-1 decoding on a busy machine)
         json: also write the figures to this JSON file
     """
     from ftplm.bench.decode import bench_decode as run_bench
 
-    _emit(run_bench(run, prompts, max_new_tokens, prompt_tokens, method or None, seed=seed), json)
+    _emit(run_bench(run, prompts, max_new_tokens, prompt_tokens, method or None, seed=seed, threads=threads), json)
 
 
 def _emit(result: dict[str, Any], json_path: str | None) -> None:

@@ -281,3 +281,34 @@ def test_cli_generate_speculative(tiny_ftp_run, tiny_gpt_run):
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
     bad = run(str(tiny_gpt_run), "--prompt", "The", "--speculative", "ftp")
     assert bad.returncode == 2 and "needs an FTP model" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bench_summary_speedup_and_tau():
+    from ftplm.bench.decode import summarize
+
+    def rec(method, prompt, seconds, tokens, forwards, out):
+        return {"mode": "greedy", "method": method, "prompt": prompt, "seconds": seconds, "new_tokens": tokens,
+                "target_forwards": forwards, "draft_time": seconds / 4, "tokens": out}
+
+    records = [rec("plain", 0, 2.0, 10, 10, [1]), rec("ftp", 0, 0.5, 10, 4, [1]),
+               rec("plain", 1, 4.0, 10, 10, [2]), rec("ftp", 1, 1.5, 10, 2, [3])]
+    r = summarize(records)["greedy"]
+    assert r["plain"]["speedup"] == 1.0 and r["plain"]["tau"] == 1.0
+    assert r["ftp"]["speedup"] == pytest.approx(6.0 / 2.0) and r["ftp"]["tau"] == pytest.approx(20 / 6)
+    assert r["ftp"]["tokens_per_s"] == pytest.approx(10.0) and r["ftp"]["draft_share"] == pytest.approx(0.25)
+    assert r["ftp"]["lossless"] == 0.5  # prompt 1 differs from plain
+
+
+def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
+    from ftplm.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "2", "--max-new-tokens", "8",
+                 "--prompt-tokens", "8", "--threads", "1", "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    for mode in ("greedy", "T=1"):
+        assert set(result["results"][mode]) == {"plain", "ftp", "ftp-tree", "recycling", "lookup"}
+    assert all(r["lossless"] == 1.0 for r in result["results"]["greedy"].values())
+    assert main(["bench", "decode", str(tiny_ftp_run), "--method", "medusa"]) == 2

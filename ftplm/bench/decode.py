@@ -80,6 +80,7 @@ def bench_decode(
     methods: list[str] | None = None,
     temperatures: tuple[float, ...] = (0.0, 1.0),
     seed: int = 0,
+    threads: int | None = None,
 ) -> dict[str, Any]:
     from ftplm.api import load
     from ftplm.drafters import get_drafter
@@ -87,6 +88,10 @@ def bench_decode(
 
     if prompts < 1 or max_new_tokens < 1 or prompt_tokens < 1:
         raise FtplmError("--prompts, --max-new-tokens and --prompt-tokens must be positive")
+    if threads is not None:
+        if threads < 1:
+            raise FtplmError("--threads must be positive")
+        torch.set_num_threads(threads)
     tm = load(run)
     model = tm.model.float().eval()
     available = FTP_METHODS if model.cfg.model_type == "ftp" else GPT_METHODS
