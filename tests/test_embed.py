@@ -105,10 +105,11 @@ def test_retrieval_ranks_and_summary():
     v /= np.linalg.norm(v, axis=1, keepdims=True)
     ranks = retrieval_scores(v, v)  # identical vectors: every target is its query's nearest
     assert (ranks == 1).all()
-    s = summarise(ranks, seed=0)
+    s, per_query = summarise(ranks, seed=0)
     assert s["recall@1"]["value"] == 1.0 and s["mrr"]["value"] == 1.0 and s["recall@1"]["n"] == 20
+    assert per_query["recall@10"] == [1.0] * 20
     swapped = retrieval_scores(v, v[::-1])  # every own target is some other vector
-    assert swapped.mean() > 1 and summarise(swapped, 0)["recall@10"]["value"] <= 1
+    assert swapped.mean() > 1 and summarise(swapped, 0)[0]["recall@10"]["value"] <= 1
     e = np.eye(3)
     assert retrieval_scores(e, e[[1, 0, 2]]).tolist() == [2, 2, 1]  # targets 0 and 1 swapped
 
@@ -127,4 +128,5 @@ def test_retrieval_suite(tiny_ftp_run, tiny_data):
         assert 0 <= m["ci95"][0] <= m["value"] <= m["ci95"][1] <= 1 and m["n"] == 40
     assert r["metrics"]["recall@10"]["value"] >= r["metrics"]["recall@1"]["value"]
     assert r["metrics"]["judge_recall@10"]["value"] > 0.8  # the judge finds articles: the pairs are sound
+    assert len(r["_items"]["recall@1"]) == 40  # per-query values: paired differences under --against
     assert json.loads(json.dumps(r)) == r

