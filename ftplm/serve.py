@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -40,7 +39,7 @@ from starlette.exceptions import HTTPException
 
 from ftplm.api import TextModel, load
 from ftplm.errors import FtplmError
-from ftplm.generate import Sampling, generate
+from ftplm.generate import Sampling
 
 MAX_BODY_BYTES = 1 << 20  # request bodies above this get 413
 MAX_EMBED_INPUTS = 256
@@ -229,14 +228,11 @@ def _chunk_seed(seed: int | None, i: int) -> int | None:
 def completion_steps(tm: TextModel, ids: list[int], max_tokens: int, temperature: float, top_k: int | None,
                      top_p: float | None, seed: int | None, extra: dict[str, Any]) -> Iterator[list[int]]:
     """New token ids, a chunk per step, until max_tokens, EOS or the end of the context (runs on the worker)."""
-    sampling = Sampling(temperature, top_k, top_p)
     produced: list[int] = []
     chunk, i = FIRST_CHUNK, 0
     while len(produced) < max_tokens and len(ids) + len(produced) < tm.config.block_size:
         n = min(chunk, max_tokens - len(produced))
-        idx = torch.tensor([ids + produced], dtype=torch.long, device=tm.device)
-        out = generate(tm.model, idx, n, sampling, _chunk_seed(seed, i), tm.eos_id, **extra)
-        new = out[0, idx.size(1) :].tolist()
+        new = tm.generate_ids(ids + produced, n, temperature, top_k, top_p, _chunk_seed(seed, i), True, **extra)
         produced += new
         yield new
         if len(new) < n or (tm.eos_id is not None and tm.eos_id in new):
@@ -291,8 +287,8 @@ class TextAssembler:
 # the app
 # ------------------------------------------------------------------------------------------------------
 def _speculative_kwargs(tm: TextModel, speculative: str | None) -> dict[str, Any]:
-    """{"speculative": ...} for generate() when this ftplm supports it; "auto" = "ftp" for FTP models."""
-    supported = "speculative" in inspect.signature(generate).parameters
+    """{"speculative": ...} for generate_ids when this ftplm supports it; "auto" = "ftp" for FTP models."""
+    supported = "speculative" in inspect.signature(tm.generate_ids).parameters
     if speculative == "auto":
         speculative = "ftp" if tm.config.model_type == "ftp" and supported else None
     if speculative in (None, "none"):
