@@ -48,3 +48,13 @@ def tiny_ftp_run(tiny_data, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt_run(tiny_data, tmp_path_factory) -> Path:
     return _train_tiny(tiny_data, tmp_path_factory.mktemp("runs") / "gpt", "gpt")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a busy 2-core machine: one torch thread avoids OpenMP spin-waiting (several times faster).
+    Use per module with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -12,7 +12,6 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -24,13 +23,7 @@ from ftplm.serve import ModelWorker, TextAssembler, create_app, running_server
 PROMPTS = ["The history of", "In mathematics, a", "Rome"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The test process shares 2 cores with the server thread: 1 torch thread avoids OpenMP spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the model thread shares 2 cores with the HTTP thread
 
 
 class Recorder:
