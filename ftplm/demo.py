@@ -11,12 +11,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ftplm.api import load
+from ftplm.api import TextModel, load
 from ftplm.checkpoint import write_json
 from ftplm.data import TokenData, prepare
-from ftplm.train import evaluate, train
+from ftplm.train import train
 
 DEMO_PROMPTS = ["The history of", "In mathematics, a"]
+DEMO_SUITES = ["ppl", "smoothness", "coherence", "classify"]
 
 
 def _step(title: str) -> None:
@@ -31,7 +32,10 @@ def prepare_once(corpus: str, data_dir: Path) -> TokenData:
     return TokenData(data_dir)
 
 
-def run_demo(out: Path, budget_s: float, corpus: str = "wiki-vital", preset: str = "mini") -> dict[str, Any]:
+def run_demo(
+    out: Path, budget_s: float, corpus: str = "wiki-vital", preset: str = "mini", eval_options: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Run the main job into `out`; eval_options override the quick suite sizes (see EvalContext.size)."""
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     _step(f"1. prepare {corpus}")
@@ -52,20 +56,26 @@ def run_demo(out: Path, budget_s: float, corpus: str = "wiki-vital", preset: str
         )
         runs[model_type] = run
 
-    _step("3. evaluate (validation perplexity on the same held-out windows)")
-    results: dict[str, dict[str, Any]] = {}
+    _step("3. evaluate both on identical held-out data (short versions of the paper suites)")
+    from ftplm.eval import run_suites
+
+    evals = run_suites(runs["ftp"], DEMO_SUITES, against=runs["gpt"], quick=True, options=eval_options, data_dir=data.root)
+    write_json(out / "eval.json", evals)
+    labels = dict(zip(("ftp", "gpt"), evals["runs"]))
     models = {name: load(path) for name, path in runs.items()}
+    results: dict[str, dict[str, Any]] = {}
     for name, model in models.items():
         state = json.loads((runs[name] / "trainer_state.json").read_text())
-        val = evaluate(model.model, data, batch_size=8, iters=40)
         results[name] = {
             "params": model.model.num_params(),
             "steps": state["step"],
             "tokens": state["tokens"],
             "train_seconds": state["elapsed"],
-            "val_ppl": val["ppl"],
-            "offset_acc": val.get("offset_acc"),
+            "suites": evals["runs"][labels[name]]["suites"],
         }
+        ppl_metrics = results[name]["suites"]["ppl"]["metrics"]
+        results[name]["val_ppl"] = ppl_metrics["ppl"]["value"]
+        results[name]["offset_acc"] = ppl_metrics.get("offset_acc", {}).get("value")
 
     _step("4. samples (greedy, then temperature 0.8 / top-k 50)")
     samples: dict[str, dict[str, str]] = {name: {} for name in models}
@@ -78,12 +88,65 @@ def run_demo(out: Path, budget_s: float, corpus: str = "wiki-vital", preset: str
             print(f"[{name}] {prompt}|{greedy}")
             print(f"[{name}] {prompt}|{sampled}   (t=0.8)")
 
-    summary = {"corpus": corpus, "preset": preset, "budget_s": budget_s, "results": results, "samples": samples}
+    _step("5. plain vs self-speculative decoding of the FTP model (greedy, lossless)")
+    speculative = speculative_check(models["ftp"], data)
+
+    summary = {
+        "corpus": corpus, "preset": preset, "budget_s": budget_s, "results": results, "samples": samples,
+        "speculative": speculative,
+    }
     summary["total_seconds"] = time.perf_counter() - started
     write_json(out / "summary.json", summary)
     (out / "report.md").write_text(markdown_summary(summary))
     print_table(summary)
     return summary
+
+
+def speculative_check(model: TextModel, data: TokenData, n_prompts: int = 4, new_tokens: int = 64) -> dict[str, Any]:
+    """Time plain and FTP self-speculative greedy decoding on held-out prompts; both must give the same tokens."""
+    from ftplm.generate import SpecStats
+
+    prompts = [model.encode(d.text)[:32] for d in data.heldout("val")[:n_prompts]]
+    model.generate_ids(prompts[0], 8, temperature=0, stop_at_eos=False, speculative="ftp")  # warm-up
+    seconds = {"plain": 0.0, "ftp": 0.0}
+    stats = SpecStats()
+    identical = True
+    for ids in prompts:
+        t0 = time.perf_counter()
+        plain = model.generate_ids(ids, new_tokens, temperature=0, stop_at_eos=False)
+        seconds["plain"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        spec = _speculative_ids(model, ids, new_tokens, stats)
+        seconds["ftp"] += time.perf_counter() - t0
+        identical &= spec == plain
+    result = {
+        "prompts": len(prompts), "new_tokens": new_tokens, "plain_s": seconds["plain"], "speculative_s": seconds["ftp"],
+        "speedup": seconds["plain"] / seconds["ftp"], "tau": stats.tau, "identical": identical,
+    }
+    print(f"plain {seconds['plain']:.2f}s, speculative {seconds['ftp']:.2f}s: speedup {result['speedup']:.2f}x, "
+          f"tau {stats.tau:.2f}, identical output: {identical}")
+    return result
+
+
+def _speculative_ids(model: TextModel, ids: list[int], new_tokens: int, stats: Any) -> list[int]:
+    import torch
+
+    from ftplm.generate import Sampling, generate
+
+    idx = torch.tensor([ids], device=model.device)
+    return generate(model.model, idx, new_tokens, Sampling(0), speculative="ftp", stats=stats)[0, len(ids):].tolist()
+
+
+def _metric(result: dict[str, Any], suite: str, key: str, fmt: str = "{:.3f}") -> str:
+    m = result["suites"].get(suite, {}).get("metrics", {}).get(key)
+    if m is None:
+        return "-"
+    text = fmt.format(m["value"])
+    if "ci95" in m:
+        text += f" ±{(m['ci95'][1] - m['ci95'][0]) / 2:.3f}"
+    elif "std" in m:
+        text += f" ±{m['std']:.3f}"
+    return text
 
 
 def _rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -92,11 +155,23 @@ def _rows(summary: dict[str, Any]) -> list[tuple[str, str, str]]:
         ("parameters", f"{r['ftp']['params'] / 1e6:.1f}M", f"{r['gpt']['params'] / 1e6:.1f}M"),
         ("train steps", str(r["ftp"]["steps"]), str(r["gpt"]["steps"])),
         ("train tokens", f"{r['ftp']['tokens']:,}", f"{r['gpt']['tokens']:,}"),
-        ("val perplexity", f"{r['ftp']['val_ppl']:.2f}", f"{r['gpt']['val_ppl']:.2f}"),
     ]
-    if r["ftp"].get("offset_acc"):
-        accs = " / ".join(f"{a:.2f}" for a in r["ftp"]["offset_acc"])
-        rows.append(("FTP accuracy at offsets 1..N", accs, "-"))
+    for label, suite_name, key, fmt in [
+        ("val perplexity", "ppl", "ppl", "{:.2f}"),
+        ("smoothness: adjacent cosine", "smoothness", "adjacent_cosine", "{:.3f}"),
+        ("  (mean-centred)", "smoothness", "adjacent_cosine_centered", "{:.3f}"),
+        ("coherence: cos(prompt, text)", "coherence", "prompt_continuation_cos", "{:.3f}"),
+        ("  distinct-2", "coherence", "distinct_2", "{:.3f}"),
+        ("topic accuracy (wiki-vital, mean)", "classify", "wiki-vital/mean", "{:.3f}"),
+        ("topic accuracy (wiki-vital, last)", "classify", "wiki-vital/last", "{:.3f}"),
+    ]:
+        rows.append((label, _metric(r["ftp"], suite_name, key, fmt), _metric(r["gpt"], suite_name, key, fmt)))
+    acc = r["ftp"]["suites"].get("ppl", {}).get("metrics", {}).get("offset_acc")
+    if acc:
+        rows.append(("FTP accuracy at offsets 1..N", " / ".join(f"{a:.2f}" for a in acc["value"]), "-"))
+    spec = summary.get("speculative")
+    if spec:
+        rows.append(("speculative speedup (tau)", f"{spec['speedup']:.2f}x ({spec['tau']:.2f})", "-"))
     return rows
 
 

@@ -6,7 +6,8 @@ from ftplm.demo import run_demo
 
 
 def test_demo_end_to_end(tmp_path, tiny_corpus, capsys):
-    summary = run_demo(tmp_path / "demo", budget_s=3, corpus=str(tiny_corpus), preset="tiny")
+    sizes = {"ppl_batches": 2, "smoothness_docs": 8, "coherence_prompts": 2, "coherence_new_tokens": 16, "classify_docs": 60}
+    summary = run_demo(tmp_path / "demo", budget_s=3, corpus=str(tiny_corpus), preset="tiny", eval_options=sizes)
     out = capsys.readouterr().out
     assert "FTP" in out and "GPT" in out and "val perplexity" in out
     saved = json.loads((tmp_path / "demo" / "summary.json").read_text())
@@ -17,3 +18,7 @@ def test_demo_end_to_end(tmp_path, tiny_corpus, capsys):
     assert len(saved["results"]["ftp"]["offset_acc"]) == 4
     assert (tmp_path / "demo" / "report.md").read_text().startswith("# ftplm demo")
     assert summary["samples"]["ftp"] and summary["samples"]["gpt"]
+    for suite_name in ("ppl", "smoothness", "coherence", "classify"):
+        assert saved["results"]["ftp"]["suites"][suite_name]["metrics"], suite_name
+    spec = saved["speculative"]
+    assert spec["identical"] and spec["tau"] >= 1 and spec["speedup"] > 0  # lossless on the trained model
