@@ -348,6 +348,8 @@ def bench_train(
     steps: int = 8,
     warmup: int = 2,
     batch_size: Optional[int] = None,
+    dtype: Optional[Literal["auto", "bf16", "fp32"]] = None,
+    set: list[str] = [],  # noqa: A002 - the option is called --set
     json: Optional[str] = None,  # noqa: A002 - the option is called --json
 ) -> None:
     """Training throughput of GPT and FTP with the same trunk, measured interleaved in one run, and their ratio.
@@ -357,11 +359,16 @@ def bench_train(
         steps: timed steps per model (interleaved)
         warmup: untimed steps per model first
         batch_size: sequences per step (default from the preset)
+        dtype: training dtype (default: the preset's, auto)
+        set: model config field, e.g. --set dec_n_embd=128 --set n_future=8 (repeatable)
         json: also write the figures to this JSON file
     """
     from ftplm.bench.train import bench_train as run
 
-    _emit(run(preset=preset, steps=steps, warmup=warmup, batch_size=batch_size), json)
+    model_over, train_over = _split_overrides(set)
+    if train_over:
+        raise FtplmError(f"bench train takes model fields only with --set, not {', '.join(train_over)}")
+    _emit(run(preset=preset, steps=steps, warmup=warmup, batch_size=batch_size, dtype=dtype, overrides=model_over), json)
 
 
 @command

@@ -75,3 +75,17 @@ def test_largest_batch_finds_the_limit(threshold, cap):
     found = largest_batch(lambda b: calls.append(b) or b <= threshold, cap)
     assert found == min(threshold, cap)
     assert len(calls) <= 2 * cap.bit_length() + 2 and max(calls) <= cap + 1
+
+
+def test_bench_train_cli_model_overrides(tmp_path):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "train", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2",
+            "--set", "n_future=2", "--dtype", "fp32", "--json", str(out)]
+    assert main(argv) in (0, None)
+    figures = json.loads(out.read_text())
+    assert figures["n_future"] == 2 and figures["dtype"] == "fp32"
+
+
+def test_bench_train_rejects_training_fields(capsys):
+    assert main(["bench", "train", "--preset", "tiny", "--set", "learning_rate=1"]) == 2
+    assert "model fields only" in capsys.readouterr().err
