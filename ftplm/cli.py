@@ -500,7 +500,7 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None
     hints = typing.get_type_hints(fn)
     for name, param in inspect.signature(fn).parameters.items():
         tp = _unwrap_optional(hints.get(name, str))
-        kwargs: dict[str, Any] = {"help": helps.get(name, "")}
+        kwargs: dict[str, Any] = {"help": helps.get(name, "").replace("%", "%%")}
         if typing.get_origin(tp) is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
         elif typing.get_origin(tp) is list:
@@ -534,14 +534,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, fn in COMMANDS.items():
         doc = inspect.getdoc(fn) or ""
         summary = doc.split("\n\n")[0]
+        summary_help = summary.replace("%", "%%")  # argparse %-formats help strings ("95% CIs")
         if " " in name:  # nested: "bench train" -> `ftplm bench train`
             group, leaf = name.split(" ", 1)
             if group not in groups:
                 gp = sub.add_parser(group, help=f"{group} subcommands", description=f"{group} subcommands")
                 groups[group] = gp.add_subparsers(dest="subcommand", metavar="KIND", parser_class=_Parser, required=True)
-            p = groups[group].add_parser(leaf, help=summary, description=summary)
+            p = groups[group].add_parser(leaf, help=summary_help, description=summary)
         else:
-            p = sub.add_parser(name, help=summary, description=summary)
+            p = sub.add_parser(name, help=summary_help, description=summary)
         _add_params(p, fn)
         p.set_defaults(_fn=fn)
     return parser

@@ -428,3 +428,13 @@ def test_cli_serve_bad_input(tiny_gpt_run, tmp_path, capsys):
     assert main(["serve", str(tmp_path / "no-run")]) == 2
     assert main(["serve", str(tiny_gpt_run), "--port", "-1"]) == 2
     assert main(["bench", "serve", str(tiny_gpt_run), "--clients", "0"]) == 2
+
+
+def test_help_texts(capsys):
+    """Top-level --help formats every command's summary (a '%' in one once crashed it)."""
+    for argv in (["--help"], ["serve", "--help"], ["embed", "--help"], ["bench", "serve", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "serve" in out and "--max-tokens" in out and "--pooling" in out
