@@ -42,14 +42,7 @@ def random_model(model_type: str, vocab: int = VOCAB, block: int = BLOCK, scale:
 MODELS = {"ftp": random_model("ftp"), "gpt": random_model("gpt")}
 DRAFTERS_FOR = {"ftp": ("ftp", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is several times faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("model_type", ["ftp", "gpt"])
