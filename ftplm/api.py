@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,23 +42,15 @@ class TextModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def generate(
-        self,
-        prompt: str | list[int],
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-        **speculative: Any,
-    ) -> str:
-        """The continuation of `prompt` (text, or token ids) as text, without the prompt.
+    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, *args: Any, **options: Any) -> str:
+        """The continuation of `prompt` (text, or token ids) as text, without the prompt (nor the final EOS).
 
-        `speculative`: generate_ids' speculative=, draft_len=, tree= (lossless faster decoding).
+        Takes generate_ids' arguments (temperature, top_k, top_p, seed, stop_at_eos, speculative, draft_len, tree).
         """
-        ids = self.generate_ids(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop_at_eos, **speculative)
-        if stop_at_eos and self.eos_id in ids:
+        call = inspect.signature(self.generate_ids).bind(prompt, max_new_tokens, *args, **options)
+        call.apply_defaults()
+        ids = self.generate_ids(*call.args, **call.kwargs)
+        if call.arguments["stop_at_eos"] and self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         return self.decode(ids)
 
