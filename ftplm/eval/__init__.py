@@ -130,11 +130,13 @@ def run_suites(
     options: dict[str, Any] | None = None,
     data_dir: str | Path | None = None,
     progress: Callable[[str], None] | None = print,
+    keep_items: bool = False,
 ) -> dict[str, Any]:
     """Evaluate RUN (and AGAINST on the same data, same prompts, same seeds) on the given suites.
 
     Returns {"runs": {label: {...provenance, "suites": {name: result}}}, "diff": {suite: {metric: A - B}}, ...}.
-    With two runs, per-item scores of the same prompts/documents give paired differences with bootstrap CIs.
+    With two runs, per-item scores of the same prompts/documents give paired differences with bootstrap CIs;
+    keep_items leaves those per-item scores in each result (as "_items") for differences computed later.
     """
     from ftplm.api import load
     from ftplm.checkpoint import run_data_dir
@@ -177,7 +179,7 @@ def run_suites(
             t0 = time.perf_counter()
             result = SUITES[name](ctx)
             result["seconds"] = round(time.perf_counter() - t0, 2)
-            per_item[name] = result.pop("_items", {})
+            per_item[name] = result.get("_items", {}) if keep_items else result.pop("_items", {})
             entry["suites"][name] = result
             if progress:
                 progress(f"[{label}] {name}: {headline(result)} ({result['seconds']:.0f}s)")

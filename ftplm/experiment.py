@@ -1,0 +1,312 @@
+"""`ftplm experiment paper`: the paper's four claims, FTP vs GPT, every seed, matched perplexity and equal compute.
+
+Layout under OUT (every step reuses what is already there, so an interrupted experiment continues where it stopped):
+
+    OUT/data                     prepared wiki-vital + shakespeare + bbc-news (document-level split, one tokenizer)
+    OUT/ftp-s{seed}, gpt-s{seed} training runs (same data, tokens, schedule; every checkpoint kept)
+    OUT/coding-data              the planning-ahead coding corpus (training programs only)
+    OUT/coding-{ftp,gpt}-s0      models trained on it with the same budget
+    OUT/evals/*.json             one file per evaluated model (+ matched-s{seed}.json, summary.json)
+    OUT/report/                  report.md + report.html
+
+A run that already reached its token budget is reused as is; a run that stopped before is resumed (a run whose
+log.jsonl changed in the last two minutes is taken to be training in another process: the experiment stops rather
+than writing into it). Matched perplexity: the val perplexity of every GPT checkpoint is measured on the same fixed
+windows as FTP's, and the checkpoint closest to FTP's is "GPT (matched ppl)"; the gap is reported and flagged above
+3%. "GPT (equal compute)" is the final GPT checkpoint (same tokens and steps as FTP).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ftplm.checkpoint import checkpoints, write_json
+from ftplm.errors import FtplmError
+
+TEXT_CORPUS = "wiki-vital,shakespeare,bbc-news"
+TEXT_SUITES = ["ppl", "smoothness", "coherence", "classify"]
+MAX_GAP = 0.03
+# the schedule the paper runs use (GPT checkpoints every 25 steps so that one lands near FTP's perplexity)
+TRAIN_DEFAULTS = {"batch_size": 8, "warmup_steps": 20, "eval_interval": 25, "eval_iters": 10, "save_interval": 25, "keep_checkpoints": -1}
+LABELS = {"ftp": "FTP", "gpt-matched": "GPT (matched ppl)", "gpt-final": "GPT (equal compute)"}
+# claim -> (suite, metric): FTP is claimed to be higher on each
+CLAIMS = [
+    ("(a) smoother state vectors", "smoothness", "adjacent_cosine"),
+    ("(a) smoother state vectors (mean-centred)", "smoothness", "adjacent_cosine_centered"),
+    ("(b) topic coherence: prompt-continuation", "coherence", "prompt_continuation_cos"),
+    ("(b) topic coherence: half-half", "coherence", "half_half_cos"),
+    ("(c) topic classification, wiki-vital, mean-pooled", "classify", "wiki-vital/mean"),
+    ("(c) topic classification, wiki-vital, last-token", "classify", "wiki-vital/last"),
+    ("(c) topic classification, bbc-news, mean-pooled", "classify", "bbc-news/mean"),
+    ("(d) coding pass@1", "coding", "pass@1"),
+]
+
+
+def log(msg: str) -> None:
+    print(f"[experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------
+# data and training, reusing what exists
+# ------------------------------------------------------------------------------------------------------
+def ensure_data(data_dir: Path, corpus: str, vocab_size: int = 8192) -> Path:
+    from ftplm.data import prepare
+
+    meta = data_dir / "meta.json"
+    if meta.is_file():
+        found = json.loads(meta.read_text()).get("corpus")
+        if found != corpus:
+            raise FtplmError(f"{data_dir} holds corpus {found!r}, not {corpus!r}: choose another --out")
+        log(f"reusing {data_dir}")
+        return data_dir
+    log(f"preparing {corpus} -> {data_dir}")
+    prepare(corpus, data_dir, vocab_size=vocab_size)
+    return data_dir
+
+
+def run_state(run: Path) -> dict[str, Any] | None:
+    state = run / "latest" / "trainer_state.json"
+    return json.loads(state.read_text()) if state.is_file() else None
+
+
+def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_tokens: int, seed: int, overrides: dict[str, Any], busy_s: float = 120.0) -> Path:
+    """Train RUN to max_tokens: reuse it when done, resume it when it stopped early, else start it."""
+    from ftplm.train import train
+
+    state = run_state(run)
+    if state is not None and state["tokens"] >= max_tokens:
+        log(f"reusing {run} ({state['tokens']:,} tokens, step {state['step']})")
+        return run
+    log_file = run / "log.jsonl"
+    if log_file.is_file() and time.time() - log_file.stat().st_mtime < busy_s:
+        raise FtplmError(f"{run} seems to be training in another process (log.jsonl changed {time.time() - log_file.stat().st_mtime:.0f}s ago): wait for it to finish")
+    if state is not None:
+        log(f"resuming {run} from {state['tokens']:,} tokens to {max_tokens:,}")
+        train(data, run, model_type=model_type, resume=True, train_overrides={"max_tokens": max_tokens}, progress=True)
+    else:
+        if run.exists() and any(run.iterdir()):
+            raise FtplmError(f"{run} exists but holds no checkpoint: remove it or choose another --out")
+        log(f"training {run} ({model_type}, preset {preset}, {max_tokens:,} tokens, seed {seed})")
+        train(data, run, model_type=model_type, preset_name=preset, progress=True,
+              train_overrides={**TRAIN_DEFAULTS, **overrides, "max_tokens": max_tokens, "seed": seed})
+    return run
+
+
+# ------------------------------------------------------------------------------------------------------
+# matched perplexity
+# ------------------------------------------------------------------------------------------------------
+def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cache: Path) -> dict[str, Any]:
+    """Val ppl of FTP's final checkpoint and of every GPT checkpoint on the same windows; the closest GPT one."""
+    from ftplm.api import load
+    from ftplm.data import TokenData
+    from ftplm.eval.ppl import val_perplexity
+
+    ckpts = checkpoints(gpt_run)
+    if not ckpts:
+        raise FtplmError(f"{gpt_run} has no checkpoints to match perplexity against")
+    ftp_ckpt = (ftp_run / "latest").resolve()
+    key = {"ftp": str(ftp_ckpt), "gpt": [str(c) for c in ckpts], "batches": batches}
+    if cache.is_file():
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached
+    tokens = TokenData(data)
+    ppl = lambda path: val_perplexity(load(path).model, tokens, batches)[0]["ppl"]  # noqa: E731
+    ftp_ppl = ppl(ftp_ckpt)
+    table = []
+    for c in ckpts:
+        state = json.loads((c / "trainer_state.json").read_text())
+        table.append({"checkpoint": str(c), "step": state["step"], "tokens": state["tokens"], "ppl": ppl(c)})
+        log(f"  {c.name}: val ppl {table[-1]['ppl']:.3f} (FTP {ftp_ppl:.3f})")
+    best = min(table, key=lambda r: abs(r["ppl"] - ftp_ppl))
+    gap = abs(best["ppl"] - ftp_ppl) / ftp_ppl
+    result = {
+        "key": key, "ftp_checkpoint": str(ftp_ckpt), "ftp_ppl": ftp_ppl, "gpt_checkpoints": table,
+        "matched": best, "gap": gap, "gap_ok": gap <= MAX_GAP, "final": table[-1],
+    }
+    if not result["gap_ok"]:
+        log(f"  WARNING: closest GPT checkpoint is {gap:.1%} away from FTP's perplexity (> {MAX_GAP:.0%}): save GPT checkpoints more often")
+    write_json(cache, result)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------
+# evaluation (cached per model) and aggregation across seeds
+# ------------------------------------------------------------------------------------------------------
+def evaluate_cached(path: Path, suites: list[str], data: Path, cache: Path, quick: bool, options: dict[str, Any]) -> dict[str, Any]:
+    """{suite: result (with per-item scores)} of one model, read from `cache` when it already holds those suites."""
+    from ftplm.eval import run_suites
+
+    have = json.loads(cache.read_text()) if cache.is_file() else {}
+    if have.get("checkpoint") == str(path.resolve()) and all(s in have.get("suites", {}) for s in suites):
+        log(f"reusing {cache}")
+        return have["suites"]
+    log(f"evaluating {path} on {', '.join(suites)}")
+    result = run_suites(path, suites, quick=quick, options=options, data_dir=data, keep_items=True,
+                        progress=lambda m: log("  " + m))
+    entry = next(iter(result["runs"].values()))
+    write_json(cache, {"checkpoint": str(path.resolve()), "date": result["date"], "machine": result["machine"], "suites": entry["suites"]})
+    return entry["suites"]
+
+
+def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Suite results of several seeds -> the same shape, each metric's value = mean over seeds, with std and per_seed.
+
+    One seed: the result as is (its bootstrap CIs). Curves (list values) are averaged elementwise.
+    """
+    from ftplm.eval.stats import mean_std
+
+    if len(per_seed) == 1:
+        return {s: {k: v for k, v in r.items() if k != "_items"} for s, r in per_seed[0].items()}
+    out: dict[str, Any] = {}
+    for suite_name in per_seed[0]:
+        results = [r[suite_name] for r in per_seed if suite_name in r]
+        metrics: dict[str, Any] = {}
+        for key, m in results[0]["metrics"].items():
+            values = [r["metrics"][key]["value"] for r in results if key in r["metrics"]]
+            if isinstance(m["value"], list):
+                arr = np.array(values, dtype=float)
+                metrics[key] = {**{k: v for k, v in m.items() if k not in ("value", "std", "ci95", "folds")},
+                                "value": arr.mean(0).tolist(), "std": arr.std(0, ddof=1).tolist() if len(arr) > 1 else None}
+            else:
+                metrics[key] = {**mean_std(values), "per_seed": values}
+        first = {k: v for k, v in results[0].items() if k not in ("metrics", "_items", "checkpoint", "run", "step", "tokens")}
+        out[suite_name] = {**first, "metrics": metrics, "seeds": len(results), "checkpoints": [r.get("checkpoint") for r in results]}
+    return out
+
+
+def claim_rows(evals_by_seed: dict[str, list[dict[str, Any]]], coding: dict[str, list[dict[str, Any]]], seed: int) -> list[dict[str, Any]]:
+    """Per claim: FTP - GPT (matched and equal compute), paired over the same items, pooled over seeds."""
+    from ftplm.eval.stats import paired_diff
+
+    rows = []
+    for claim, suite_name, metric in CLAIMS:
+        source = coding if suite_name == "coding" else evals_by_seed
+        row: dict[str, Any] = {"claim": claim, "suite": suite_name, "metric": metric}
+        for other in ("gpt-matched", "gpt-final"):
+            a, b = [], []
+            for ra, rb in zip(source.get("ftp", []), source.get(other, [])):
+                ia = ra.get(suite_name, {}).get("_items", {}).get(metric)
+                ib = rb.get(suite_name, {}).get("_items", {}).get(metric)
+                if ia is not None and ib is not None and len(ia) == len(ib):
+                    a += ia
+                    b += ib
+            if a:
+                d = paired_diff(a, b, seed)
+                lo, hi = d["ci95"]
+                d["verdict"] = "FTP higher" if lo > 0 else "FTP lower" if hi < 0 else "no significant difference"
+                row[other] = d
+        rows.append(row)
+    return rows
+
+
+def _fmt_diff(d: dict[str, Any] | None) -> str:
+    if not d:
+        return "-"
+    return f"{d['value']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({d['verdict']})"
+
+
+# ------------------------------------------------------------------------------------------------------
+# the experiment
+# ------------------------------------------------------------------------------------------------------
+def paper_experiment(
+    out: str | Path,
+    preset: str = "small",
+    seeds: int = 3,
+    max_tokens: int = 200_000,
+    coding_max_tokens: int | None = None,
+    quick: bool = False,
+    skip_coding: bool = False,
+    options: dict[str, Any] | None = None,
+    train_overrides: dict[str, Any] | None = None,
+    ppl_batches: int = 50,
+) -> dict[str, Any]:
+    """Train (or reuse), match perplexity, evaluate every suite for every seed, aggregate, write the report."""
+    from ftplm.report import write_report
+
+    if seeds < 1:
+        raise FtplmError(f"--seeds must be at least 1, got {seeds}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    evals_dir = out / "evals"
+    evals_dir.mkdir(exist_ok=True)
+    started = time.perf_counter()
+    options = dict(options or {})
+    overrides = dict(train_overrides or {})
+    command = "ftplm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ftplm") else None
+
+    data = ensure_data(out / "data", TEXT_CORPUS)
+    for seed in range(seeds):
+        for model_type in ("ftp", "gpt"):
+            ensure_trained(out / f"{model_type}-s{seed}", data, model_type, preset, max_tokens, seed, overrides)
+
+    matched: list[dict[str, Any]] = []
+    by_label: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
+    for seed in range(seeds):
+        ftp, gpt = out / f"ftp-s{seed}", out / f"gpt-s{seed}"
+        log(f"seed {seed}: matching GPT checkpoints to FTP's val perplexity")
+        m = match_perplexity(ftp, gpt, data, ppl_batches, evals_dir / f"matched-s{seed}.json")
+        matched.append(m)
+        paths = {"ftp": ftp / "latest", "gpt-matched": Path(m["matched"]["checkpoint"]), "gpt-final": gpt / "latest"}
+        for label, path in paths.items():
+            by_label[label].append(evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options))
+
+    coding_by_label: dict[str, list[dict[str, Any]]] = {}
+    coding_match = None
+    if not skip_coding:
+        cdata = ensure_data(out / "coding-data", "coding", vocab_size=2048)
+        budget = coding_max_tokens or max_tokens
+        for model_type in ("ftp", "gpt"):
+            ensure_trained(out / f"coding-{model_type}-s0", cdata, model_type, preset, budget, 0, overrides)
+        cftp, cgpt = out / "coding-ftp-s0", out / "coding-gpt-s0"
+        coding_match = match_perplexity(cftp, cgpt, cdata, ppl_batches, evals_dir / "coding-matched-s0.json")
+        cpaths = {"ftp": cftp / "latest", "gpt-matched": Path(coding_match["matched"]["checkpoint"]), "gpt-final": cgpt / "latest"}
+        for label, path in cpaths.items():
+            coding_by_label[label] = [evaluate_cached(path, ["coding"], cdata, evals_dir / f"coding-{label}-s0.json", quick, options)]
+
+    evals = {LABELS[k]: {**aggregate(v), **(aggregate(coding_by_label[k]) if k in coding_by_label else {})} for k, v in by_label.items()}
+    claims = claim_rows(by_label, coding_by_label, 0)
+    summary = {
+        "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "preset": preset, "seeds": seeds,
+        "max_tokens": max_tokens, "coding_max_tokens": None if skip_coding else (coding_max_tokens or max_tokens),
+        "quick": quick, "options": options,
+        "matched": [{k: v for k, v in m.items() if k != "key"} for m in matched],
+        "coding_matched": None if coding_match is None else {k: v for k, v in coding_match.items() if k != "key"},
+        "evals": evals, "claims": claims, "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(evals_dir / "summary.json", summary)
+
+    match_rows = [[f"s{s}", f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})", f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"),
+                   f"{m['final']['ppl']:.3f} (step {m['final']['step']})"] for s, m in enumerate(matched)]
+    if coding_match:
+        m = coding_match
+        match_rows.append(["coding s0", f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})", f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"), f"{m['final']['ppl']:.3f} (step {m['final']['step']})"])
+    claim_table = [[r["claim"], r["metric"], _fmt_diff(r.get("gpt-matched")), _fmt_diff(r.get("gpt-final"))] for r in claims]
+    runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in ("ftp", "gpt")}
+    samples = {LABELS[k]: v[0]["coherence"]["examples"] for k, v in by_label.items() if v and v[0].get("coherence", {}).get("examples")}
+    notes = [
+        f"Preset `{preset}`, {seeds} seed(s), {max_tokens:,} training tokens per text model"
+        + ("" if skip_coding else f", {summary['coding_max_tokens']:,} per coding model") + f"; {'quick' if quick else 'full'} suite sizes.",
+        f"Date {summary['date']}, machine {summary['machine']}" + (f", command `{command}`" if command else "") + ".",
+        "Values are means over seeds ± std across seeds (one seed: bootstrap 95% CI in brackets). "
+        "Differences are FTP − GPT over the same prompts / documents / problems, pooled over seeds, with a paired bootstrap 95% CI.",
+    ]
+    paths = write_report(
+        out / "report", runs, evals, samples, title="ftplm experiment paper: FTP vs GPT", notes=notes,
+        extra_tables=[
+            ("Matched perplexity (val ppl on identical windows)", ["seed", "FTP", "GPT matched checkpoint", "gap", "GPT final (equal compute)"], match_rows),
+            ("The paper's claims: FTP − GPT", ["claim", "metric", "vs GPT matched ppl", "vs GPT equal compute"], claim_table),
+        ],
+    )
+    log(f"report: {paths['md']} / {paths['html']} ({summary['seconds']:.0f}s)")
+    return summary
