@@ -312,7 +312,7 @@ def experiment_paper(
     coding_max_tokens: Optional[int] = None,
     quick: bool = False,
     skip_coding: bool = False,
-    ppl_batches: int = 50,
+    ppl_batches: int = 20,
     set: list[str] = [],  # noqa: A002 - the option is called --set
     train_set: list[str] = [],
 ) -> None:

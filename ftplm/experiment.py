@@ -228,7 +228,7 @@ def paper_experiment(
     skip_coding: bool = False,
     options: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
-    ppl_batches: int = 50,
+    ppl_batches: int = 20,
 ) -> dict[str, Any]:
     """Train (or reuse), match perplexity, evaluate every suite for every seed, aggregate, write the report."""
     from ftplm.report import write_report
@@ -240,7 +240,7 @@ def paper_experiment(
     evals_dir = out / "evals"
     evals_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
-    options = dict(options or {})
+    options = {"ppl_batches": ppl_batches, **(options or {})}  # the ppl suite scores the windows matching used
     overrides = dict(train_overrides or {})
     command = "ftplm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ftplm") else None
 

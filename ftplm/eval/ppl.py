@@ -42,7 +42,7 @@ def ppl(ctx: EvalContext) -> dict[str, Any]:
     if ctx.data_dir is None:
         raise FtplmError(f"ppl needs the data {ctx.run} was trained on: pass --data DIR")
     data = TokenData(ctx.data_dir)
-    batches = ctx.size("ppl_batches", 50, 5)
+    batches = ctx.size("ppl_batches", 20, 5)
     split = ctx.options.get("ppl_split", "val")
     mean, per_batch = val_perplexity(ctx.model.model, data, batches, split=split)
     lo, hi = bootstrap_ci(np.asarray(per_batch), ctx.seed)
