@@ -62,7 +62,7 @@ def labelled_docs(ctx: EvalContext, corpus: str, n_max: int) -> tuple[list[tuple
 def classify(ctx: EvalContext) -> dict[str, Any]:
     """5-fold CV topic accuracy of mean/last-pooled frozen vectors vs TF-IDF, on wiki-vital and bbc-news."""
     tm = ctx.model
-    n_max = ctx.size("classify_docs", 2000, 150)
+    n_max = ctx.size("classify_docs", 1000, 150)
     metrics: dict[str, Any] = {}
     items: dict[str, list[float]] = {}
     info: dict[str, Any] = {}
@@ -72,7 +72,7 @@ def classify(ctx: EvalContext) -> dict[str, Any]:
         if len(set(labels)) < 2:
             raise FtplmError(f"classify needs held-out {corpus} documents of at least 2 classes with {FOLDS}+ documents each, found {len(pairs)} docs in {source}")
         ids = [tm.encode(text)[: tm.config.block_size] or [tm.eos_id or 0] for text, _ in pairs]
-        pooled = token_states(tm, ids, reduce=lambda h: (h.mean(0), h[-1]))
+        pooled = token_states(tm, ids, batch_size=64, reduce=lambda h: (h.mean(0), h[-1]))
         features = {"mean": np.stack([m for m, _ in pooled]), "last": np.stack([x for _, x in pooled])}
         texts = [tm.decode(x) for x in ids]  # the reference sees exactly the tokens the model saw
         for name, feats, kind in (("mean", features["mean"], "dense"), ("last", features["last"], "dense"), ("tfidf", texts, "tfidf")):

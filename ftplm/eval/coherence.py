@@ -74,7 +74,7 @@ def repeated_ngram_rate(words: list[str], n: int = 4) -> float:
 
 
 def sample_continuations(
-    model, prompts: list[list[int]], samples: int, max_new_tokens: int, seed: int, sampling: Sampling = SAMPLING, batch_size: int = 48
+    model, prompts: list[list[int]], samples: int, max_new_tokens: int, seed: int, sampling: Sampling = SAMPLING, batch_size: int = 128
 ) -> list[list[list[int]]]:
     """`samples` continuations (token ids, cut at EOS) per prompt; prompts of equal length run as one batch."""
     rows = [(p, s) for p in range(len(prompts)) for s in range(samples)]
