@@ -36,7 +36,9 @@ def coding(ctx: EvalContext) -> dict[str, Any]:
     probs = problems("test", n, seed=0)  # the same problems whatever the eval seed: the benchmark is fixed
     prompts = [tm.encode(p.prompt) for p in probs]
     longest = max(len(p) for p in prompts)
-    max_new = max(1, min(ctx.size("coding_new_tokens", 160, 160), tm.config.block_size - longest))
+    # a right answer never needs much more than the longest reference body: no budget for rambling
+    need = max(len(tm.encode(p.solution)) for p in probs) * 5 // 4 + 8
+    max_new = max(1, min(ctx.size("coding_new_tokens", need, need), tm.config.block_size - longest))
     greedy = sample_continuations(tm, prompts, 1, max_new, 0, Sampling(temperature=0))
     completions = [cut_completion(tm.decode(c[0])) for c in greedy]
     verdicts = check_many(probs, completions, workers=int(ctx.options.get("coding_workers", 2)))
