@@ -1,7 +1,7 @@
 """`ftplm demo`: the main job, end to end on the embedded default corpus in about ten minutes on 2 CPU cores.
 
 prepare wiki-vital -> train FTP and GPT (same data, same time budget) -> evaluate both -> sample from both
--> runs/demo/{summary.json, report.md} and a side-by-side table on the terminal.
+-> runs/demo/{summary.json, eval.json, report.md, report.html, plots/} and a side-by-side table on the terminal.
 """
 
 from __future__ import annotations
@@ -97,9 +97,32 @@ def run_demo(
     }
     summary["total_seconds"] = time.perf_counter() - started
     write_json(out / "summary.json", summary)
-    (out / "report.md").write_text(markdown_summary(summary))
+    paths = write_demo_report(out, runs, summary)
     print_table(summary)
+    print(f"report: {paths['md']}  {paths['html']}")
     return summary
+
+
+def write_demo_report(out: Path, runs: dict[str, Path], summary: dict[str, Any]) -> dict[str, Path]:
+    """The demo's report: its side-by-side table on top, then the same sections and plots as `ftplm report`."""
+    from ftplm.report import write_report
+
+    labels = {"ftp": "FTP", "gpt": "GPT"}
+    results = summary["results"]
+    samples = {
+        labels[name]: [{"prompt": prompt, "continuation": text} for prompt, text in by_prompt.items()]
+        for name, by_prompt in summary["samples"].items()
+    }
+    return write_report(
+        out,
+        runs={labels[name]: run for name, run in runs.items()},
+        evals={labels[name]: results[name]["suites"] for name in runs},
+        samples=samples,
+        title=f"ftplm demo: FTP vs GPT on {summary['corpus']}",
+        notes=[f"Preset `{summary['preset']}`, {summary['budget_s']:.0f}s of training each (equal compute), "
+               f"total {summary['total_seconds']:.0f}s. Short versions of the evaluation suites (`ftplm eval --quick`)."],
+        extra_tables=[("Side by side", ["", "FTP", "GPT"], [list(row) for row in _rows(summary)])],
+    )
 
 
 def speculative_check(model: TextModel, data: TokenData, n_prompts: int = 4, new_tokens: int = 64) -> dict[str, Any]:
@@ -182,20 +205,3 @@ def print_table(summary: dict[str, Any]) -> None:
     for name, ftp, gpt in rows:
         print(f"{name:<{width}}  {ftp:>14}  {gpt:>14}")
     print(f"\ndemo finished in {summary['total_seconds']:.0f}s")
-
-
-def markdown_summary(summary: dict[str, Any]) -> str:
-    lines = [
-        f"# ftplm demo: FTP vs GPT on {summary['corpus']}",
-        "",
-        f"Preset `{summary['preset']}`, {summary['budget_s']:.0f}s of training each (equal compute), "
-        f"total {summary['total_seconds']:.0f}s.",
-        "",
-        "| | FTP | GPT |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {name} | {ftp} | {gpt} |" for name, ftp, gpt in _rows(summary)]
-    lines += ["", "## Samples", ""]
-    for prompt in summary["samples"]["ftp"]:
-        lines += [f"**{prompt}**", "", f"- FTP: {summary['samples']['ftp'][prompt]!r}", f"- GPT: {summary['samples']['gpt'][prompt]!r}", ""]
-    return "\n".join(lines) + "\n"

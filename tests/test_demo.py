@@ -16,7 +16,12 @@ def test_demo_end_to_end(tmp_path, tiny_corpus, capsys):
         assert r["steps"] > 0 and r["val_ppl"] > 1
         assert (tmp_path / "demo" / name / "model.safetensors").exists()
     assert len(saved["results"]["ftp"]["offset_acc"]) == 4
-    assert (tmp_path / "demo" / "report.md").read_text().startswith("# ftplm demo")
+    report_md = (tmp_path / "demo" / "report.md").read_text()
+    assert report_md.startswith("# ftplm demo") and "Side by side" in report_md and "val perplexity" in report_md
+    page = (tmp_path / "demo" / "report.html").read_text()
+    assert "data:image/png;base64," in page  # self-contained: plots embedded
+    assert (tmp_path / "demo" / "plots" / "training.png").stat().st_size > 0
+    assert (tmp_path / "demo" / "plots" / "smoothness.png").stat().st_size > 0
     assert summary["samples"]["ftp"] and summary["samples"]["gpt"]
     for suite_name in ("ppl", "smoothness", "coherence", "classify"):
         assert saved["results"]["ftp"]["suites"][suite_name]["metrics"], suite_name
