@@ -123,7 +123,7 @@ PRESETS: dict[str, Preset] = {
     ),
     # ~14M parameters: useful in an hour on 2 CPU cores (with native bf16; a few hours in fp32).
     "small": Preset(
-        ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, n_future=4, n_pseudo=8, dec_n_layer=1, dec_n_head=4, dec_n_embd=128),
+        ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, n_future=4, n_pseudo=8, dec_n_layer=1, dec_n_head=4, dec_n_embd=256),
         TrainConfig(batch_size=16, learning_rate=1e-3, warmup_steps=100, eval_interval=200, eval_iters=20, save_interval=200),
     ),
     # The paper's scale (12-layer encoder, 3-layer decoder, ctx 1024): for GPUs.
