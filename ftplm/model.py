@@ -359,7 +359,10 @@ class FTP(LanguageModel):
     def pseudo_sequence(self, state_vectors: torch.Tensor) -> torch.Tensor:
         """(..., n_embd) -> (..., P, dec_n_embd): the decoder's only view of the past."""
         P, d = self.cfg.n_pseudo, self.cfg.dec_n_embd
-        return self.to_pseudo(state_vectors).unflatten(-1, (P, d)) + self.pseudo_pos
+        pseudo = self.to_pseudo(state_vectors).unflatten(-1, (P, d))
+        if self.cfg.pseudo_norm:  # keeps the decoder's cross-attention inputs at unit scale as to_pseudo grows
+            pseudo = F.layer_norm(pseudo, (d,))
+        return pseudo + self.pseudo_pos
 
     def memory_kv(self, pseudo: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of every decoder layer for pseudo-sequences (M, P, d): cache these."""

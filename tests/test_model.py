@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ftplm.config import ModelConfig, preset
+from ftplm.errors import FtplmError
 from ftplm.model import FTP, GPT, build_model, linear_cross_entropy
 
 V = 97
@@ -178,3 +179,23 @@ def test_tied_weights_and_param_count():
     f = FTP(tiny_cfg("ftp"))
     assert f.lm_head.weight is f.dec_wte.weight
     assert f.num_params() > g.num_params()
+
+
+def test_pseudo_norm_normalises_each_pseudo_vector_and_keeps_the_weights():
+    """pseudo_norm adds no parameters (old checkpoints load unchanged) and gives unit-scale pseudo-vectors."""
+    torch.manual_seed(0)
+    plain = FTP(tiny_cfg())
+    normed = FTP(tiny_cfg(pseudo_norm=True))
+    normed.load_state_dict(plain.state_dict())  # same parameter set
+    h = torch.randn(3, 5, plain.cfg.n_embd) * 7
+    pseudo = normed.pseudo_sequence(h) - normed.pseudo_pos
+    assert torch.allclose(pseudo.mean(-1), torch.zeros(3, 5, normed.cfg.n_pseudo), atol=1e-5)
+    assert torch.allclose(pseudo.var(-1, unbiased=False), torch.ones(3, 5, normed.cfg.n_pseudo), atol=1e-3)
+    assert not torch.allclose(plain.pseudo_sequence(h), normed.pseudo_sequence(h))
+    x = torch.randint(0, V, (2, 16))
+    assert torch.isfinite(normed(x, x).loss)
+
+
+def test_pseudo_norm_must_be_a_bool():
+    with pytest.raises(FtplmError, match="pseudo_norm"):
+        tiny_cfg(pseudo_norm="yes").validate()
