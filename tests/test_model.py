@@ -199,3 +199,44 @@ def test_pseudo_norm_normalises_each_pseudo_vector_and_keeps_the_weights():
 def test_pseudo_norm_must_be_a_bool():
     with pytest.raises(FtplmError, match="pseudo_norm"):
         tiny_cfg(pseudo_norm="yes").validate()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Linear: the decoding paths (few rows on CPU, weights in a lower precision) compute the same product
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 32, 33])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_inference_paths_match_f_linear(rows, bias, threads):
+    from ftplm.model import Linear
+
+    torch.manual_seed(rows)
+    layer = Linear(24, 40, bias=bias).eval()
+    x = torch.randn(1, rows, 24)
+    ref = F.linear(x, layer.weight, layer.bias)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)  # 2+ threads and 2-32 rows take the transposed product
+    try:
+        out = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    assert out.shape == ref.shape == (1, rows, 40) and out.dtype == x.dtype
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    layer.train()  # training always takes F.linear: gradients flow as usual
+    layer(x).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.shape == layer.weight.shape
+
+
+@pytest.mark.parametrize("rows", [1, 3, 20])
+def test_linear_with_half_weights_returns_the_input_dtype(rows):
+    from ftplm.model import Linear
+
+    torch.manual_seed(0)
+    layer = Linear(32, 48, bias=True).eval()
+    x = torch.randn(rows, 32)
+    ref = layer(x)
+    layer.half()
+    out = layer(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # fp16 rounding of weights and inputs only
+    assert not torch.equal(out, ref)  # it did run in half precision

@@ -305,3 +305,57 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
         assert set(result["results"][mode]) == {"plain", "ftp", "ftp-tree", "recycling", "lookup"}
     assert all(r["lossless"] == 1.0 for r in result["results"]["greedy"].values())
     assert main(["bench", "decode", str(tiny_ftp_run), "--method", "medusa"]) == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# the FTP drafter's half-precision copy
+# --------------------------------------------------------------------------------------------------------
+def test_draft_copy_shares_the_trunk_and_follows_training():
+    from ftplm.drafters.ftp import draft_copy
+
+    model = random_model("ftp", scale=1.0).float()
+    half = draft_copy(model)
+    assert half.trunk is model.trunk  # drafting never runs the trunk: no second copy
+    assert half.lm_head.weight.dtype == torch.float16 and half.to_pseudo.weight.dtype == torch.float16
+    assert model.lm_head.weight.dtype == torch.float32 and model.to_pseudo.weight.dtype == torch.float32
+    assert draft_copy(model) is half  # cached while nothing changed
+    with torch.no_grad():
+        model.to_pseudo.weight.add_(1.0)  # an optimizer step in between
+    fresh = draft_copy(model)
+    assert fresh is not half
+    torch.testing.assert_close(fresh.to_pseudo.weight.float(), model.to_pseudo.weight, rtol=1e-3, atol=1e-3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_lossless_on_the_multithreaded_cpu_path(data):
+    """Two torch threads: verification of 2-32 rows takes Linear's transposed product, plain decoding does not,
+    and the FTP drafter runs its fp16 copy (rounding may change drafts, never the output)."""
+    from ftplm.drafters.ftp import FTPDrafter
+
+    model = MODELS["ftp"]
+    length = data.draw(st.integers(1, BLOCK - 1), label="prompt length")
+    alphabet = data.draw(st.integers(2, VOCAB), label="alphabet")
+    prompt = data.draw(st.lists(st.integers(0, alphabet - 1), min_size=length, max_size=length), label="prompt")
+    tree = data.draw(st.booleans(), label="tree")
+    idx = torch.tensor([prompt])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plain = generate(model, idx, 12, Sampling(0)).tolist()
+        half = FTPDrafter(model, tree=tree, precision=torch.float16)
+        assert half._draft_model() is not model
+        for drafter in (half, "recycling", "lookup"):
+            assert generate(model, idx, 12, Sampling(0), speculative=drafter, tree=tree).tolist() == plain, drafter
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_half_precision_drafts_are_accepted():
+    from ftplm.drafters.ftp import FTPDrafter
+
+    model = MODELS["ftp"]
+    idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
+    stats = SpecStats()
+    generate(model, idx, 20, Sampling(0), speculative=FTPDrafter(model, precision=torch.float16), stats=stats)
+    assert stats.accepted_tokens > 0 and stats.tau > 1.2, stats
