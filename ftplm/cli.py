@@ -165,7 +165,7 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
-    speculative: Literal["none", "ftp", "recycling", "lookup"] = "none",
+    speculative: Literal["none", "ftp", "ftp-recycling", "recycling", "lookup"] = "none",
     draft_len: Optional[int] = None,
     tree: bool = False,
 ) -> None:
@@ -179,8 +179,8 @@ def generate(
         top_k: sample only among the k most likely tokens
         top_p: nucleus sampling: the smallest set of tokens with this much probability
         seed: random seed for reproducible samples
-        speculative: lossless faster decoding: ftp (FTP models draft with their own decoder), recycling (Token
-            Recycling) or lookup (prompt lookup); same output as none
+        speculative: lossless faster decoding: ftp (FTP models draft with their own decoder), ftp-recycling (ftp,
+            extended by Token Recycling), recycling (Token Recycling) or lookup (prompt lookup); same output as none
         draft_len: tokens drafted per step (default per drafter; ftp: at most n_future-1)
         tree: verify a tree of draft candidates instead of a single chain (recycling always drafts a tree)
     """
@@ -378,7 +378,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     model_name: Optional[str] = None,
-    speculative: Literal["auto", "none", "ftp", "recycling", "lookup"] = "auto",
+    speculative: Literal["auto", "none", "ftp", "ftp-recycling", "recycling", "lookup"] = "auto",
     max_tokens_cap: Optional[int] = None,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions (streaming too), /v1/embeddings, /v1/models, /health.
@@ -406,7 +406,7 @@ def bench_serve(
     clients: int = 50,
     requests: int = 500,
     max_tokens: int = 8,
-    speculative: Literal["auto", "none", "ftp", "recycling", "lookup"] = "auto",
+    speculative: Literal["auto", "none", "ftp", "ftp-recycling", "recycling", "lookup"] = "auto",
     json: Optional[str] = None,  # noqa: A002 - the option is called --json
 ) -> None:
     """HTTP load on a loopback server for RUN: p50/p99 latency, throughput, error counts.
@@ -445,7 +445,7 @@ def bench_decode(
         prompts: number of held-out prompts
         max_new_tokens: tokens generated per prompt (no stop at EOS)
         prompt_tokens: prompt length in tokens
-        method: plain, ftp, ftp-tree, recycling, lookup (repeatable; default all that apply to the model)
+        method: plain, ftp, ftp-tree, ftp-recycling, recycling, lookup (repeatable; default all that apply to the model)
         seed: sampling seed
         threads: torch CPU threads (default: torch's; 1 is often fastest for batch-1 decoding on a busy machine)
         json: also write the figures to this JSON file

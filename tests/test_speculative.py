@@ -40,7 +40,7 @@ def random_model(model_type: str, vocab: int = VOCAB, block: int = BLOCK, scale:
 
 
 MODELS = {"ftp": random_model("ftp"), "gpt": random_model("gpt")}
-DRAFTERS_FOR = {"ftp": ("ftp", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
+DRAFTERS_FOR = {"ftp": ("ftp", "ftp-recycling", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,7 +75,7 @@ def test_drafts_are_accepted_and_trees_are_exercised():
     """The lossless test above is only meaningful if drafts get accepted, also deep inside trees."""
     model = MODELS["ftp"]
     idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
-    for drafter, tree in [("ftp", False), ("ftp", True), ("recycling", True), ("lookup", True)]:
+    for drafter, tree in [("ftp", False), ("ftp", True), ("ftp-recycling", None), ("recycling", True), ("lookup", True)]:
         stats = SpecStats()
         out = generate(model, idx, 20, Sampling(0), speculative=drafter, tree=tree, stats=stats)
         assert out.tolist() == generate(model, idx, 20, Sampling(0)).tolist()
@@ -130,15 +130,18 @@ def exact_sequence_probs(model, prompt: list[int], n: int, sampling: Sampling) -
     return probs
 
 
-@pytest.mark.parametrize("drafter, tree", [("ftp", False), ("ftp", True), ("recycling", True), ("lookup", False)])
-def test_sampling_lossless_chi_square(drafter, tree):
+@pytest.mark.parametrize("drafter, tree, draft_len, n", [
+    ("ftp", False, None, 3), ("ftp", True, None, 3), ("recycling", True, None, 3), ("lookup", False, None, 3),
+    ("ftp-recycling", None, 1, 4),  # one FTP token, then recycled ones: both kinds of node in one draft
+])
+def test_sampling_lossless_chi_square(drafter, tree, draft_len, n):
     model = random_model("ftp", vocab=6, scale=5.0, seed=3)
-    prompt, n, runs = [1, 2, 1, 2, 1], 3, 1000
+    prompt, runs = [1, 2, 1, 2, 1], 1000
     sampling = Sampling(temperature=1.0)
     exact = exact_sequence_probs(model, prompt, n, sampling)
     stats = SpecStats()
     out = generate(model, torch.tensor([prompt] * runs), n, sampling, seed=0, speculative=drafter, tree=tree,
-                   stats=stats)
+                   draft_len=draft_len, stats=stats)
     assert stats.accepted_tokens > 0  # the acceptance rule was exercised, not only the bonus token
     counts: dict[tuple[int, ...], int] = {}
     for row in out[:, len(prompt):].tolist():
@@ -234,6 +237,8 @@ def test_plain_generation_has_tau_one():
      ("ftp", {"speculative": "lookup", "draft_len": -2}, "draft_len must be a positive integer"),
      ("ftp", {"speculative": "medusa"}, "unknown speculative drafter 'medusa'"),
      ("gpt", {"speculative": "ftp"}, "needs an FTP model"),
+     ("gpt", {"speculative": "ftp-recycling"}, "'ftp-recycling' needs an FTP model"),
+     ("ftp", {"speculative": "ftp-recycling", "draft_len": 9}, "at most n_future-1"),
      ("ftp", {"speculative": "ftp", "draft_len": 9}, "at most n_future-1"),
      ("ftp", {"speculative": "ftp", "tree": [()]}, "tree paths"),
      ("ftp", {"speculative": "lookup", "tree": [(0,)]}, "lookup")],
@@ -250,7 +255,7 @@ def test_get_drafter_registry():
 
 
 def test_api_speculative_matches_plain_fp32(tiny_ftp_run, tiny_gpt_run):
-    for run, drafters in ((tiny_ftp_run, ("ftp", "recycling", "lookup")), (tiny_gpt_run, ("recycling", "lookup"))):
+    for run, drafters in ((tiny_ftp_run, ("ftp", "ftp-recycling", "recycling", "lookup")), (tiny_gpt_run, ("recycling", "lookup"))):
         m = ftplm.load(run)
         for prompt, drafter, tree in itertools.product(["The", "In 1990 the city of"], drafters, (False, True)):
             plain = m.generate_ids(prompt, max_new_tokens=24, temperature=0)
@@ -302,7 +307,7 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
 
     result = json.loads(out.read_text())
     for mode in ("greedy", "T=1"):
-        assert set(result["results"][mode]) == {"plain", "ftp", "ftp-tree", "recycling", "lookup"}
+        assert set(result["results"][mode]) == {"plain", "ftp", "ftp-tree", "ftp-recycling", "recycling", "lookup"}
     assert all(r["lossless"] == 1.0 for r in result["results"]["greedy"].values())
     assert main(["bench", "decode", str(tiny_ftp_run), "--method", "medusa"]) == 2
 
@@ -359,3 +364,31 @@ def test_half_precision_drafts_are_accepted():
     stats = SpecStats()
     generate(model, idx, 20, Sampling(0), speculative=FTPDrafter(model, precision=torch.float16), stats=stats)
     assert stats.accepted_tokens > 0 and stats.tau > 1.2, stats
+
+
+def test_ftp_recycling_hangs_the_recycled_tree_off_the_last_ftp_token():
+    from ftplm.drafters import DraftContext
+    from ftplm.drafters.ftp_recycling import EXTENSION_TREE
+
+    model = MODELS["ftp"]
+    hybrid = get_drafter("ftp-recycling", model)
+    ftp = get_drafter("ftp", model)
+    assert hybrid.draft_len == (model.cfg.n_future - 1) + max(len(p) for p in EXTENSION_TREE)
+    x = torch.tensor([[3, 1, 4, 1, 5]])
+    cache = model.new_cache()
+    h = model.state_vectors(x[:, :-1], cache)
+    ctx = DraftContext(x[0].tolist(), h[0, -1], max_depth=20, max_nodes=50, sampling=Sampling(0),
+                       generator=torch.Generator())
+    chain = ftp.propose(ctx)
+    for token in range(VOCAB):  # a known adjacency matrix: token t -> (t+1, t+2, ...) mod V
+        hybrid.recycling.matrix[token][:] = [(token + r + 1) % VOCAB for r in range(hybrid.recycling.k)]
+    draft = hybrid.propose(ctx)
+    n = len(chain)
+    assert n == model.cfg.n_future - 1 and draft.tokens[:n] == chain.tokens and draft.parents[:n] == chain.parents
+    assert len(draft) == n + len(EXTENSION_TREE)
+    last = chain.tokens[-1]
+    assert draft.parents[n] == n - 1 and draft.tokens[n] == (last + 1) % VOCAB  # (0,): best after the last FTP token
+    assert draft.parents[n + 1] == n - 1 and draft.tokens[n + 1] == (last + 2) % VOCAB  # (1,)
+    assert max(draft.depths()) == n + 3
+    small = hybrid.propose(dataclasses.replace(ctx, max_depth=n + 1, max_nodes=n + 1))
+    assert small.tokens == draft.tokens[: n + 1]  # budgets cut the recycled part first

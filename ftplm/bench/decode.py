@@ -21,8 +21,8 @@ import torch
 from ftplm.errors import FtplmError
 
 FTP_METHODS = {"plain": (None, None), "ftp": ("ftp", False), "ftp-tree": ("ftp", True),
-               "recycling": ("recycling", None), "lookup": ("lookup", None)}  # fmt: skip
-GPT_METHODS = {k: v for k, v in FTP_METHODS.items() if v[0] != "ftp"}
+               "ftp-recycling": ("ftp-recycling", None), "recycling": ("recycling", None), "lookup": ("lookup", None)}  # fmt: skip
+GPT_METHODS = {k: v for k, v in FTP_METHODS.items() if v[0] is None or not v[0].startswith("ftp")}
 
 
 def heldout_prompts(run: str | Path, encode, n: int, prompt_tokens: int) -> list[list[int]]:
@@ -132,11 +132,11 @@ def bench_decode(
     results = summarize(records)
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
           f"{max_new_tokens} new tokens, batch 1, fp32, {torch.get_num_threads()} threads")
-    print(f"{'mode':8} {'method':10} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
+    print(f"{'mode':8} {'method':13} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
     for mode, per_method in results.items():
         for method, r in per_method.items():
             lossless = f"{r['lossless']:.0%}" if "lossless" in r else "-"
-            print(f"{mode:8} {method:10} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
+            print(f"{mode:8} {method:13} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
                   f"{r['draft_share']:7.1%} {lossless:>9}")
     return {
         "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,

@@ -7,6 +7,7 @@ how drafts are cut to the context length and to the remaining token budget.
 
     ftp        the FTP model's own decoder drafts the next N-1 tokens from the last state vector (FTP only)
     recycling  Token Recycling (Luo et al. 2024): top-k candidates recycled from earlier verifications
+    ftp-recycling  ftp, then a Token Recycling subtree past the decoder's horizon (FTP only)
     lookup     prompt lookup decoding: copy what followed the last n-gram earlier in the context
 """
 
@@ -133,7 +134,7 @@ def check_template(tree: object) -> Template:
 
 def get_drafter(name: str, model, draft_len: int | None = None, tree: bool | Template | None = None) -> Drafter:
     """A drafter by name for this model; bad names and arguments raise FtplmError with one clear line."""
-    from ftplm.drafters import ftp, lookup, recycling  # noqa: F401  (registers them)
+    from ftplm.drafters import ftp, ftp_recycling, lookup, recycling  # noqa: F401  (registers them)
 
     if name not in DRAFTERS:
         raise FtplmError(f"unknown speculative drafter {name!r}; choose one of: {', '.join(sorted(DRAFTERS))} (or None)")

@@ -53,17 +53,21 @@ def draft_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> to
     return draft
 
 
+def require_ftp(model, name: str) -> None:
+    if getattr(model, "cfg", None) is None or model.cfg.model_type != "ftp":
+        raise FtplmError(
+            f"speculative={name!r} needs an FTP model (its decoder is the drafter); this is a GPT model: "
+            "use 'recycling' or 'lookup'"
+        )
+
+
 @drafter("ftp")
 class FTPDrafter(Drafter):
     def __init__(
         self, model, draft_len: int | None = None, tree: bool | Template | None = None,
         precision: torch.dtype | None = torch.float16,
     ) -> None:
-        if getattr(model, "cfg", None) is None or model.cfg.model_type != "ftp":
-            raise FtplmError(
-                "speculative='ftp' needs an FTP model (its decoder is the drafter); this is a GPT model: "
-                "use 'recycling' or 'lookup'"
-            )
+        require_ftp(model, "ftp")
         self.default_draft_len = model.cfg.n_future - 1
         super().__init__(model, draft_len, tree)
         if self.draft_len > model.cfg.n_future - 1:

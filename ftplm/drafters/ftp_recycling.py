@@ -1,0 +1,52 @@
+"""FTP drafting extended by Token Recycling: past the decoder's horizon, recycled candidates continue the draft.
+
+FTP's decoder drafts at most N-1 tokens (it has N positions), so self-speculative decoding accepts at most N tokens
+per target forward. When the model's drafts are good, the round ends with the verifier idle on the tokens after
+them. This drafter hangs a small Token Recycling tree (ftplm.drafters.recycling, its adjacency matrix shared with
+the plain recycling drafter) off the last FTP draft token, so that one forward can accept more than N tokens. Both
+parts are checked by the same verification, so the output is unchanged (greedy) / exactly distributed (sampling:
+FTP's tokens carry their q, recycled ones are deterministic).
+
+This is a composition of the two drafters, not FTP's own drafting: `ftplm bench decode` reports it on its own line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ftplm.drafters import Draft, DraftContext, Drafter, Template, drafter
+from ftplm.drafters.ftp import FTPDrafter, require_ftp
+from ftplm.drafters.recycling import RecyclingDrafter
+
+# the recycled subtree under the last FTP token: the best chain 3 deep, second choices near its top
+EXTENSION_TREE: Template = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
+
+
+@drafter("ftp-recycling")
+class FTPRecyclingDrafter(Drafter):
+    """draft_len caps the FTP part (default N-1); `tree` is the recycled subtree's template (default EXTENSION_TREE)."""
+
+    def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
+        require_ftp(model, "ftp-recycling")
+        self.ftp = FTPDrafter(model, draft_len, tree=False)
+        extension = EXTENSION_TREE if tree in (None, True, False) else tree
+        self.recycling = RecyclingDrafter(model, max(len(p) for p in extension), extension)
+        super().__init__(model, self.ftp.draft_len + self.recycling.draft_len)
+
+    @torch.inference_mode()
+    def propose(self, ctx: DraftContext) -> Draft:
+        draft = self.ftp.propose(ctx)
+        room_depth, room_nodes = ctx.max_depth - len(draft), ctx.max_nodes - len(draft)
+        if not draft.tokens or room_depth <= 0 or room_nodes <= 0:
+            return draft
+        more = self.recycling.propose(dataclasses.replace(
+            ctx, tokens=ctx.tokens + draft.tokens, max_depth=room_depth, max_nodes=room_nodes))
+        last = len(draft) - 1  # the recycled subtree's root is the last FTP token
+        for token, parent in zip(more.tokens, more.parents):
+            draft.add(token, last if parent < 0 else last + 1 + parent)
+        return draft
+
+    def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:
+        self.recycling.observe(tokens, logits, accepted)
