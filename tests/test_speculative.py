@@ -329,6 +329,11 @@ def test_draft_copy_shares_the_trunk_and_follows_training():
     fresh = draft_copy(model)
     assert fresh is not half
     torch.testing.assert_close(fresh.to_pseudo.weight.float(), model.to_pseudo.weight, rtol=1e-3, atol=1e-3)
+    with torch.no_grad():
+        model.pseudo_pos.add_(1.0)  # a parameter that is not a Linear weight, kept in fp32 by the copy
+    again = draft_copy(model)
+    assert again is not fresh and torch.equal(again.pseudo_pos, model.pseudo_pos)
+    assert draft_copy(model) is again
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)

@@ -28,28 +28,30 @@ from ftplm.errors import FtplmError
 DEFAULT_TREE: Template = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
 
 
-_DRAFT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
+_DRAFT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
 
 
 def draft_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
     """The FTP model with its decoder-side matrices in `dtype`, sharing the trunk (drafting never runs it).
 
-    Cached per model and rebuilt when any decoder-side parameter has changed since (training in between).
+    Cached per model; rebuilt when a decoder-side parameter has changed since (an optimizer step, load_state_dict,
+    a dtype or device move) or a top-level module was replaced. The check costs microseconds per draft.
     """
-    parts = (model.to_pseudo, model.dec_h, model.lm_head)
-    params = [p for part in parts for p in part.parameters()]
-    stamp = tuple((id(p), p._version, p.dtype, p.device) for p in params) + (dtype,)
+    children = tuple((name, id(m)) for name, m in model.named_children() if name != "trunk")
     cached = _DRAFT_COPIES.get(model)
-    if cached is not None and cached[0] == stamp:
-        return cached[1]
+    if cached is not None and cached[0] == (children, dtype):
+        params, versions, draft = cached[1:]
+        if versions == tuple((p._version, p.dtype, p.device) for p in params):
+            return draft
+    params = [p for name, p in model.named_parameters() if not name.startswith("trunk.")]
     with torch.no_grad():
         draft = copy.deepcopy(model, memo={id(model.trunk): model.trunk})
         draft.eval()
-        for part in (draft.to_pseudo, draft.dec_h, draft.lm_head):
-            for module in part.modules():
-                if isinstance(module, torch.nn.Linear) and module.weight.dtype != dtype and module.weight.is_floating_point():
-                    module.weight.data = module.weight.data.to(dtype)  # lm_head's tied dec_wte follows: fine
-    _DRAFT_COPIES[model] = (stamp, draft)
+        for name, module in draft.named_modules():
+            if not name.startswith("trunk") and isinstance(module, torch.nn.Linear) and module.weight.is_floating_point():
+                module.weight.data = module.weight.data.to(dtype)  # lm_head's tied dec_wte follows: fine
+    versions = tuple((p._version, p.dtype, p.device) for p in params)
+    _DRAFT_COPIES[model] = ((children, dtype), params, versions, draft)
     return draft
 
 
