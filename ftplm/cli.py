@@ -447,7 +447,7 @@ def bench_decode(
         prompt_tokens: prompt length in tokens
         method: plain, ftp, ftp-tree, ftp-recycling, recycling, lookup (repeatable; default all that apply to the model)
         seed: sampling seed
-        threads: torch CPU threads (default: torch's; 1 is often fastest for batch-1 decoding on a busy machine)
+        threads: torch CPU threads (default: torch's, one per core; verification of several tokens needs 2+ to be fast)
         json: also write the figures to this JSON file
     """
     from ftplm.bench.decode import bench_decode as run_bench
