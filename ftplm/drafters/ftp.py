@@ -9,9 +9,10 @@ chain: greedy = argmax at each step; under sampling the tokens are sampled from 
 distribution q and verified with the min(1, p/q) rule. tree: the top-k candidates at each node following a
 template of rank paths, expanded level by level (one batched decoder call per level).
 
-Drafting runs a float16 copy of the decoder side (pseudo-sequence projection, decoder, LM head): decoding is bound
-by streaming weights, half the bytes make each draft step ~2x cheaper on our CPU, and a draft needs no exactness;
-the targets it is checked against always come from the model itself, so the output is unchanged.
+Drafting runs a float16 copy of the decoder side (pseudo-sequence projection, decoder, LM head): a draft needs no
+exactness, since the targets it is checked against always come from the model itself, so the output is unchanged,
+and half the bytes make drafting cheaper (`small`, 2 CPU threads: first draft step 1.09 -> 0.72 ms, the next ones
+0.46 -> 0.34 ms; about even on one thread).
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class FTPDrafter(Drafter):
         self.template = None if not tree else DEFAULT_TREE if tree is True else check_template(tree)
         self.precision = precision
 
-    def _draft_model(self):
+    def _draft_model(self) -> torch.nn.Module:
+        """The model itself, or its cached lower-precision copy when the weights are wider than `precision`."""
         m = self.model
         weights = m.lm_head.weight.dtype
         if self.precision is None or not weights.is_floating_point or weights.itemsize <= self.precision.itemsize:
