@@ -267,20 +267,29 @@ def _speculative_row(
         return []
     started = time.perf_counter()
     device, block = model.device, model.cfg.block_size
+    keep_decoder = drafter.wants_decoder_start and hasattr(model, "first_decoder_step")
+
+    def targets(h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Next-token logits at the fed positions (T, V), and the FTP decoder state the drafter continues from."""
+        if keep_decoder:
+            logits, start = model.first_decoder_step(h, x)
+            return logits[0], start
+        return model.next_token_logits(h, x)[0], None
+
     cache = model.new_cache()
     x = torch.tensor([prompt], device=device)
     h = model.state_vectors(x, cache)
-    logits = model.next_token_logits(h[:, -1:], x[:, -1:])[0]
+    logits, decoder = targets(h[:, -1:], x[:, -1:])
     drafter.observe(prompt[-1:], logits, [0])
     out = [int(sampling.sample(logits, generator)[0])]
-    h_prev = h[0, -1]
+    h_prev, decoder_start = h[0, -1], decoder.row(0) if decoder else None
     forwards = 1
     draft_time = 0.0
     while len(out) < n_new and out[-1] != eos_id:
         tokens = prompt + out
         t0 = time.perf_counter()
         max_depth, max_nodes = n_new - len(out) - 1, block - len(tokens)
-        ctx = DraftContext(tokens, h_prev, max_depth, max_nodes, sampling, generator)
+        ctx = DraftContext(tokens, h_prev, max_depth, max_nodes, sampling, generator, decoder_start)
         draft = drafter.propose(ctx).truncated(max_depth, max_nodes)
         draft_time += time.perf_counter() - t0
         start = cache.length  # == len(tokens) - 1
@@ -291,11 +300,11 @@ def _speculative_row(
         else:
             positions, mask = _tree_inputs(draft, start, device)
             h = model.state_vectors(x, cache, positions, mask)
-        logits = model.next_token_logits(h, x)[0]
+        logits, decoder = targets(h, x)
         path, new = _accept_path(inputs, logits, draft, sampling, generator)
         _keep_path(cache, start, path)
         drafter.observe(inputs, logits, path)
-        h_prev = h[0, path[-1]]
+        h_prev, decoder_start = h[0, path[-1]], decoder.row(path[-1]) if decoder else None
         forwards += 1
         stats.draft_tokens += len(draft)
         stats.accepted_tokens += len(path) - 1

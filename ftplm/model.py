@@ -54,6 +54,27 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def select(self, rows: torch.Tensor | slice) -> "KVCache":
+        """A cache of only these batch rows, copied: it then grows independently of this one."""
+        out = KVCache(self.n_layer, self.max_len)
+        out.length = self.length
+        if self.k is not None:
+            out.k, out.v = self.k[:, rows].clone(), self.v[:, rows].clone()
+        return out
+
+
+@dataclass
+class DecoderStart:
+    """The FTP decoder after its first step at M positions (the step that gives next-token logits): the
+    pseudo-sequences' cross-attention keys/values and the self-attention cache. Drafting continues from a row of it
+    instead of recomputing both (ftplm.drafters.ftp)."""
+
+    memory_kv: list[tuple[torch.Tensor, torch.Tensor]]
+    cache: KVCache
+
+    def row(self, i: int) -> "DecoderStart":
+        return DecoderStart([(k[i : i + 1], v[i : i + 1]) for k, v in self.memory_kv], self.cache.select(slice(i, i + 1)))
+
 
 class Linear(nn.Linear):
     """nn.Linear with two inference paths that decoding needs; training goes through F.linear unchanged.
@@ -422,10 +443,18 @@ class FTP(LanguageModel):
         return KVCache(self.cfg.dec_n_layer, self.cfg.n_future)
 
     def next_token_logits(self, state_vectors: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self.first_decoder_step(state_vectors, idx, keep=False)[0]
+
+    def first_decoder_step(
+        self, state_vectors: torch.Tensor, idx: torch.Tensor, keep: bool = True
+    ) -> tuple[torch.Tensor, DecoderStart | None]:
+        """Next-token logits (B, T, V) at every position, and (keep) the decoder state they came from."""
         B, T, _ = state_vectors.shape
-        pseudo = self.pseudo_sequence(state_vectors).flatten(0, 1)
-        hidden = self.decode(idx.reshape(B * T, 1), self.memory_kv(pseudo))
-        return self.lm_head(hidden[:, 0]).view(B, T, -1)
+        memory = self.memory_kv(self.pseudo_sequence(state_vectors).flatten(0, 1))
+        cache = self.new_decoder_cache() if keep else None
+        hidden = self.decode(idx.reshape(B * T, 1), memory, cache)
+        logits = self.lm_head(hidden[:, 0]).view(B, T, -1)
+        return logits, DecoderStart(memory, cache) if keep else None
 
     # --- training -------------------------------------------------------------------------------------
     def teacher_forcing(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

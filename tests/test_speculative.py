@@ -397,3 +397,39 @@ def test_ftp_recycling_hangs_the_recycled_tree_off_the_last_ftp_token():
     assert max(draft.depths()) == n + 3
     small = hybrid.propose(dataclasses.replace(ctx, max_depth=n + 1, max_nodes=n + 1))
     assert small.tokens == draft.tokens[: n + 1]  # budgets cut the recycled part first
+
+
+# --------------------------------------------------------------------------------------------------------
+# the drafter continues from the verification's first decoder step (no second pseudo-sequence / cross K/V)
+# --------------------------------------------------------------------------------------------------------
+def test_first_decoder_step_equals_next_token_logits_and_rows_continue_exactly():
+    model = MODELS["ftp"]
+    x = torch.tensor([[3, 1, 4, 1, 5, 9]])
+    h = model.state_vectors(x)
+    logits, start = model.first_decoder_step(h, x)
+    torch.testing.assert_close(logits, model.next_token_logits(h, x), rtol=0, atol=0)
+    assert start.cache.length == 1 and start.memory_kv[0][0].size(0) == x.size(1)
+    for i in (0, 3, 5):  # continuing row i with one more token == decoding [x_i, next] from scratch
+        row = start.row(i)
+        nxt = torch.tensor([[7]])
+        resumed = model.decode(nxt, row.memory_kv, row.cache)[:, -1]
+        scratch = model.decode(torch.tensor([[int(x[0, i]), 7]]), model.memory_kv(model.pseudo_sequence(h[:, i])))[:, -1]
+        torch.testing.assert_close(resumed, scratch, rtol=1e-10, atol=1e-10)
+        assert row.cache.length == 2 and start.cache.length == 1  # the row is a copy: the start is untouched
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_ftp_drafter_drafts_the_same_with_and_without_the_decoder_start(tree):
+    from ftplm.drafters import DraftContext
+    from ftplm.drafters.ftp import FTPDrafter
+
+    model = MODELS["ftp"]
+    drafter = FTPDrafter(model, tree=tree, precision=None)
+    x = torch.tensor([[2, 7, 1, 8, 2, 8]])
+    h = model.state_vectors(x)
+    _, start = model.first_decoder_step(h, x)
+    for i in range(1, x.size(1)):  # root = x[i], drafting from the state vector before it
+        ctx = DraftContext(x[0, : i + 1].tolist(), h[0, i - 1], 10, 50, Sampling(0), torch.Generator())
+        fresh = drafter.propose(ctx)
+        reused = drafter.propose(dataclasses.replace(ctx, decoder_start=start.row(i - 1)))
+        assert (reused.tokens, reused.parents) == (fresh.tokens, fresh.parents) and len(fresh) > 0

@@ -76,6 +76,8 @@ class DraftContext:
     max_nodes: int  # more nodes would exceed the context length
     sampling: object  # ftplm.generate.Sampling
     generator: torch.Generator
+    # for drafters with `wants_decoder_start`: the FTP decoder after its first step at h_prev (ftplm.model.DecoderStart)
+    decoder_start: object | None = None
 
 
 class Drafter:
@@ -83,6 +85,7 @@ class Drafter:
 
     name = ""
     default_draft_len = 4
+    wants_decoder_start = False  # FTP drafters continue from the verification's first decoder step
 
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         self.model = model

@@ -1,9 +1,11 @@
 """FTP self-drafting: the model's own N-token decoder is its drafter, trained with it, at no extra trunk cost.
 
-The verification pass already yields the state vector h at every verified position. From h at the position before
-the root (the last accepted token), the decoder is fed [x_prev, root]: its first output is the target distribution
-the root was drawn from, and continuing autoregressively (decoder KV cache, cross-attention keys/values of the
-pseudo-sequence computed once) drafts the following tokens, up to N-1 of them (the decoder has N positions).
+The verification pass already yields the state vector h at every verified position, and its target distributions
+are the decoder's first step there. From h at the position before the root (the last accepted token), the decoder
+fed [x_prev, root] gives, first, the distribution the root was drawn from, then continues autoregressively (decoder
+KV cache, cross-attention keys/values of the pseudo-sequence computed once) to draft the following tokens, up to
+N-1 of them (the decoder has N positions). The engine hands over that first step (`ctx.decoder_start`: its
+cross-attention keys/values and self-attention cache), so drafting starts by feeding the root alone.
 
 chain: greedy = argmax at each step; under sampling the tokens are sampled from the decoder's (transformed)
 distribution q and verified with the min(1, p/q) rule. tree: the top-k candidates at each node following a
@@ -66,6 +68,7 @@ def require_ftp(model, name: str) -> None:
 
 @drafter("ftp")
 class FTPDrafter(Drafter):
+    wants_decoder_start = True
     def __init__(
         self, model, draft_len: int | None = None, tree: bool | Template | None = None,
         precision: torch.dtype | None = torch.float16,
@@ -96,9 +99,13 @@ class FTPDrafter(Drafter):
         draft = Draft()
         if depth <= 0 or ctx.max_nodes <= 0:
             return draft
-        memory = m.memory_kv(m.pseudo_sequence(ctx.h_prev.view(1, -1)))
-        cache = m.new_decoder_cache()
-        x = torch.tensor([ctx.tokens[-2:]], device=ctx.h_prev.device)
+        if ctx.decoder_start is not None:  # the verification already ran the decoder's first step at h_prev
+            memory, cache = ctx.decoder_start.memory_kv, ctx.decoder_start.cache
+            x = torch.tensor([ctx.tokens[-1:]], device=ctx.h_prev.device)
+        else:
+            memory = m.memory_kv(m.pseudo_sequence(ctx.h_prev.view(1, -1)))
+            cache = m.new_decoder_cache()
+            x = torch.tensor([ctx.tokens[-2:]], device=ctx.h_prev.device)
         logits = m.lm_head(m.decode(x, memory, cache)[:, -1])  # (1, V): q of the first draft token
         if self.template is None:
             return self._chain(m, ctx, min(depth, ctx.max_nodes), memory, cache, logits, draft)
@@ -139,8 +146,7 @@ class FTPDrafter(Drafter):
             expand = [i for i in level_nodes if i in has_child]
             if not expand:
                 break
-            sel = torch.tensor([row_of[parents[i]] for i in expand], device=logits.device)
-            cache.k, cache.v = cache.k[:, sel], cache.v[:, sel]
+            cache = cache.select(torch.tensor([row_of[parents[i]] for i in expand], device=logits.device))
             mem = [(kk.expand(len(expand), -1, -1, -1), vv.expand(len(expand), -1, -1, -1)) for kk, vv in memory]
             x = torch.tensor([[draft.tokens[i]] for i in expand], device=logits.device)
             logits = m.lm_head(m.decode(x, mem, cache)[:, -1])

@@ -28,6 +28,8 @@ EXTENSION_TREE: Template = [(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)]
 class FTPRecyclingDrafter(Drafter):
     """draft_len caps the FTP part (default N-1); `tree` is the recycled subtree's template (default EXTENSION_TREE)."""
 
+    wants_decoder_start = True
+
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         require_ftp(model, "ftp-recycling")
         self.ftp = FTPDrafter(model, draft_len, tree=False)
