@@ -59,7 +59,9 @@ class KVCache:
         out = KVCache(self.n_layer, self.max_len)
         out.length = self.length
         if self.k is not None:
-            out.k, out.v = self.k[:, rows].clone(), self.v[:, rows].clone()
+            out.k, out.v = self.k[:, rows], self.v[:, rows]
+            if isinstance(rows, slice):  # a view; indexing with a tensor already copied
+                out.k, out.v = out.k.clone(), out.v.clone()
         return out
 
 

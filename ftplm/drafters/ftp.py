@@ -69,6 +69,7 @@ def require_ftp(model, name: str) -> None:
 @drafter("ftp")
 class FTPDrafter(Drafter):
     wants_decoder_start = True
+
     def __init__(
         self, model, draft_len: int | None = None, tree: bool | Template | None = None,
         precision: torch.dtype | None = torch.float16,
