@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -128,8 +129,9 @@ def generate(
     model.eval()
     generator = make_generator(seed, idx.device)
     cache = model.new_cache()
-    h = model.state_vectors(idx, cache)
-    logits = model.next_token_logits(h[:, -1:], idx[:, -1:])[:, -1]
+    clock = _Clock()
+    h = clock.trunk(model.state_vectors, idx, cache)
+    logits = clock.targets(model.next_token_logits, h[:, -1:], idx[:, -1:])[:, -1]
     finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
     out = [idx]
     for i in range(n_new):
@@ -140,14 +142,16 @@ def generate(
         out.append(nxt[:, None])
         if i == n_new - 1 or (eos_id is not None and bool(finished.all())):
             break
-        h = model.state_vectors(nxt[:, None], cache)
-        logits = model.next_token_logits(h, nxt[:, None])[:, -1]
+        h = clock.trunk(model.state_vectors, nxt[:, None], cache)
+        logits = clock.targets(model.next_token_logits, h, nxt[:, None])[:, -1]
     tokens = torch.cat(out, dim=1)
     if stats is not None:
+        total = time.perf_counter() - started
         stats.new_tokens += (tokens.size(1) - idx.size(1)) * idx.size(0)
         stats.target_forwards += max(len(out) - 1, 0) * idx.size(0)
-        stats.verify_time += time.perf_counter() - started
-        stats.total_time += time.perf_counter() - started
+        stats.verify_time += total
+        stats.total_time += total
+        clock.add_to(stats)
     return tokens
 
 
@@ -165,14 +169,45 @@ class SpecStats:
     accepted_tokens: int = 0  # draft tokens accepted
     draft_time: float = 0.0  # seconds in drafter.propose
     verify_time: float = 0.0  # seconds in target forwards + acceptance + cache bookkeeping
+    trunk_time: float = 0.0  # of verify_time: the trunk's forward passes (prefill included)
+    target_time: float = 0.0  # of verify_time: next-token logits from the state vectors (FTP: decoder's first step)
     total_time: float = 0.0
+
+    @property
+    def overhead_time(self) -> float:
+        """Everything but drafting, trunk and targets: sampling/acceptance, cache roll-back, Python."""
+        return self.total_time - self.draft_time - self.trunk_time - self.target_time
 
     @property
     def tau(self) -> float:
         return self.new_tokens / self.target_forwards if self.target_forwards else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "tau": self.tau}
+        return {**asdict(self), "overhead_time": self.overhead_time, "tau": self.tau}
+
+
+class _Clock:
+    """Splits verification time into the trunk's forwards and the target logits (perf_counter: host time; on CUDA
+    the split is only exact with CUDA_LAUNCH_BLOCKING=1, since kernels run asynchronously)."""
+
+    def __init__(self) -> None:
+        self.trunk_time = self.target_time = 0.0
+
+    def trunk(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.trunk_time += time.perf_counter() - t0
+        return out
+
+    def targets(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.target_time += time.perf_counter() - t0
+        return out
+
+    def add_to(self, stats: SpecStats) -> None:
+        stats.trunk_time += self.trunk_time
+        stats.target_time += self.target_time
 
 
 def speculative_accept(p: torch.Tensor, token: int, q: torch.Tensor | None, u: float) -> tuple[bool, torch.Tensor]:
@@ -269,16 +304,18 @@ def _speculative_row(
     device, block = model.device, model.cfg.block_size
     keep_decoder = drafter.wants_decoder_start and hasattr(model, "first_decoder_step")
 
+    clock = _Clock()
+
     def targets(h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Next-token logits at the fed positions (T, V), and the FTP decoder state the drafter continues from."""
         if keep_decoder:
-            logits, start = model.first_decoder_step(h, x)
+            logits, start = clock.targets(model.first_decoder_step, h, x)
             return logits[0], start
-        return model.next_token_logits(h, x)[0], None
+        return clock.targets(model.next_token_logits, h, x)[0], None
 
     cache = model.new_cache()
     x = torch.tensor([prompt], device=device)
-    h = model.state_vectors(x, cache)
+    h = clock.trunk(model.state_vectors, x, cache)
     logits, decoder = targets(h[:, -1:], x[:, -1:])
     drafter.observe(prompt[-1:], logits, [0])
     out = [int(sampling.sample(logits, generator)[0])]
@@ -296,10 +333,10 @@ def _speculative_row(
         inputs = [tokens[-1]] + draft.tokens
         x = torch.tensor([inputs], device=device)
         if draft.is_chain():
-            h = model.state_vectors(x, cache)
+            h = clock.trunk(model.state_vectors, x, cache)
         else:
             positions, mask = _tree_inputs(draft, start, device)
-            h = model.state_vectors(x, cache, positions, mask)
+            h = clock.trunk(model.state_vectors, x, cache, positions, mask)
         logits, decoder = targets(h, x)
         path, new = _accept_path(inputs, logits, draft, sampling, generator)
         _keep_path(cache, start, path)
@@ -318,6 +355,7 @@ def _speculative_row(
     stats.draft_time += draft_time
     stats.verify_time += total - draft_time
     stats.total_time += total
+    clock.add_to(stats)
     return out
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -222,6 +223,41 @@ def test_tau_and_forward_bookkeeping(k, good, n):
     assert stats.total_time == pytest.approx(stats.draft_time + stats.verify_time)
 
 
+class SlowModel(CountingModel):
+    """CountingModel whose trunk, targets and drafts take known times: the profile must put them in their place."""
+
+    TRUNK, TARGETS, DRAFT = 0.004, 0.002, 0.001
+
+    def state_vectors(self, idx, cache=None, positions=None, attn_mask=None):
+        time.sleep(self.TRUNK)
+        return super().state_vectors(idx, cache, positions, attn_mask)
+
+    def next_token_logits(self, h, idx):
+        time.sleep(self.TARGETS)
+        return super().next_token_logits(h, idx)
+
+
+class SlowDrafter(KnownDrafter):
+    def propose(self, ctx) -> Draft:
+        time.sleep(SlowModel.DRAFT)
+        return super().propose(ctx)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_profile_splits_the_time(speculative):
+    model = SlowModel()
+    stats = SpecStats()
+    drafter = SlowDrafter(model, 3, 2) if speculative else None
+    generate(model, torch.tensor([[3]]), 12, Sampling(0), speculative=drafter, stats=stats)
+    rounds = stats.target_forwards
+    assert stats.trunk_time >= SlowModel.TRUNK * rounds and stats.target_time >= SlowModel.TARGETS * rounds
+    assert stats.trunk_time < stats.verify_time and stats.target_time < stats.trunk_time  # sleeps are lower bounds
+    assert stats.draft_time >= (SlowModel.DRAFT * (rounds - 1) if speculative else 0.0)
+    assert 0 <= stats.overhead_time < stats.total_time / 2
+    parts = stats.draft_time + stats.trunk_time + stats.target_time + stats.overhead_time
+    assert parts == pytest.approx(stats.total_time)
+
+
 def test_plain_generation_has_tau_one():
     stats = SpecStats()
     generate(MODELS["gpt"], torch.tensor([[1, 2]]), 10, Sampling(0), stats=stats)
@@ -309,6 +345,12 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     for mode in ("greedy", "T=1"):
         assert set(result["results"][mode]) == {"plain", "ftp", "ftp-tree", "ftp-recycling", "recycling", "lookup"}
     assert all(r["lossless"] == 1.0 for r in result["results"]["greedy"].values())
+    for r in result["results"]["greedy"].values():
+        p = r["profile_ms_per_forward"]
+        assert p["total"] == pytest.approx(1e3 * r["seconds"] / r["target_forwards"])
+        assert p["trunk"] > 0 and p["targets"] > 0 and p["other"] >= 0
+        assert p["trunk"] + p["targets"] + p["draft"] + p["other"] == pytest.approx(p["total"])
+    assert result["results"]["greedy"]["plain"]["profile_ms_per_forward"]["draft"] == 0
     assert main(["bench", "decode", str(tiny_ftp_run), "--method", "medusa"]) == 2
 
 

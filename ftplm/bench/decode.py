@@ -5,7 +5,8 @@ stop at EOS, so every method produces exactly the same number of tokens), fp32 w
 every method. After one warm-up generation per method, the methods run interleaved prompt by prompt (the order
 rotates per prompt) so that machine noise hits them alike. Per method and mode (greedy, temperature 1):
 tokens/s, speedup = plain wall time / method wall time over the same prompts, τ (tokens per target forward, bonus
-and prefill included), the share of time spent drafting, and, for greedy, whether the output equals plain's.
+and prefill included), the share of time spent drafting, for greedy whether the output equals plain's, and a
+profile per target forward (trunk, target logits, drafting, the rest).
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def heldout_prompts(run: str | Path, encode, n: int, prompt_tokens: int) -> list
     return prompts
 
 
+def profile(records: list[dict[str, Any]], seconds: float, forwards: int) -> dict[str, float]:
+    """Where the time goes, in ms per target forward: the trunk's forwards (verification), the target logits
+    (FTP: the decoder's first step), drafting, and the rest (sampling and acceptance, cache roll-back, Python)."""
+    if not forwards:
+        return {}
+    parts = {name: sum(r.get(f"{name}_time", 0.0) for r in records) for name in ("trunk", "target", "draft")}
+    ms = {name: 1e3 * t / forwards for name, t in parts.items()}
+    return {"total": 1e3 * seconds / forwards, "trunk": ms["trunk"], "targets": ms["target"], "draft": ms["draft"],
+            "other": 1e3 * (seconds - sum(parts.values())) / forwards}
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """Per mode and method: totals over prompts, tokens/s, speedup over plain (same prompts), τ, lossless."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
@@ -65,6 +77,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
                 "tau": tokens / forwards if forwards else 0.0,
                 "target_forwards": forwards,
                 "draft_share": sum(r["draft_time"] for r in mine) / seconds if seconds else 0.0,
+                "profile_ms_per_forward": profile(mine, seconds, forwards),
             }
             if mode == "greedy" and plain:
                 entry["lossless"] = sum(r["tokens"] == plain[r["prompt"]]["tokens"] for r in mine) / len(mine)
@@ -116,7 +129,8 @@ def bench_decode(
         out = generate(model, idx, n, sampling, seed=seed, speculative=drafters[method], stats=stats)
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "new_tokens": stats.new_tokens, "target_forwards": stats.target_forwards,
-                "draft_time": stats.draft_time, "tokens": out[0, len(ids):].tolist()}
+                "draft_time": stats.draft_time, "trunk_time": stats.trunk_time, "target_time": stats.target_time,
+                "tokens": out[0, len(ids):].tolist()}
 
     with torch.inference_mode():
         for method in methods:  # warm-up
@@ -138,6 +152,13 @@ def bench_decode(
             lossless = f"{r['lossless']:.0%}" if "lossless" in r else "-"
             print(f"{mode:8} {method:13} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
                   f"{r['draft_share']:7.1%} {lossless:>9}")
+    print("where the time goes, ms per target forward (trunk = verification forwards, targets = next-token logits, "
+          "other = acceptance, cache, Python):")
+    print(f"{'mode':8} {'method':13} {'total':>7} {'trunk':>7} {'targets':>7} {'draft':>7} {'other':>7}")
+    for mode, per_method in results.items():
+        for method, r in per_method.items():
+            p = r["profile_ms_per_forward"]
+            print(f"{mode:8} {method:13} " + " ".join(f"{p[k]:7.2f}" for k in ("total", "trunk", "targets", "draft", "other")))
     return {
         "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,
         "max_new_tokens": max_new_tokens, "batch_size": 1, "dtype": "fp32", "threads": torch.get_num_threads(),
