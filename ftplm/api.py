@@ -45,7 +45,8 @@ class TextModel:
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, *args: Any, **options: Any) -> str:
         """The continuation of `prompt` (text, or token ids) as text, without the prompt (nor the final EOS).
 
-        Takes generate_ids' arguments (temperature, top_k, top_p, seed, stop_at_eos, speculative, draft_len, tree).
+        Takes generate_ids' arguments (temperature, top_k, top_p, seed, stop_at_eos, speculative, draft_len, tree,
+        adaptive).
         """
         call = inspect.signature(self.generate_ids).bind(prompt, max_new_tokens, *args, **options)
         call.apply_defaults()
@@ -66,18 +67,20 @@ class TextModel:
         speculative: str | None = None,
         draft_len: int | None = None,
         tree: bool | None = None,
+        adaptive: bool = False,
     ) -> list[int]:
         """New token ids only (including a final EOS when one was produced).
 
         speculative = "ftp" (FTP models: the decoder drafts for itself), "recycling" or "lookup" (any model)
         gives the same tokens as plain decoding (greedy) or the same distribution (sampling), in fewer trunk
-        passes; draft_len = tokens drafted per step, tree = verify a tree of candidates instead of a chain.
+        passes; draft_len = tokens drafted per step, tree = verify a tree of candidates instead of a chain,
+        adaptive = choose each step's draft length (up to draft_len) from how many drafts were accepted so far.
         """
         sampling = Sampling(temperature, top_k, top_p)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         eos = self.eos_id if stop_at_eos else None
-        out = generate(self.model, idx, max_new_tokens, sampling, seed, eos, speculative, draft_len, tree)
+        out = generate(self.model, idx, max_new_tokens, sampling, seed, eos, speculative, draft_len, tree, adaptive=adaptive)
         return out[0, len(ids) :].tolist()
 
     @torch.no_grad()

@@ -168,6 +168,7 @@ def generate(
     speculative: Literal["none", "ftp", "ftp-recycling", "recycling", "lookup"] = "none",
     draft_len: Optional[int] = None,
     tree: bool = False,
+    adaptive: bool = False,
 ) -> None:
     """Continue a prompt with a trained model and print the text.
 
@@ -183,6 +184,7 @@ def generate(
             extended by Token Recycling), recycling (Token Recycling) or lookup (prompt lookup); same output as none
         draft_len: tokens drafted per step (default per drafter; ftp: at most n_future-1)
         tree: verify a tree of draft candidates instead of a single chain (recycling always drafts a tree)
+        adaptive: choose each step's draft length (up to draft_len) from the acceptances so far
     """
     from ftplm.api import load
     from ftplm.generate import Sampling
@@ -192,9 +194,12 @@ def generate(
         raise FtplmError("the prompt is empty")
     if draft_len is not None and draft_len <= 0:
         raise FtplmError(f"draft_len must be a positive integer, got {draft_len}")
+    if adaptive and speculative == "none":
+        raise FtplmError("--adaptive needs --speculative (ftp, ftp-recycling, recycling or lookup)")
     model = load(run)
     spec = None if speculative == "none" else speculative
-    print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, speculative=spec, draft_len=draft_len, tree=tree or None))
+    print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, speculative=spec,
+                         draft_len=draft_len, tree=tree or None, adaptive=adaptive))
 
 
 @command
@@ -445,7 +450,8 @@ def bench_decode(
         prompts: number of held-out prompts
         max_new_tokens: tokens generated per prompt (no stop at EOS)
         prompt_tokens: prompt length in tokens
-        method: plain, ftp, ftp-tree, ftp-recycling, recycling, lookup (repeatable; default all that apply to the model)
+        method: plain, ftp, ftp-adaptive, ftp-tree, ftp-recycling, recycling, recycling-adaptive, lookup (repeatable;
+            default all that apply to the model)
         seed: sampling seed
         threads: torch CPU threads (default: torch's, one per core; verification of several tokens needs 2+ to be fast)
         json: also write the figures to this JSON file

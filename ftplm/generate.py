@@ -110,16 +110,21 @@ def generate(
     draft_len: int | None = None,
     tree: "bool | Template | None" = None,
     stats: "SpecStats | None" = None,
+    adaptive: bool = False,
 ) -> torch.Tensor:
     """KV-cache generation. idx (B, T) -> (B, T + n) with n <= max_new_tokens.
 
     Generation stops at the context length (no sliding window: positions are learned) and, when eos_id is given,
     once every row has produced it (finished rows are padded with eos_id). speculative = "ftp" | "recycling" |
-    "lookup" (or a Drafter) gives the same tokens (greedy) / the same distribution (sampling), faster; `stats`
-    collects τ, target forwards and timings.
+    "lookup" (or a Drafter) gives the same tokens (greedy) / the same distribution (sampling), faster; adaptive =
+    pick each round's draft length from the acceptances so far; `stats` collects τ, target forwards and timings.
     """
     if speculative not in (None, "none"):
-        return speculative_generate(model, idx, max_new_tokens, sampling, seed, eos_id, speculative, draft_len, tree, stats)
+        return speculative_generate(
+            model, idx, max_new_tokens, sampling, seed, eos_id, speculative, draft_len, tree, stats, adaptive
+        )
+    if adaptive:
+        raise FtplmError("adaptive draft length needs a speculative drafter (speculative='ftp', 'recycling', ...)")
     if draft_len is not None and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len <= 0):
         raise FtplmError(f"draft_len must be a positive integer, got {draft_len!r}")
     if idx.dim() != 2:
@@ -326,6 +331,8 @@ def _speculative_row(
         tokens = prompt + out
         t0 = time.perf_counter()
         max_depth, max_nodes = n_new - len(out) - 1, block - len(tokens)
+        if drafter.adaptive is not None:
+            max_depth = min(max_depth, drafter.adaptive.depth())
         ctx = DraftContext(tokens, h_prev, max_depth, max_nodes, sampling, generator, decoder_start)
         draft = drafter.propose(ctx).truncated(max_depth, max_nodes)
         draft_time += time.perf_counter() - t0
@@ -341,6 +348,8 @@ def _speculative_row(
         path, new = _accept_path(inputs, logits, draft, sampling, generator)
         _keep_path(cache, start, path)
         drafter.observe(inputs, logits, path)
+        if drafter.adaptive is not None:
+            drafter.adaptive.update(draft, len(path) - 1)
         h_prev, decoder_start = h[0, path[-1]], decoder.row(path[-1]) if decoder else None
         forwards += 1
         stats.draft_tokens += len(draft)
@@ -371,12 +380,15 @@ def speculative_generate(
     draft_len: int | None = None,
     tree: "bool | Template | None" = None,
     stats: SpecStats | None = None,
+    adaptive: bool = False,
 ) -> torch.Tensor:
     """Lossless speculative generation, same contract as `generate`. Rows of a batch are generated one by one."""
-    from ftplm.drafters import Drafter, get_drafter
+    from ftplm.drafters import AdaptiveDepth, Drafter, get_drafter
 
     if not isinstance(drafter, Drafter):
-        drafter = get_drafter(drafter, model, draft_len, tree)
+        drafter = get_drafter(drafter, model, draft_len, tree, adaptive)
+    elif adaptive and drafter.adaptive is None:
+        drafter.adaptive = AdaptiveDepth(drafter.draft_len, drafter.node_cost)
     if idx.dim() != 2:
         raise FtplmError("idx must be a (batch, time) tensor of token ids")
     n_new = check_budget(model, idx.size(1), max_new_tokens)

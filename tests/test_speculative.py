@@ -62,12 +62,13 @@ def test_greedy_lossless(model_type, data):
     eos = data.draw(st.one_of(st.none(), st.integers(0, VOCAB - 1)), label="eos")
     tree = data.draw(st.booleans(), label="tree")
     draft_len = data.draw(st.one_of(st.none(), st.integers(1, model.cfg.n_future - 1)), label="draft_len")
+    adaptive = data.draw(st.booleans(), label="adaptive")
     idx = torch.tensor(prompt)
     plain = generate(model, idx, max_new, Sampling(0), eos_id=eos).tolist()
     for drafter in DRAFTERS_FOR[model_type]:
         stats = SpecStats()
         fast = generate(model, idx, max_new, Sampling(0), eos_id=eos, speculative=drafter, draft_len=draft_len,
-                        tree=tree, stats=stats)
+                        tree=tree, stats=stats, adaptive=adaptive)
         assert fast.tolist() == plain, drafter
         assert stats.target_forwards <= max(stats.new_tokens, batch)
 
@@ -131,18 +132,20 @@ def exact_sequence_probs(model, prompt: list[int], n: int, sampling: Sampling) -
     return probs
 
 
-@pytest.mark.parametrize("drafter, tree, draft_len, n", [
-    ("ftp", False, None, 3), ("ftp", True, None, 3), ("recycling", True, None, 3), ("lookup", False, None, 3),
-    ("ftp-recycling", None, 1, 4),  # one FTP token, then recycled ones: both kinds of node in one draft
+@pytest.mark.parametrize("drafter, tree, draft_len, n, adaptive", [
+    ("ftp", False, None, 3, False), ("ftp", True, None, 3, False), ("recycling", True, None, 3, False),
+    ("lookup", False, None, 3, False),
+    ("ftp-recycling", None, 1, 4, False),  # one FTP token, then recycled ones: both kinds of node in one draft
+    ("recycling", True, None, 3, True),  # the draft depth changes from row to row with the acceptances so far
 ])
-def test_sampling_lossless_chi_square(drafter, tree, draft_len, n):
+def test_sampling_lossless_chi_square(drafter, tree, draft_len, n, adaptive):
     model = random_model("ftp", vocab=6, scale=5.0, seed=3)
     prompt, runs = [1, 2, 1, 2, 1], 1000
     sampling = Sampling(temperature=1.0)
     exact = exact_sequence_probs(model, prompt, n, sampling)
     stats = SpecStats()
     out = generate(model, torch.tensor([prompt] * runs), n, sampling, seed=0, speculative=drafter, tree=tree,
-                   draft_len=draft_len, stats=stats)
+                   draft_len=draft_len, stats=stats, adaptive=adaptive)
     assert stats.accepted_tokens > 0  # the acceptance rule was exercised, not only the bonus token
     counts: dict[tuple[int, ...], int] = {}
     for row in out[:, len(prompt):].tolist():
@@ -258,6 +261,48 @@ def test_profile_splits_the_time(speculative):
     assert parts == pytest.approx(stats.total_time)
 
 
+def test_adaptive_depth_follows_acceptance():
+    from ftplm.drafters import AdaptiveDepth
+
+    def chain(n: int) -> Draft:
+        draft = Draft()
+        for i in range(n):
+            draft.add(i, i - 1)
+        return draft
+
+    control = AdaptiveDepth(max_depth=4, node_cost=0.1)
+    # no evidence, r = 1/2 everywhere: depth L gives 2 - 2**-L tokens for 1 + 0.1 L forwards, best at L = 2 (1.458)
+    assert control.depth() == 2
+    for _ in range(30):  # every draft token accepted: draft as deep as allowed
+        control.update(chain(control.depth()), control.depth())
+    assert control.depth() == 4
+    for _ in range(100):  # nothing accepted: stop drafting (depth 0 = a plain step)...
+        control.update(chain(control.depth()), 0)
+    assert control.depth() == 0
+    for _ in range(60):  # ...but undrafted depths drift back to the prior and get tried again
+        control.update(chain(0), 0)
+    assert control.depth() > 0
+    # a tree's width counts: 6 nodes at depth 1 cost 1.6 forwards for at most 2 tokens -> not worth it at r = 1/2
+    wide = Draft()
+    for t in range(6):
+        wide.add(t, -1)
+    control = AdaptiveDepth(max_depth=1, node_cost=0.1)
+    control.update(wide, 0)
+    control.reached[0] = control.accepted[0] = 0.0
+    assert control.depth() == 0
+
+
+def test_adaptive_draft_length_skips_hopeless_drafts():
+    model = CountingModel()
+    fixed, adaptive = SpecStats(), SpecStats()
+    out = generate(model, torch.tensor([[3]]), 60, Sampling(0), speculative=KnownDrafter(model, 4, 0), stats=fixed)
+    again = generate(model, torch.tensor([[3]]), 60, Sampling(0), speculative=KnownDrafter(model, 4, 0),
+                     stats=adaptive, adaptive=True)
+    assert torch.equal(out, again)
+    assert fixed.draft_tokens >= 4 * (fixed.target_forwards - 4)  # 4 a round (less near the end), none accepted
+    assert adaptive.draft_tokens < fixed.draft_tokens / 2 and adaptive.accepted_tokens == 0
+
+
 def test_plain_generation_has_tau_one():
     stats = SpecStats()
     generate(MODELS["gpt"], torch.tensor([[1, 2]]), 10, Sampling(0), stats=stats)
@@ -277,7 +322,8 @@ def test_plain_generation_has_tau_one():
      ("ftp", {"speculative": "ftp-recycling", "draft_len": 9}, "at most n_future-1"),
      ("ftp", {"speculative": "ftp", "draft_len": 9}, "at most n_future-1"),
      ("ftp", {"speculative": "ftp", "tree": [()]}, "tree paths"),
-     ("ftp", {"speculative": "lookup", "tree": [(0,)]}, "lookup")],
+     ("ftp", {"speculative": "lookup", "tree": [(0,)]}, "lookup"),
+     ("gpt", {"adaptive": True}, "adaptive draft length needs a speculative drafter")],
 )
 def test_bad_input(model_type, kwargs, message):
     with pytest.raises(FtplmError, match=message) as e:
@@ -309,8 +355,12 @@ def test_cli_generate_speculative(tiny_ftp_run, tiny_gpt_run):
     fast = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
                "--speculative", "ftp", "--tree")
     assert plain.returncode == fast.returncode == 0 and fast.stdout == plain.stdout
+    fast = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
+               "--speculative", "ftp", "--adaptive")
+    assert fast.returncode == 0 and fast.stdout == plain.stdout
     for args, message in [(("--speculative", "ftp", "--draft-len", "0"), "draft_len"),
-                          (("--speculative", "medusa"), "invalid choice")]:
+                          (("--speculative", "medusa"), "invalid choice"),
+                          (("--adaptive",), "--adaptive needs --speculative")]:
         bad = run(str(tiny_ftp_run), "--prompt", "The", *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
     bad = run(str(tiny_gpt_run), "--prompt", "The", "--speculative", "ftp")
@@ -343,7 +393,8 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
 
     result = json.loads(out.read_text())
     for mode in ("greedy", "T=1"):
-        assert set(result["results"][mode]) == {"plain", "ftp", "ftp-tree", "ftp-recycling", "recycling", "lookup"}
+        assert set(result["results"][mode]) == {"plain", "ftp", "ftp-adaptive", "ftp-tree", "ftp-recycling", "recycling",
+                                                    "recycling-adaptive", "lookup"}
     assert all(r["lossless"] == 1.0 for r in result["results"]["greedy"].values())
     for r in result["results"]["greedy"].values():
         p = r["profile_ms_per_forward"]

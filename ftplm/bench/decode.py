@@ -21,8 +21,11 @@ import torch
 
 from ftplm.errors import FtplmError
 
-FTP_METHODS = {"plain": (None, None), "ftp": ("ftp", False), "ftp-tree": ("ftp", True),
-               "ftp-recycling": ("ftp-recycling", None), "recycling": ("recycling", None), "lookup": ("lookup", None)}  # fmt: skip
+# method -> (drafter, tree, adaptive draft length)
+FTP_METHODS = {"plain": (None, None, False), "ftp": ("ftp", False, False), "ftp-adaptive": ("ftp", False, True),
+               "ftp-tree": ("ftp", True, False), "ftp-recycling": ("ftp-recycling", None, False),
+               "recycling": ("recycling", None, False), "recycling-adaptive": ("recycling", None, True),
+               "lookup": ("lookup", None, False)}  # fmt: skip
 GPT_METHODS = {k: v for k, v in FTP_METHODS.items() if v[0] is None or not v[0].startswith("ftp")}
 
 
@@ -120,7 +123,8 @@ def bench_decode(
         raise FtplmError(f"--max-new-tokens {max_new_tokens} does not fit the context of {model.cfg.block_size} tokens")
     texts = heldout_prompts(run, tm.encode, prompts, prompt_tokens)
     # one drafter per method for the whole benchmark (Token Recycling's matrix carries over between prompts)
-    drafters = {m: get_drafter(available[m][0], model, tree=available[m][1]) if available[m][0] else None for m in methods}
+    drafters = {m: get_drafter(name, model, tree=tree, adaptive=adaptive) if name else None
+                for m, (name, tree, adaptive) in ((m, available[m]) for m in methods)}
 
     def one(method: str, ids: list[int], n: int, sampling: Sampling, seed: int) -> dict[str, Any]:
         stats = SpecStats()
@@ -146,19 +150,19 @@ def bench_decode(
     results = summarize(records)
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
           f"{max_new_tokens} new tokens, batch 1, fp32, {torch.get_num_threads()} threads")
-    print(f"{'mode':8} {'method':13} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
+    print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
     for mode, per_method in results.items():
         for method, r in per_method.items():
             lossless = f"{r['lossless']:.0%}" if "lossless" in r else "-"
-            print(f"{mode:8} {method:13} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
+            print(f"{mode:8} {method:18} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
                   f"{r['draft_share']:7.1%} {lossless:>9}")
     print("where the time goes, ms per target forward (trunk = verification forwards, targets = next-token logits, "
           "other = acceptance, cache, Python):")
-    print(f"{'mode':8} {'method':13} {'total':>7} {'trunk':>7} {'targets':>7} {'draft':>7} {'other':>7}")
+    print(f"{'mode':8} {'method':18} {'total':>7} {'trunk':>7} {'targets':>7} {'draft':>7} {'other':>7}")
     for mode, per_method in results.items():
         for method, r in per_method.items():
             p = r["profile_ms_per_forward"]
-            print(f"{mode:8} {method:13} " + " ".join(f"{p[k]:7.2f}" for k in ("total", "trunk", "targets", "draft", "other")))
+            print(f"{mode:8} {method:18} " + " ".join(f"{p[k]:7.2f}" for k in ("total", "trunk", "targets", "draft", "other")))
     return {
         "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,
         "max_new_tokens": max_new_tokens, "batch_size": 1, "dtype": "fp32", "threads": torch.get_num_threads(),

@@ -29,6 +29,7 @@ class FTPRecyclingDrafter(Drafter):
     """draft_len caps the FTP part (default N-1); `tree` is the recycled subtree's template (default EXTENSION_TREE)."""
 
     wants_decoder_start = True
+    node_cost = 0.08  # between its FTP chain's and its recycled nodes'
 
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         require_ftp(model, "ftp-recycling")
