@@ -278,7 +278,8 @@ def eval_(
         quick: small suite sizes (the demo's, and the tests')
         seed: seed of document choice, sampling and bootstrap
         data: prepared data directory (default: the one the run was trained on)
-        set: suite size, e.g. --set coherence_prompts=50 --set classify_docs=500 --set coding_problems=1000
+        set: suite size, e.g. --set coherence_prompts=50 --set classify_docs=500 --set coding_problems=1000;
+            --set layer=L: smoothness and classify read the vectors after the first L trunk blocks (default: the top)
     """
     from ftplm.config import parse_override
     from ftplm.eval import headline, run_suites

@@ -226,7 +226,9 @@ class Trunk(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        layer: int | None = None,
     ) -> torch.Tensor:
+        """Top-layer vectors, or (layer = L) those after the first L blocks, through the same final LayerNorm."""
         T = idx.size(1)
         start = cache.length if cache is not None else 0
         if positions is None:
@@ -234,7 +236,7 @@ class Trunk(nn.Module):
                 raise FtplmError(f"sequence of {start + T} tokens exceeds the context length ({self.block_size})")
             positions = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))
-        for i, block in enumerate(self.h):
+        for i, block in enumerate(self.h[:layer]):
             x = block(x, cache, i, attn_mask)
         if cache is not None:
             cache.advance(T)
@@ -280,9 +282,15 @@ class LanguageModel(nn.Module):
         cache: KVCache | None = None,
         positions: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        layer: int | None = None,
     ) -> torch.Tensor:
-        """Top-layer vectors h_t (B, T, n_embd): FTP's semantic state vectors, GPT's pre-head hidden states."""
-        return self.trunk(idx, cache, positions, attn_mask)
+        """Top-layer vectors h_t (B, T, n_embd): FTP's semantic state vectors, GPT's pre-head hidden states.
+
+        layer = L (0..n_layer, evaluation only, no cache): the residual stream after the first L trunk blocks through
+        the final LayerNorm instead, to ask where in the trunk a property (topic, smoothness) lives."""
+        if layer is not None and (cache is not None or not 0 <= layer <= self.cfg.n_layer):
+            raise FtplmError(f"layer must be in 0..{self.cfg.n_layer} and used without a KV cache, got {layer}")
+        return self.trunk(idx, cache, positions, attn_mask, layer)
 
     def new_cache(self) -> KVCache:
         return KVCache(self.cfg.n_layer, self.cfg.block_size)

@@ -225,6 +225,14 @@ def test_eval_cli_json_and_bad_input(tiny_ftp_run, tiny_gpt_run, tmp_path, capsy
     assert main(["eval", str(tiny_ftp_run), "--suite", "smoothness", "--quick", "--json", str(out), "--set", "smoothness_docs=5"]) == 0
     data = json.loads(out.read_text())
     assert data["runs"]["ftp"]["suites"]["smoothness"]["n"] == 5
+    top = data["runs"]["ftp"]["suites"]["smoothness"]
+    assert top["layer"] == 2  # tiny: 2 trunk blocks
+    low = tmp_path / "low.json"
+    assert main(["eval", str(tiny_ftp_run), "--suite", "smoothness", "--quick", "--json", str(low), "--set", "smoothness_docs=5", "--set", "layer=1"]) == 0
+    lower = json.loads(low.read_text())["runs"]["ftp"]["suites"]["smoothness"]
+    assert lower["layer"] == 1 and lower["n"] == 5
+    assert lower["metrics"]["adjacent_cosine"]["value"] != pytest.approx(top["metrics"]["adjacent_cosine"]["value"], abs=1e-4)
+    assert "--set layer must be an integer in 0..2" in _one_line_exit_2(["eval", str(tiny_ftp_run), "--suite", "classify", "--quick", "--set", "layer=3"], capsys)
     assert "invalid choice: 'nope'" in _one_line_exit_2(["eval", str(tiny_ftp_run), "--suite", "nope"], capsys)
     assert "no such run" in _one_line_exit_2(["eval", str(tmp_path / "missing"), "--suite", "ppl"], capsys)
     (tmp_path / "empty_run").mkdir()

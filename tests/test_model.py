@@ -26,6 +26,23 @@ def model(request):
     return build_model(tiny_cfg(request.param)).eval()
 
 
+def test_state_vectors_of_a_lower_layer(model):
+    x = torch.randint(0, V, (2, 12))
+    n = model.cfg.n_layer
+    assert torch.equal(model.state_vectors(x, layer=n), model.state_vectors(x))
+    trunk = model.trunk
+    embedded = trunk.wte(x) + trunk.wpe(torch.arange(12))
+    assert torch.allclose(model.state_vectors(x, layer=0), trunk.ln_f(embedded), atol=1e-6)
+    one = trunk.ln_f(trunk.h[0](embedded))
+    assert torch.allclose(model.state_vectors(x, layer=1), one, atol=1e-6)
+    assert not torch.allclose(model.state_vectors(x, layer=1), model.state_vectors(x), atol=1e-3)
+    for bad in (-1, n + 1):
+        with pytest.raises(FtplmError, match="layer must be in"):
+            model.state_vectors(x, layer=bad)
+    with pytest.raises(FtplmError, match="without a KV cache"):
+        model.state_vectors(x, model.new_cache(), layer=1)
+
+
 def test_shapes(model):
     x = torch.randint(0, V, (3, 20))
     h = model.state_vectors(x)

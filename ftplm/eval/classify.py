@@ -17,7 +17,7 @@ import numpy as np
 
 from ftplm.errors import FtplmError
 from ftplm.eval import EvalContext, heldout_documents, provenance, suite
-from ftplm.eval.smoothness import pick_documents, token_states
+from ftplm.eval.smoothness import pick_documents, state_layer, token_states
 
 CORPORA = {"wiki-vital": "main: 11 topics", "bbc-news": "easy: 5 classes"}
 DROP_LABELS = {"Uncategorized", "", None}
@@ -63,6 +63,7 @@ def classify(ctx: EvalContext) -> dict[str, Any]:
     """5-fold CV topic accuracy of mean/last-pooled frozen vectors vs TF-IDF, on wiki-vital and bbc-news."""
     tm = ctx.model
     n_max = ctx.size("classify_docs", 1000, 150)
+    layer = state_layer(ctx)
     metrics: dict[str, Any] = {}
     items: dict[str, list[float]] = {}
     info: dict[str, Any] = {}
@@ -72,7 +73,7 @@ def classify(ctx: EvalContext) -> dict[str, Any]:
         if len(set(labels)) < 2:
             raise FtplmError(f"classify needs held-out {corpus} documents of at least 2 classes with {FOLDS}+ documents each, found {len(pairs)} docs in {source}")
         ids = [tm.encode(text)[: tm.config.block_size] or [tm.eos_id or 0] for text, _ in pairs]
-        pooled = token_states(tm, ids, batch_size=64, reduce=lambda h: (h.mean(0), h[-1]))
+        pooled = token_states(tm, ids, batch_size=64, reduce=lambda h: (h.mean(0), h[-1]), layer=layer)
         features = {"mean": np.stack([m for m, _ in pooled]), "last": np.stack([x for _, x in pooled])}
         texts = [tm.decode(x) for x in ids]  # the reference sees exactly the tokens the model saw
         for name, feats, kind in (("mean", features["mean"], "dense"), ("last", features["last"], "dense"), ("tfidf", texts, "tfidf")):
@@ -84,7 +85,7 @@ def classify(ctx: EvalContext) -> dict[str, Any]:
         info[corpus] = {"role": role, "docs": source, "n": len(labels), "classes": dict(sorted(counts.items())), "dropped_classes": dropped}
     return {
         "suite": "classify", **provenance(ctx.run), "model_type": tm.config.model_type,
-        "n": sum(v["n"] for v in info.values()), "folds": FOLDS, "corpora": info,
+        "n": sum(v["n"] for v in info.values()), "folds": FOLDS, "layer": layer, "corpora": info,
         "classifier": "StandardScaler + LogisticRegression(max_iter=2000); TF-IDF(sublinear, min_df=2) + LogisticRegression",
         "metrics": metrics, "headline": ["wiki-vital/mean", "wiki-vital/last", "wiki-vital/tfidf", "bbc-news/mean"],
         "_items": items,

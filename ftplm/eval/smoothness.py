@@ -40,9 +40,12 @@ def offset_cosines(h: np.ndarray, max_offset: int = MAX_OFFSET, skip: int = SKIP
 
 
 @torch.no_grad()
-def token_states(model, texts_ids: list[list[int]], batch_size: int = 16, reduce: Callable[[np.ndarray], Any] | None = None) -> list[Any]:
-    """Per-token top-layer vectors (T, C) of each token sequence, or reduce() of them, in right-padded batches (the
-    trunk is causal, so the padding after a sequence cannot change its vectors)."""
+def token_states(
+    model, texts_ids: list[list[int]], batch_size: int = 16, reduce: Callable[[np.ndarray], Any] | None = None,
+    layer: int | None = None,
+) -> list[Any]:
+    """Per-token top-layer vectors (T, C) of each token sequence (or those after `layer` trunk blocks), or reduce()
+    of them, in right-padded batches (the trunk is causal, so the padding after a sequence cannot change its vectors)."""
     out: list[Any] = [None] * len(texts_ids)
     order = sorted(range(len(texts_ids)), key=lambda i: len(texts_ids[i]))
     model.model.eval()
@@ -52,10 +55,19 @@ def token_states(model, texts_ids: list[list[int]], batch_size: int = 16, reduce
         idx = torch.zeros(len(rows), width, dtype=torch.long, device=model.device)
         for r, i in enumerate(rows):
             idx[r, : len(texts_ids[i])] = torch.tensor(texts_ids[i])
-        h = model.model.state_vectors(idx).float().cpu().numpy()
+        h = model.model.state_vectors(idx, layer=layer).float().cpu().numpy()
         for r, i in enumerate(rows):
             out[i] = h[r, : len(texts_ids[i])] if reduce is None else reduce(h[r, : len(texts_ids[i])])
     return out
+
+
+def state_layer(ctx: EvalContext) -> int:
+    """Which trunk layer's vectors a suite reads: `--set layer=L` (0 = embeddings), default the top (n_layer)."""
+    top = ctx.model.config.n_layer
+    value = ctx.options.get("layer", top)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise FtplmError(f"--set layer must be an integer in 0..{top} (trunk blocks applied), got {value!r}")
+    return value
 
 
 def pick_documents(docs: list[Document], n: int, seed: int) -> list[Document]:
@@ -82,7 +94,8 @@ def smoothness(ctx: EvalContext) -> dict[str, Any]:
     ids = [x for _, x in ids if len(x) > SKIP + 1][:n_docs]
     if len(ids) < 2:
         raise FtplmError(f"smoothness needs at least 2 held-out documents longer than {SKIP + 1} tokens, found {len(ids)} in {source}")
-    states = token_states(ctx.model, ids)
+    layer = state_layer(ctx)
+    states = token_states(ctx.model, ids, layer=layer)
     mean_vec = np.concatenate([h[SKIP:] for h in states]).mean(0)
     raw = [offset_cosines(h) for h in states]
     centred = [offset_cosines(h - mean_vec) for h in states]
@@ -101,6 +114,6 @@ def smoothness(ctx: EvalContext) -> dict[str, Any]:
         items[f"adjacent_cosine{suffix}"] = doc_adj.tolist()
     return {
         "suite": "smoothness", **provenance(ctx.run), "model_type": ctx.model.config.model_type,
-        "n": len(states), "docs": source, "skip_positions": SKIP, "metrics": metrics,
+        "n": len(states), "docs": source, "skip_positions": SKIP, "layer": layer, "metrics": metrics,
         "headline": ["adjacent_cosine", "adjacent_cosine_centered"], "_items": items,
     }
