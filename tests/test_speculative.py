@@ -276,6 +276,11 @@ def test_adaptive_depth_follows_acceptance():
     for _ in range(30):  # every draft token accepted: draft as deep as allowed
         control.update(chain(control.depth()), control.depth())
     assert control.depth() == 4
+    shallow = AdaptiveDepth(max_depth=4, node_cost=0.1)
+    for _ in range(30):  # depths 1-2 always accepted, 3-4 never drafted: assumed as good as depth 2, so tried
+        shallow.update(chain(2), 2)
+    assert shallow.rates()[2] == pytest.approx(shallow.rates()[1]) and shallow.rates()[1] > 0.9
+    assert shallow.depth() == 4
     for _ in range(100):  # nothing accepted: stop drafting (depth 0 = a plain step)...
         control.update(chain(control.depth()), 0)
     assert control.depth() == 0

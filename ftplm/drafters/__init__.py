@@ -84,25 +84,35 @@ class AdaptiveDepth:
     """Adaptive draft length: each round, the depth with the most expected tokens per unit of cost.
 
     Per depth d it keeps how often a draft reached d with every shallower draft token accepted, and how often the
-    token at depth d was then accepted too; r_d = (accepted + 1) / (reached + 2). A depth-L draft is expected to
-    give 1 + sum_{i<=L} prod_{j<=i} r_j tokens (the bonus token included) for 1 + node_cost * (its nodes) target
-    forwards. Counts are forgotten geometrically (`decay` per round), so that a depth left undrafted drifts back to
-    the prior r = 1/2 and is tried again. Only past acceptances are used, so the output stays lossless; depth 0
-    (no draft: a plain step) is a valid choice where drafts keep failing.
+    token at depth d was then accepted too. The acceptance rate r_d is estimated as (accepted + 2 r_{d-1}) /
+    (reached + 2), i.e. with little evidence a depth is assumed to do as well as the one above it (r_0's prior is
+    1/2): acceptance is much alike from depth to depth, and this keeps deeper drafts worth trying. A depth-L draft is
+    expected to give 1 + sum_{i<=L} prod_{j<=i} r_j tokens (bonus included) for 1 + node_cost * (its nodes) target
+    forwards, with each level's width as last drafted. Counts are forgotten geometrically (`decay` per round), so
+    that a depth left undrafted drifts back to its prior and is tried again. Only past acceptances are used, so the
+    output stays lossless; depth 0 (no draft: a plain step) is a valid choice where drafts keep failing.
     """
 
     def __init__(self, max_depth: int, node_cost: float, decay: float = 0.95) -> None:
         self.max_depth, self.node_cost, self.decay = max_depth, node_cost, decay
         self.reached = [0.0] * max_depth
         self.accepted = [0.0] * max_depth
-        self.nodes = list(range(max_depth + 1))  # nodes of a depth-L draft (latest seen; a chain until then)
+        self.widths = [1] * max_depth  # nodes at depth d + 1, as last drafted (a chain until seen)
+
+    def rates(self) -> list[float]:
+        rates, prior = [], 0.5
+        for reached, accepted in zip(self.reached, self.accepted):
+            prior = (accepted + 2 * prior) / (reached + 2)
+            rates.append(prior)
+        return rates
 
     def depth(self) -> int:
-        best_depth, best, expected, keep = 0, 1.0, 1.0, 1.0
-        for d in range(self.max_depth):
-            keep *= (self.accepted[d] + 1) / (self.reached[d] + 2)
+        best_depth, best, expected, keep, nodes = 0, 1.0, 1.0, 1.0, 0
+        for d, rate in enumerate(self.rates()):
+            keep *= rate
             expected += keep
-            value = expected / (1 + self.node_cost * self.nodes[d + 1])
+            nodes += self.widths[d]
+            value = expected / (1 + self.node_cost * nodes)
             if value > best:
                 best_depth, best = d + 1, value
         return best_depth
@@ -111,12 +121,12 @@ class AdaptiveDepth:
         """After a verification: `draft` as verified, `accepted_depth` = draft tokens accepted."""
         depths = draft.depths()
         drafted = max(depths, default=0)
-        for d in range(1, drafted + 1):
-            self.nodes[d] = self.nodes[d - 1] + depths.count(d)
+        for d in range(min(drafted, self.max_depth)):
+            self.widths[d] = depths.count(d + 1)
         for d in range(self.max_depth):
             self.reached[d] *= self.decay
             self.accepted[d] *= self.decay
-        for d in range(min(drafted, accepted_depth + 1)):
+        for d in range(min(drafted, accepted_depth + 1, self.max_depth)):
             self.reached[d] += 1
             self.accepted[d] += accepted_depth > d
 
