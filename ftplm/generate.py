@@ -98,6 +98,30 @@ def check_budget(model: LanguageModel, prompt_len: int, max_new_tokens: int) -> 
     return min(max_new_tokens, block - prompt_len)
 
 
+class _Clock:
+    """Splits verification time into the trunk's forwards and the target logits (perf_counter: host time; on CUDA
+    the split is only exact with CUDA_LAUNCH_BLOCKING=1, since kernels run asynchronously)."""
+
+    def __init__(self) -> None:
+        self.trunk_time = self.target_time = 0.0
+
+    def trunk(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.trunk_time += time.perf_counter() - t0
+        return out
+
+    def targets(self, fn: Callable[..., Any], *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.target_time += time.perf_counter() - t0
+        return out
+
+    def add_to(self, stats: SpecStats) -> None:
+        stats.trunk_time += self.trunk_time
+        stats.target_time += self.target_time
+
+
 @torch.inference_mode()
 def generate(
     model: LanguageModel,
@@ -189,30 +213,6 @@ class SpecStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "overhead_time": self.overhead_time, "tau": self.tau}
-
-
-class _Clock:
-    """Splits verification time into the trunk's forwards and the target logits (perf_counter: host time; on CUDA
-    the split is only exact with CUDA_LAUNCH_BLOCKING=1, since kernels run asynchronously)."""
-
-    def __init__(self) -> None:
-        self.trunk_time = self.target_time = 0.0
-
-    def trunk(self, fn: Callable[..., Any], *args: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.trunk_time += time.perf_counter() - t0
-        return out
-
-    def targets(self, fn: Callable[..., Any], *args: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.target_time += time.perf_counter() - t0
-        return out
-
-    def add_to(self, stats: SpecStats) -> None:
-        stats.trunk_time += self.trunk_time
-        stats.target_time += self.target_time
 
 
 def speculative_accept(p: torch.Tensor, token: int, q: torch.Tensor | None, u: float) -> tuple[bool, torch.Tensor]:
@@ -387,7 +387,7 @@ def speculative_generate(
 
     if not isinstance(drafter, Drafter):
         drafter = get_drafter(drafter, model, draft_len, tree, adaptive)
-    elif adaptive and drafter.adaptive is None:
+    elif adaptive and drafter.adaptive is None:  # kept on the drafter: its statistics carry over to later calls
         drafter.adaptive = AdaptiveDepth(drafter.draft_len, drafter.node_cost)
     if idx.dim() != 2:
         raise FtplmError("idx must be a (batch, time) tensor of token ids")

@@ -123,8 +123,10 @@ def bench_decode(
         raise FtplmError(f"--max-new-tokens {max_new_tokens} does not fit the context of {model.cfg.block_size} tokens")
     texts = heldout_prompts(run, tm.encode, prompts, prompt_tokens)
     # one drafter per method for the whole benchmark (Token Recycling's matrix carries over between prompts)
-    drafters = {m: get_drafter(name, model, tree=tree, adaptive=adaptive) if name else None
-                for m, (name, tree, adaptive) in ((m, available[m]) for m in methods)}
+    drafters = {}
+    for method in methods:
+        name, tree, adaptive = available[method]
+        drafters[method] = get_drafter(name, model, tree=tree, adaptive=adaptive) if name else None
 
     def one(method: str, ids: list[int], n: int, sampling: Sampling, seed: int) -> dict[str, Any]:
         stats = SpecStats()
