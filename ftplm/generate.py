@@ -105,17 +105,17 @@ class _Clock:
     def __init__(self) -> None:
         self.trunk_time = self.target_time = 0.0
 
-    def trunk(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _timed(self, part: str, fn: Callable[..., Any], *args: Any) -> Any:
         t0 = time.perf_counter()
         out = fn(*args)
-        self.trunk_time += time.perf_counter() - t0
+        setattr(self, part, getattr(self, part) + time.perf_counter() - t0)
         return out
 
+    def trunk(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return self._timed("trunk_time", fn, *args)
+
     def targets(self, fn: Callable[..., Any], *args: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        self.target_time += time.perf_counter() - t0
-        return out
+        return self._timed("target_time", fn, *args)
 
     def add_to(self, stats: SpecStats) -> None:
         stats.trunk_time += self.trunk_time
@@ -308,7 +308,6 @@ def _speculative_row(
     started = time.perf_counter()
     device, block = model.device, model.cfg.block_size
     keep_decoder = drafter.wants_decoder_start and hasattr(model, "first_decoder_step")
-
     clock = _Clock()
 
     def targets(h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -383,12 +382,12 @@ def speculative_generate(
     adaptive: bool = False,
 ) -> torch.Tensor:
     """Lossless speculative generation, same contract as `generate`. Rows of a batch are generated one by one."""
-    from ftplm.drafters import AdaptiveDepth, Drafter, get_drafter
+    from ftplm.drafters import Drafter, get_drafter
 
     if not isinstance(drafter, Drafter):
         drafter = get_drafter(drafter, model, draft_len, tree, adaptive)
     elif adaptive and drafter.adaptive is None:  # kept on the drafter: its statistics carry over to later calls
-        drafter.adaptive = AdaptiveDepth(drafter.draft_len, drafter.node_cost)
+        drafter.make_adaptive()
     if idx.dim() != 2:
         raise FtplmError("idx must be a (batch, time) tensor of token ids")
     n_new = check_budget(model, idx.size(1), max_new_tokens)

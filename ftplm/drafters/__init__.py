@@ -144,7 +144,11 @@ class Drafter:
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         self.model = model
         self.draft_len = self.default_draft_len if draft_len is None else draft_len
-        self.adaptive: AdaptiveDepth | None = None  # set by get_drafter(..., adaptive=True)
+        self.adaptive: AdaptiveDepth | None = None  # set by make_adaptive()
+
+    def make_adaptive(self) -> None:
+        """Choose each round's draft depth (up to draft_len) from the acceptances so far."""
+        self.adaptive = AdaptiveDepth(self.draft_len, self.node_cost)
 
     def propose(self, ctx: DraftContext) -> Draft:
         raise NotImplementedError
@@ -204,5 +208,5 @@ def get_drafter(
         raise FtplmError(f"draft_len must be a positive integer, got {draft_len!r}")
     chosen = DRAFTERS[name](model, draft_len, tree)
     if adaptive:
-        chosen.adaptive = AdaptiveDepth(chosen.draft_len, chosen.node_cost)
+        chosen.make_adaptive()
     return chosen
