@@ -219,41 +219,66 @@ def test_pseudo_norm_must_be_a_bool():
 
 
 # --------------------------------------------------------------------------------------------------------
-# Linear: the decoding paths (few rows on CPU, weights in a lower precision) compute the same product
+# Linear: the packed oneDNN inference path computes the same product, and only where it may
 # --------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("rows", [1, 2, 4, 8, 32, 33])
+@pytest.mark.parametrize("rows", [1, 2, 4, 32, 33, 300])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_linear_inference_paths_match_f_linear(rows, bias, threads):
-    from ftplm.model import Linear
+def test_linear_packed_path_matches_f_linear(rows, bias, threads):
+    from ftplm.model import _PACKED, ONEDNN_LINEAR, Linear
 
+    assert ONEDNN_LINEAR  # the pinned CPU torch has oneDNN: the fast path is not silently off
     torch.manual_seed(rows)
-    layer = Linear(24, 40, bias=bias).eval()
-    x = torch.randn(1, rows, 24)
+    layer = Linear(256, 384, bias=bias).eval()  # 98k weights: packed
+    x = torch.randn(1, rows, 256)
     ref = F.linear(x, layer.weight, layer.bias)
     before = torch.get_num_threads()
-    torch.set_num_threads(threads)  # 2+ threads and 2-32 rows take the transposed product
+    torch.set_num_threads(threads)
     try:
-        out = layer(x)
+        with torch.no_grad():
+            out = layer(x)
     finally:
         torch.set_num_threads(before)
-    assert out.shape == ref.shape == (1, rows, 40) and out.dtype == x.dtype
+    assert layer in _PACKED
+    assert out.shape == ref.shape == (1, rows, 384) and out.dtype == x.dtype and out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    layer.train()  # training always takes F.linear: gradients flow as usual
-    layer(x).sum().backward()
-    assert layer.weight.grad is not None and layer.weight.grad.shape == layer.weight.shape
 
 
-@pytest.mark.parametrize("rows", [1, 3, 20])
-def test_linear_with_half_weights_returns_the_input_dtype(rows):
-    from ftplm.model import Linear
+def test_linear_repacks_after_the_weight_changes_and_stays_copyable():
+    import copy
+    import io
+    import pickle
+
+    from ftplm.model import _PACKED, Linear
 
     torch.manual_seed(0)
-    layer = Linear(32, 48, bias=True).eval()
-    x = torch.randn(rows, 32)
-    ref = layer(x)
-    layer.half()
-    out = layer(x)
-    assert out.dtype == torch.float32 and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)  # fp16 rounding of weights and inputs only
-    assert not torch.equal(out, ref)  # it did run in half precision
+    layer = Linear(256, 256, bias=False).eval()
+    x = torch.randn(3, 256)
+    with torch.no_grad():
+        layer(x)
+        packed = _PACKED[layer][1]
+        layer.weight.add_(1.0)  # an optimizer step in between
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+        assert _PACKED[layer][1] is not packed
+        layer.load_state_dict({"weight": torch.randn(256, 256)})
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+    copy.deepcopy(layer)  # the opaque packed tensor lives off the module
+    pickle.dumps(layer)
+    torch.save(layer.state_dict(), io.BytesIO())
+
+
+def test_linear_keeps_f_linear_for_training_grad_autocast_and_small_weights():
+    from ftplm.model import _PACKED, Linear
+
+    torch.manual_seed(0)
+    big, small = Linear(256, 256), Linear(24, 40)
+    x = torch.randn(2, 256, requires_grad=True)
+    big(x).sum().backward()  # training mode: autograd flows as usual
+    assert big.weight.grad is not None and x.grad is not None
+    big.eval()
+    big(x).sum().backward()  # eval with autograd on (attributions): still F.linear, still differentiable
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert big(x).dtype == torch.bfloat16  # autocast keeps its semantics
+    with torch.no_grad():
+        small.eval()(torch.randn(2, 24))
+    assert big not in _PACKED and small not in _PACKED

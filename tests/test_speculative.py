@@ -41,6 +41,7 @@ def random_model(model_type: str, vocab: int = VOCAB, block: int = BLOCK, scale:
 
 
 MODELS = {"ftp": random_model("ftp"), "gpt": random_model("gpt")}
+FLOAT32_FTP = random_model("ftp").float()  # the packed path is float32 only
 DRAFTERS_FOR = {"ftp": ("ftp", "ftp-recycling", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -411,37 +412,17 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------
-# the FTP drafter's half-precision copy
+# the multi-threaded CPU path
 # --------------------------------------------------------------------------------------------------------
-def test_draft_copy_shares_the_trunk_and_follows_training():
-    from ftplm.drafters.ftp import draft_copy
-
-    model = random_model("ftp", scale=1.0).float()
-    half = draft_copy(model)
-    assert half.trunk is model.trunk  # drafting never runs the trunk: no second copy
-    assert half.lm_head.weight.dtype == torch.float16 and half.to_pseudo.weight.dtype == torch.float16
-    assert model.lm_head.weight.dtype == torch.float32 and model.to_pseudo.weight.dtype == torch.float32
-    assert draft_copy(model) is half  # cached while nothing changed
-    with torch.no_grad():
-        model.to_pseudo.weight.add_(1.0)  # an optimizer step in between
-    fresh = draft_copy(model)
-    assert fresh is not half
-    torch.testing.assert_close(fresh.to_pseudo.weight.float(), model.to_pseudo.weight, rtol=1e-3, atol=1e-3)
-    with torch.no_grad():
-        model.pseudo_pos.add_(1.0)  # a parameter that is not a Linear weight, kept in fp32 by the copy
-    again = draft_copy(model)
-    assert again is not fresh and torch.equal(again.pseudo_pos, model.pseudo_pos)
-    assert draft_copy(model) is again
-
-
 @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 @given(data=st.data())
-def test_lossless_on_the_multithreaded_cpu_path(data):
-    """Two torch threads: verification of 2-32 rows takes Linear's transposed product, plain decoding does not,
-    and the FTP drafter runs its fp16 copy (rounding may change drafts, never the output)."""
-    from ftplm.drafters.ftp import FTPDrafter
+def test_lossless_on_the_multithreaded_cpu_path(data, monkeypatch):
+    """Two torch threads, and every Linear (even these tiny ones) on the packed oneDNN path: plain decoding
+    multiplies one row at a time, verification many; rounding differences must never change the output."""
+    from ftplm.model import _PACKED, Linear
 
-    model = MODELS["ftp"]
+    monkeypatch.setattr(Linear, "MIN_PACKED", 0)
+    model = FLOAT32_FTP
     length = data.draw(st.integers(1, BLOCK - 1), label="prompt length")
     alphabet = data.draw(st.integers(2, VOCAB), label="alphabet")
     prompt = data.draw(st.lists(st.integers(0, alphabet - 1), min_size=length, max_size=length), label="prompt")
@@ -451,22 +432,11 @@ def test_lossless_on_the_multithreaded_cpu_path(data):
     torch.set_num_threads(2)
     try:
         plain = generate(model, idx, 12, Sampling(0)).tolist()
-        half = FTPDrafter(model, tree=tree, precision=torch.float16)
-        assert half._draft_model() is not model
-        for drafter in (half, "recycling", "lookup"):
+        assert model.lm_head in _PACKED
+        for drafter in ("ftp", "recycling", "lookup"):
             assert generate(model, idx, 12, Sampling(0), speculative=drafter, tree=tree).tolist() == plain, drafter
     finally:
         torch.set_num_threads(threads)
-
-
-def test_half_precision_drafts_are_accepted():
-    from ftplm.drafters.ftp import FTPDrafter
-
-    model = MODELS["ftp"]
-    idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
-    stats = SpecStats()
-    generate(model, idx, 20, Sampling(0), speculative=FTPDrafter(model, precision=torch.float16), stats=stats)
-    assert stats.accepted_tokens > 0 and stats.tau > 1.2, stats
 
 
 def test_ftp_recycling_hangs_the_recycled_tree_off_the_last_ftp_token():
@@ -522,7 +492,7 @@ def test_ftp_drafter_drafts_the_same_with_and_without_the_decoder_start(tree):
     from ftplm.drafters.ftp import FTPDrafter
 
     model = MODELS["ftp"]
-    drafter = FTPDrafter(model, tree=tree, precision=None)
+    drafter = FTPDrafter(model, tree=tree)
     x = torch.tensor([[2, 7, 1, 8, 2, 8]])
     h = model.state_vectors(x)
     _, start = model.first_decoder_step(h, x)

@@ -10,17 +10,9 @@ cross-attention keys/values and self-attention cache), so drafting starts by fee
 chain: greedy = argmax at each step; under sampling the tokens are sampled from the decoder's (transformed)
 distribution q and verified with the min(1, p/q) rule. tree: the top-k candidates at each node following a
 template of rank paths, expanded level by level (one batched decoder call per level).
-
-Drafting runs a float16 copy of the decoder side (pseudo-sequence projection, decoder, LM head): a draft needs no
-exactness, since the targets it is checked against always come from the model itself, so the output is unchanged,
-and half the bytes make drafting cheaper (`small`, 2 CPU threads: first draft step 1.09 -> 0.72 ms, the next ones
-0.46 -> 0.34 ms; about even on one thread).
 """
 
 from __future__ import annotations
-
-import copy
-import weakref
 
 import torch
 
@@ -29,33 +21,6 @@ from ftplm.errors import FtplmError
 
 # 11 nodes, depth 3 (cut to draft_len): two-three candidates near the root, the best ones deeper
 DEFAULT_TREE: Template = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
-
-
-_DRAFT_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
-
-
-def draft_copy(model: torch.nn.Module, dtype: torch.dtype = torch.float16) -> torch.nn.Module:
-    """The FTP model with its decoder-side matrices in `dtype`, sharing the trunk (drafting never runs it).
-
-    Cached per model; rebuilt when a decoder-side parameter has changed since (an optimizer step, load_state_dict,
-    a dtype or device move) or a top-level module was replaced. The check costs microseconds per draft.
-    """
-    children = tuple((name, id(m)) for name, m in model.named_children() if name != "trunk")
-    cached = _DRAFT_COPIES.get(model)
-    if cached is not None and cached[0] == (children, dtype):
-        params, versions, draft = cached[1:]
-        if versions == tuple((p._version, p.dtype, p.device) for p in params):
-            return draft
-    params = [p for name, p in model.named_parameters() if not name.startswith("trunk.")]
-    with torch.no_grad():
-        draft = copy.deepcopy(model, memo={id(model.trunk): model.trunk})
-        draft.eval()
-        for name, module in draft.named_modules():
-            if not name.startswith("trunk") and isinstance(module, torch.nn.Linear) and module.weight.is_floating_point():
-                module.weight.data = module.weight.data.to(dtype)  # lm_head's tied dec_wte follows: fine
-    versions = tuple((p._version, p.dtype, p.device) for p in params)
-    _DRAFT_COPIES[model] = ((children, dtype), params, versions, draft)
-    return draft
 
 
 def require_ftp(model, name: str) -> None:
@@ -71,10 +36,7 @@ class FTPDrafter(Drafter):
     wants_decoder_start = True
     node_cost = 0.12  # a decoder step (0.34-0.45 ms, `small`, 2 threads) + its verification, per ~4.7 ms forward
 
-    def __init__(
-        self, model, draft_len: int | None = None, tree: bool | Template | None = None,
-        precision: torch.dtype | None = torch.float16,
-    ) -> None:
+    def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         require_ftp(model, "ftp")
         self.default_draft_len = model.cfg.n_future - 1
         super().__init__(model, draft_len, tree)
@@ -84,19 +46,10 @@ class FTPDrafter(Drafter):
                 f"{model.cfg.n_future} tokens, the first being the target's own), got {self.draft_len}"
             )
         self.template = None if not tree else DEFAULT_TREE if tree is True else check_template(tree)
-        self.precision = precision
-
-    def _draft_model(self) -> torch.nn.Module:
-        """The model itself, or its cached lower-precision copy when the weights are wider than `precision`."""
-        m = self.model
-        weights = m.lm_head.weight.dtype
-        if self.precision is None or not weights.is_floating_point or weights.itemsize <= self.precision.itemsize:
-            return m
-        return draft_copy(m, self.precision)
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
-        m = self._draft_model()
+        m = self.model
         depth = min(self.draft_len, ctx.max_depth)
         draft = Draft()
         if depth <= 0 or ctx.max_nodes <= 0:
