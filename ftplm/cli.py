@@ -385,6 +385,7 @@ def serve(
     port: int = 8000,
     model_name: Optional[str] = None,
     speculative: Literal["auto", "none", "ftp", "ftp-recycling", "recycling", "lookup"] = "auto",
+    adaptive: bool = False,
     max_tokens_cap: Optional[int] = None,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions (streaming too), /v1/embeddings, /v1/models, /health.
@@ -395,6 +396,7 @@ def serve(
         port: TCP port
         model_name: the model id clients pass as "model" (default: the run directory's name)
         speculative: auto = self-speculative decoding for FTP models, plain for GPT; or a drafter, or none
+        adaptive: with a drafter, choose each round's draft length from the acceptances so far
         max_tokens_cap: the largest max_tokens a request may ask for (default: the model's context length)
     """
     from ftplm.serve import serve as run_serve
@@ -402,7 +404,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise FtplmError(f"--port must be in 0..65535, got {port}")
     run_serve(run, host, port, model_name=model_name, speculative=None if speculative == "none" else speculative,
-              max_tokens_cap=max_tokens_cap)
+              adaptive=adaptive, max_tokens_cap=max_tokens_cap)
 
 
 @command(name="bench serve")

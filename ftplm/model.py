@@ -97,7 +97,7 @@ class Linear(nn.Linear):
     weights too large to stay in cache (small ones are faster through F.linear). Training never takes it.
     """
 
-    MIN_PACKED = 1 << 16  # weight elements
+    MIN_PACKED = 1 << 17  # weight elements (the FTP decoder's 256 x 256 matrices: F.linear is faster)
     PACK_ROWS = 32  # the row count oneDNN tunes the packed layout for; 1-64 rows all ran as fast (measured)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from ftplm.api import TextModel, load
+from ftplm.drafters import get_drafter
 from ftplm.errors import FtplmError
 from ftplm.generate import Sampling
 
@@ -286,16 +287,20 @@ class TextAssembler:
 # ------------------------------------------------------------------------------------------------------
 # the app
 # ------------------------------------------------------------------------------------------------------
-def _speculative_kwargs(tm: TextModel, speculative: str | None) -> dict[str, Any]:
-    """{"speculative": ...} for generate_ids when this ftplm supports it; "auto" = "ftp" for FTP models."""
+def _speculative_kwargs(tm: TextModel, speculative: str | None, adaptive: bool = False) -> dict[str, Any]:
+    """{"speculative": ..., "adaptive": ...} for generate_ids when this ftplm supports it; "auto" = "ftp" for FTP
+    models."""
     supported = "speculative" in inspect.signature(tm.generate_ids).parameters
     if speculative == "auto":
         speculative = "ftp" if tm.config.model_type == "ftp" and supported else None
     if speculative in (None, "none"):
+        if adaptive:
+            raise FtplmError("adaptive draft length needs a speculative drafter; this server decodes plainly")
         return {}
     if not supported:
         raise FtplmError("this ftplm has no speculative decoding; serve with speculative=None")
-    return {"speculative": speculative}
+    get_drafter(speculative, tm.model)  # an unknown drafter, or ftp on a GPT model: one clear line at startup
+    return {"speculative": speculative, "adaptive": adaptive}
 
 
 def _check_model(requested: str | None, name: str) -> None:
@@ -309,6 +314,7 @@ def create_app(
     *,
     model_name: str | None = None,
     speculative: str | None = "auto",
+    adaptive: bool = False,
     max_tokens_cap: int | None = None,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_pending: int = 256,
@@ -316,13 +322,14 @@ def create_app(
     """The FastAPI app serving one model (a TextModel or a run / saved-model path).
 
     speculative: "auto" (FTP models: self-speculative "ftp"; GPT: plain), a drafter name, or None.
+    adaptive: with a drafter, choose each round's draft length from the acceptances so far (per request).
     max_tokens_cap: the most tokens one completion may ask for (default: the model's context length).
     """
     tm = model if isinstance(model, TextModel) else load(model)
     name = model_name or (tm.path.name if tm.path is not None else "ftplm")
     block = tm.config.block_size
     cap = max_tokens_cap or block
-    gen_extra = _speculative_kwargs(tm, speculative)
+    gen_extra = _speculative_kwargs(tm, speculative, adaptive)
     worker = ModelWorker(max_pending)
     created = int(time.time())
 
@@ -335,7 +342,7 @@ def create_app(
     app = FastAPI(title="ftplm", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.text_model, app.state.worker, app.state.model_name = tm, worker, name
-    app.state.speculative = gen_extra.get("speculative")
+    app.state.speculative, app.state.adaptive = gen_extra.get("speculative"), gen_extra.get("adaptive", False)
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -372,7 +379,8 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "pending": worker.pending, "speculative": app.state.speculative}
+        return {"status": "ok", "model": name, "pending": worker.pending, "speculative": app.state.speculative,
+                "adaptive": app.state.adaptive}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -546,7 +554,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: i
     app = create_app(run, **app_kwargs)
     sock = bind(host, port)
     print(f"serving {app.state.model_name} ({app.state.text_model.config.model_type}, speculative: "
-          f"{app.state.speculative or 'off'}) on http://{host}:{port}/v1", flush=True)
+          f"{app.state.speculative or 'off'}{', adaptive' if app.state.adaptive else ''}) on http://{host}:{port}/v1", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 

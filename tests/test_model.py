@@ -229,7 +229,7 @@ def test_linear_packed_path_matches_f_linear(rows, bias, threads):
 
     assert ONEDNN_LINEAR  # the pinned CPU torch has oneDNN: the fast path is not silently off
     torch.manual_seed(rows)
-    layer = Linear(256, 384, bias=bias).eval()  # 98k weights: packed
+    layer = Linear(256, 640, bias=bias).eval()  # 164k weights: packed
     x = torch.randn(1, rows, 256)
     ref = F.linear(x, layer.weight, layer.bias)
     before = torch.get_num_threads()
@@ -240,7 +240,7 @@ def test_linear_packed_path_matches_f_linear(rows, bias, threads):
     finally:
         torch.set_num_threads(before)
     assert layer in _PACKED
-    assert out.shape == ref.shape == (1, rows, 384) and out.dtype == x.dtype and out.is_contiguous()
+    assert out.shape == ref.shape == (1, rows, 640) and out.dtype == x.dtype and out.is_contiguous()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -252,7 +252,7 @@ def test_linear_repacks_after_the_weight_changes_and_stays_copyable():
     from ftplm.model import _PACKED, Linear
 
     torch.manual_seed(0)
-    layer = Linear(256, 256, bias=False).eval()
+    layer = Linear(256, 640, bias=False).eval()
     x = torch.randn(3, 256)
     with torch.no_grad():
         layer(x)
@@ -260,7 +260,7 @@ def test_linear_repacks_after_the_weight_changes_and_stays_copyable():
         layer.weight.add_(1.0)  # an optimizer step in between
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
         assert _PACKED[layer][1] is not packed
-        layer.load_state_dict({"weight": torch.randn(256, 256)})
+        layer.load_state_dict({"weight": torch.randn(640, 256)})
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
     copy.deepcopy(layer)  # the opaque packed tensor lives off the module
     pickle.dumps(layer)
@@ -271,7 +271,7 @@ def test_linear_keeps_f_linear_for_training_grad_autocast_and_small_weights():
     from ftplm.model import _PACKED, Linear
 
     torch.manual_seed(0)
-    big, small = Linear(256, 256), Linear(24, 40)
+    big, small = Linear(256, 640), Linear(256, 256)
     x = torch.randn(2, 256, requires_grad=True)
     big(x).sum().backward()  # training mode: autograd flows as usual
     assert big.weight.grad is not None and x.grad is not None
@@ -280,5 +280,5 @@ def test_linear_keeps_f_linear_for_training_grad_autocast_and_small_weights():
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert big(x).dtype == torch.bfloat16  # autocast keeps its semantics
     with torch.no_grad():
-        small.eval()(torch.randn(2, 24))
+        small.eval()(torch.randn(2, 256))
     assert big not in _PACKED and small not in _PACKED

@@ -428,6 +428,24 @@ def test_cli_serve_bad_input(tiny_gpt_run, tmp_path, capsys):
     assert main(["serve", str(tmp_path / "no-run")]) == 2
     assert main(["serve", str(tiny_gpt_run), "--port", "-1"]) == 2
     assert main(["bench", "serve", str(tiny_gpt_run), "--clients", "0"]) == 2
+    capsys.readouterr()
+    for bad, says in ((["--speculative", "ftp"], "needs an FTP model"), (["--speculative", "none", "--adaptive"],
+                                                                           "adaptive draft length needs")):
+        assert main(["serve", str(tiny_gpt_run), *bad]) == 2  # refused before binding a port
+        err = capsys.readouterr().err.strip()
+        assert says in err and "\n" not in err
+
+
+def test_adaptive_speculative_server_equals_plain_greedy(tiny_gpt_run):
+    tm = _cached_model(tiny_gpt_run)
+    app = create_app(tiny_gpt_run, speculative="recycling", adaptive=True)
+    with running_server(app) as url:
+        health = httpx.get(f"{url}/health").json()
+        assert health["speculative"] == "recycling" and health["adaptive"] is True
+        for prompt in ("The history of", "Rome was"):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 20, "temperature": 0},
+                           timeout=60)
+            assert r.json()["choices"][0]["text"] == tm.generate(prompt, 20, temperature=0)
 
 
 def test_help_texts(capsys):
