@@ -138,9 +138,9 @@ class Drafter:
     default_draft_len = 4
     wants_decoder_start = False  # FTP drafters continue from the verification's first decoder step
     # the cost of one draft node in target forwards, for adaptive draft length: verifying it (a trunk row and its
-    # target logits) is ~0.03 of a `small` plain step on 2 CPU threads (a 31-node Recycling tree: 4.5 ms against
-    # 2.35); drafters that run a model add their own cost
-    node_cost = 0.03
+    # target logits) is ~0.05 of a `small` plain step on 2 CPU threads (a round with a 23-node Recycling tree:
+    # 5.5 ms against 2.6); drafters that run a model add their own cost
+    node_cost = 0.05
 
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         self.model = model

@@ -29,7 +29,7 @@ class FTPRecyclingDrafter(Drafter):
     """draft_len caps the FTP part (default N-1); `tree` is the recycled subtree's template (default EXTENSION_TREE)."""
 
     wants_decoder_start = True
-    node_cost = 0.09  # its 3 FTP nodes at 0.2 and 6 recycled ones at 0.03
+    node_cost = 0.1  # a round with its 3 + 6 nodes: 5.1 ms against a plain step's 2.6
 
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         require_ftp(model, "ftp-recycling")
