@@ -456,7 +456,7 @@ def bench_decode(
         method: plain, ftp, ftp-adaptive, ftp-tree, ftp-recycling, recycling, recycling-adaptive, lookup (repeatable;
             default all that apply to the model)
         seed: sampling seed
-        threads: torch CPU threads (default: torch's, one per core; verification of several tokens needs 2+ to be fast)
+        threads: torch CPU threads (default: torch's, one per core)
         json: also write the figures to this JSON file
     """
     from ftplm.bench.decode import bench_decode as run_bench
