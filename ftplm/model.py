@@ -116,6 +116,11 @@ class Linear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+def inference_products(device: torch.device) -> str:
+    """Which path Linear's large float32 inference products take on this device (recorded by benchmarks)."""
+    return "oneDNN packed" if ONEDNN_LINEAR and device.type == "cpu" else "F.linear"
+
+
 def causal_mask(n_query: int, n_past: int, device: torch.device) -> torch.Tensor:
     """Boolean (n_query, n_past + n_query) mask: query i sees every past key and the new keys 0..i."""
     new = torch.ones(n_query, n_query, dtype=torch.bool, device=device).tril()

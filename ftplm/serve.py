@@ -553,8 +553,9 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: i
     set_cpu_threads(threads)
     app = create_app(run, **app_kwargs)
     sock = bind(host, port)
+    adaptive = ", adaptive" if app.state.adaptive else ""
     print(f"serving {app.state.model_name} ({app.state.text_model.config.model_type}, speculative: "
-          f"{app.state.speculative or 'off'}{', adaptive' if app.state.adaptive else ''}) on http://{host}:{port}/v1", flush=True)
+          f"{app.state.speculative or 'off'}{adaptive}) on http://{host}:{port}/v1", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 

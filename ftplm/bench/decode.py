@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from ftplm.errors import FtplmError
-from ftplm.model import ONEDNN_LINEAR
+from ftplm.model import inference_products
 
 # method -> (drafter, tree, adaptive draft length)
 FTP_METHODS = {"plain": (None, None, False), "ftp": ("ftp", False, False), "ftp-adaptive": ("ftp", False, True),
@@ -151,8 +151,7 @@ def bench_decode(
                     rec = one(method, ids, max_new_tokens, Sampling(temperature), seed + i)
                     records.append({"mode": mode, "method": method, "prompt": i, **rec})
     results = summarize(records)
-    # which matrix products decoding ran on: the figures before and after oneDNN packing differ ~2x (ftplm.model.Linear)
-    products = "oneDNN packed" if ONEDNN_LINEAR and model.device.type == "cpu" else "F.linear"
+    products = inference_products(model.device)  # figures before and after oneDNN packing differ ~2x
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
           f"{max_new_tokens} new tokens, batch 1, fp32 ({products} products), {torch.get_num_threads()} threads")
     print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
