@@ -108,12 +108,27 @@ class Linear(nn.Linear):
             or w.numel() < self.MIN_PACKED or not ONEDNN_LINEAR
         ):
             return F.linear(x, w, self.bias)
-        key = (w.data_ptr(), -1 if w.is_inference() else w._version)  # inference tensors keep no version
+        key = weight_key(w)
         cached = _PACKED.get(self)
         if cached is None or cached[0] != key:
-            cached = _PACKED[self] = key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), self.PACK_ROWS)
-        y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), cached[1], self.bias, "none", [], "")
-        return y.view(*x.shape[:-1], self.out_features)
+            cached = _PACKED[self] = key, pack_weight(w, self.PACK_ROWS)
+        return packed_linear(x, cached[1], self.bias, self.out_features)
+
+
+def weight_key(w: torch.Tensor) -> tuple[int, int]:
+    """Identifies a weight's current values, for caches derived from it (inference tensors keep no version)."""
+    return w.data_ptr(), -1 if w.is_inference() else w._version
+
+
+def pack_weight(w: torch.Tensor, rows: int = Linear.PACK_ROWS) -> torch.Tensor:
+    """A weight (out, in) reordered for oneDNN's CPU product (opaque: only packed_linear reads it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w.detach(), rows)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    """F.linear with a pack_weight weight (float32, or bfloat16 where the CPU has it)."""
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.size(-1)), packed, bias, "none", [], "")
+    return y.view(*x.shape[:-1], out_features)
 
 
 def inference_products(device: torch.device) -> str:
@@ -250,6 +265,8 @@ class Trunk(nn.Module):
                 raise FtplmError(f"sequence of {start + T} tokens exceeds the context length ({self.block_size})")
             positions = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(positions))
+        if attn_mask is None and start > 0 and T > 1:  # several new tokens after cached ones: built once, not per layer
+            attn_mask = causal_mask(T, start, idx.device)
         for i, block in enumerate(self.h[:layer]):
             x = block(x, cache, i, attn_mask)
         if cache is not None:

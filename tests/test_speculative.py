@@ -487,6 +487,37 @@ def test_first_decoder_step_equals_next_token_logits_and_rows_continue_exactly()
         assert row.cache.length == 2 and start.cache.length == 1  # the row is a copy: the start is untouched
 
 
+@torch.inference_mode()  # as drafting runs
+def test_draft_decoder_equals_the_model_decoder():
+    """The drafter's lean one-token steps compute FTP.decode's logits: exactly (up to rounding) in the model's own
+    dtype, and to bf16 precision where the CPU path runs it in bfloat16 (drafts need not be exact, only good)."""
+    from ftplm.drafters.ftp import DraftDecoder, draft_decoder
+
+    for model in (MODELS["ftp"], FLOAT32_FTP):  # float64: F.linear; float32 on CPU: packed, bf16 where supported
+        decoder = draft_decoder(model)
+        assert draft_decoder(model) is decoder  # built once per model
+        assert decoder.dtype in (model.lm_head.weight.dtype, torch.bfloat16)
+        x = torch.tensor([[2, 7, 1, 8], [3, 1, 4, 1]])  # two rows, one token per step, N = 4 positions
+        h = model.state_vectors(torch.tensor([[5, 9], [2, 6]]))[:, -1]
+        memory = model.memory_kv(model.pseudo_sequence(h))
+        expected = model.lm_head(model.decode(x, memory))  # (2, 4, V), the whole sequence at once
+        tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.05}[decoder.dtype]
+        state = decoder.start(memory)
+        for i in range(x.size(1)):
+            logits = decoder.step(state, x[:, i])
+            assert logits.dtype == expected.dtype  # bf16 logits come back as float32
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(logits, expected[:, i], rtol=tolerance, atol=tolerance * scale)
+        with pytest.raises(FtplmError, match="n_future"):
+            decoder.step(state, x[:, 0])
+
+    before = draft_decoder(MODELS["ftp"])
+    with torch.inference_mode(False), torch.no_grad():
+        MODELS["ftp"].dec_h[0].mlp.c_fc.weight.mul_(1.0)  # an in-place update (an optimizer step): rebuilt
+    after = draft_decoder(MODELS["ftp"])
+    assert after is not before and isinstance(after, DraftDecoder)
+
+
 @pytest.mark.parametrize("tree", [False, True])
 def test_ftp_drafter_drafts_the_same_with_and_without_the_decoder_start(tree):
     from ftplm.drafters import DraftContext
