@@ -487,35 +487,51 @@ def test_first_decoder_step_equals_next_token_logits_and_rows_continue_exactly()
         assert row.cache.length == 2 and start.cache.length == 1  # the row is a copy: the start is untouched
 
 
+@pytest.mark.parametrize("min_packed", [None, 0])
 @torch.inference_mode()  # as drafting runs
-def test_draft_decoder_equals_the_model_decoder():
+def test_draft_decoder_equals_the_model_decoder(min_packed, monkeypatch):
     """The drafter's lean one-token steps compute FTP.decode's logits: exactly (up to rounding) in the model's own
-    dtype, and to bf16 precision where the CPU path runs it in bfloat16 (drafts need not be exact, only good)."""
-    from ftplm.drafters.ftp import DraftDecoder, draft_decoder
+    dtype, and to bf16 precision where its large products run packed in bfloat16 (drafts need not be exact, only
+    good). min_packed=0 puts every product of the float32 model on that packed path."""
+    from ftplm.drafters.ftp import DraftDecoder
+    from ftplm.model import ONEDNN_LINEAR, Linear
 
+    if min_packed is not None:
+        monkeypatch.setattr(Linear, "MIN_PACKED", min_packed)
     for model in (MODELS["ftp"], FLOAT32_FTP):  # float64: F.linear; float32 on CPU: packed, bf16 where supported
-        decoder = draft_decoder(model)
-        assert draft_decoder(model) is decoder  # built once per model
-        assert decoder.dtype in (model.lm_head.weight.dtype, torch.bfloat16)
+        decoder = DraftDecoder(model)
+        products = [p for layer in decoder.layers for p in layer.values() if not isinstance(p, tuple)] + [decoder.head]
+        packed = [p.packed for p in products]
+        assert any(packed) == (model is FLOAT32_FTP and min_packed == 0 and ONEDNN_LINEAR) == all(packed)
         x = torch.tensor([[2, 7, 1, 8], [3, 1, 4, 1]])  # two rows, one token per step, N = 4 positions
         h = model.state_vectors(torch.tensor([[5, 9], [2, 6]]))[:, -1]
         memory = model.memory_kv(model.pseudo_sequence(h))
         expected = model.lm_head(model.decode(x, memory))  # (2, 4, V), the whole sequence at once
-        tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.05}[decoder.dtype]
+        dtype = decoder.product_dtype if any(packed) else expected.dtype
+        tolerance = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype]
         state = decoder.start(memory)
         for i in range(x.size(1)):
             logits = decoder.step(state, x[:, i])
-            assert logits.dtype == expected.dtype  # bf16 logits come back as float32
+            assert logits.dtype == expected.dtype  # bf16 products are cast back
             scale = expected.abs().max().item()
             torch.testing.assert_close(logits, expected[:, i], rtol=tolerance, atol=tolerance * scale)
         with pytest.raises(FtplmError, match="n_future"):
             decoder.step(state, x[:, 0])
 
-    before = draft_decoder(MODELS["ftp"])
-    with torch.inference_mode(False), torch.no_grad():
-        MODELS["ftp"].dec_h[0].mlp.c_fc.weight.mul_(1.0)  # an in-place update (an optimizer step): rebuilt
-    after = draft_decoder(MODELS["ftp"])
-    assert after is not before and isinstance(after, DraftDecoder)
+
+def test_draft_decoder_is_built_once_per_model_and_rebuilt_when_weights_change():
+    from ftplm.drafters.ftp import draft_decoder
+
+    model = random_model("ftp", seed=3)
+    with torch.inference_mode():
+        before = draft_decoder(model)
+        assert draft_decoder(model) is before
+    with torch.no_grad():
+        model.dec_h[0].mlp.c_fc.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
+    with torch.inference_mode():
+        after = draft_decoder(model)
+    assert after is not before
+    assert torch.equal(after.layers[0]["fc"].weight, model.dec_h[0].mlp.c_fc.weight)
 
 
 @pytest.mark.parametrize("tree", [False, True])

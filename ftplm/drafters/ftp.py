@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
 from ftplm.errors import FtplmError
-from ftplm.model import ONEDNN_LINEAR, DecoderStart, pack_weight, packed_linear, weight_key
+from ftplm.model import ONEDNN_LINEAR, DecoderStart, Linear, pack_weight, packed_linear, weight_key
 
 # 11 nodes, depth 3 (cut to draft_len): two-three candidates near the root, the best ones deeper
 DEFAULT_TREE: Template = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
@@ -39,22 +39,21 @@ def require_ftp(model, name: str) -> None:
 
 
 class _Product:
-    """One linear layer of the draft copy: a oneDNN-packed weight, or the model's own through F.linear."""
+    """One linear layer of the draft copy. Large weights (Linear.MIN_PACKED and up) are packed for oneDNN in
+    `dtype` (bf16 where the CPU has it: the inputs are cast to it and the outputs back); small ones, which stay in
+    cache between draft steps, run through F.linear on the model's own weight, which is faster for them."""
 
     def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype, packed: bool) -> None:
-        self.packed = packed
-        self.out_features = linear.out_features
-        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self.weight = pack_weight(linear.weight.to(dtype)) if packed else linear.weight.detach()
+        self.packed = packed and linear.weight.numel() >= Linear.MIN_PACKED
+        self.dtype, self.out_features = dtype, linear.out_features
+        bias = None if linear.bias is None else linear.bias.detach()
+        self.bias = bias.to(dtype) if self.packed and bias is not None else bias
+        self.weight = pack_weight(linear.weight.to(dtype)) if self.packed else linear.weight.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
-            return packed_linear(x, self.weight, self.bias, self.out_features)
+            return packed_linear(x.to(self.dtype), self.weight, self.bias, self.out_features).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
-
-
-def _norm(ln: torch.nn.LayerNorm, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    return ln.weight.detach().to(dtype), None if ln.bias is None else ln.bias.detach().to(dtype)
 
 
 @dataclass
@@ -77,39 +76,44 @@ class DraftDecoder:
 
     Drafts need only be good, never exact: verification recomputes every target with the model's own code and
     precision, so whatever this computes changes speed and τ, not the output. That frees it from two costs of a
-    one-token decoder step on CPU: per-module Python overhead (about a third of the step), and float32 products
-    (on CPUs with native bfloat16, its products run in bf16 through oneDNN with prepacked weights). Measured in
-    `ftplm bench decode` on `small`, 2 threads: drafting 1.5 -> 1.0 ms per round. Elsewhere (GPU, float64 test
-    models) it computes in the model's dtype through F.linear, and equals FTP.decode up to rounding (tested).
+    one-token decoder step on CPU: per-module Python overhead (a quarter to a third of the step), and float32
+    products: on CPUs with native bfloat16 its large products run in bf16 through oneDNN with prepacked weights
+    (float32 packed on others); the rest stays in the model's dtype. Measured in `ftplm bench decode`, 2 threads:
+    drafting 1.2-1.4 -> 0.9-1.05 ms per round on `small`, 0.75 -> 0.5 on `mini` (docs/results.md). Elsewhere (GPU,
+    float64 test models) it computes in the model's dtype through F.linear, and equals FTP.decode up to rounding
+    (tested).
     """
 
     def __init__(self, model) -> None:
         cfg, weight = model.cfg, model.lm_head.weight
         packed = ONEDNN_LINEAR and weight.device.type == "cpu" and weight.dtype == torch.float32
-        bf16 = packed and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        self.dtype = torch.bfloat16 if bf16 else weight.dtype
+        # bf16 for the packed products only: embeddings, norms and attention are not where the time goes
+        self.product_dtype = torch.bfloat16 if packed and torch.ops.mkldnn._is_mkldnn_bf16_supported() else weight.dtype
         self.n_head, self.n_embd, self.n_future = cfg.dec_n_head, cfg.dec_n_embd, cfg.n_future
-        self.wte = model.dec_wte.weight.detach().to(self.dtype)
-        self.wpe = model.dec_wpe.weight.detach().to(self.dtype)
+        self.wte, self.wpe = model.dec_wte.weight.detach(), model.dec_wpe.weight.detach()
+
+        def product(linear: torch.nn.Linear) -> _Product:
+            return _Product(linear, self.product_dtype, packed)
+
+        def norm(ln: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor | None]:
+            return ln.weight.detach(), None if ln.bias is None else ln.bias.detach()
+
         self.layers = [
-            {"ln_1": _norm(b.ln_1, self.dtype), "qkv": _Product(b.attn.c_attn, self.dtype, packed),
-             "attn_proj": _Product(b.attn.c_proj, self.dtype, packed), "ln_cross": _norm(b.ln_cross, self.dtype),
-             "cross_q": _Product(b.cross.q, self.dtype, packed), "cross_proj": _Product(b.cross.c_proj, self.dtype, packed),
-             "ln_2": _norm(b.ln_2, self.dtype), "fc": _Product(b.mlp.c_fc, self.dtype, packed),
-             "mlp_proj": _Product(b.mlp.c_proj, self.dtype, packed)}
+            {"ln_1": norm(b.ln_1), "qkv": product(b.attn.c_attn), "attn_proj": product(b.attn.c_proj),
+             "ln_cross": norm(b.ln_cross), "cross_q": product(b.cross.q), "cross_proj": product(b.cross.c_proj),
+             "ln_2": norm(b.ln_2), "fc": product(b.mlp.c_fc), "mlp_proj": product(b.mlp.c_proj)}
             for b in model.dec_h
         ]  # fmt: skip
-        self.ln_f = _norm(model.dec_ln_f, self.dtype)
-        self.head = _Product(model.lm_head, self.dtype, packed)
+        self.ln_f = norm(model.dec_ln_f)
+        self.head = product(model.lm_head)
 
     def start(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor]], cache=None) -> DraftState:
         """A state from the model's pseudo-sequence keys/values and, if any, its decoder cache (copied)."""
-        memory = [(k.to(self.dtype), v.to(self.dtype)) for k, v in memory_kv]
-        M, H, _, hd = memory[0][0].shape
+        M, H, _, hd = memory_kv[0][0].shape
         if cache is None or cache.k is None:
-            k = memory[0][0].new_zeros(len(memory), M, H, self.n_future, hd)
-            return DraftState(memory, k, torch.zeros_like(k), 0)
-        return DraftState(memory, cache.k.to(self.dtype, copy=True), cache.v.to(self.dtype, copy=True), cache.length)
+            k = memory_kv[0][0].new_zeros(len(memory_kv), M, H, self.n_future, hd)
+            return DraftState(list(memory_kv), k, torch.zeros_like(k), 0)
+        return DraftState(list(memory_kv), cache.k.clone(), cache.v.clone(), cache.length)
 
     def step(self, state: DraftState, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (M,) at the next decoder position; its next-token logits (M, V)."""
@@ -128,8 +132,7 @@ class DraftDecoder:
             hidden = F.gelu(layer["fc"](F.layer_norm(x, (C,), *layer["ln_2"])), approximate="tanh")
             x = x + layer["mlp_proj"](hidden)
         state.length = pos + 1
-        logits = self.head(F.layer_norm(x, (C,), *self.ln_f))
-        return logits.float() if self.dtype == torch.bfloat16 else logits  # bf16 argmax/topk are ~4x slower
+        return self.head(F.layer_norm(x, (C,), *self.ln_f))
 
 
 # model -> (its decoder weights' keys, the draft copy): built once per model, rebuilt if a weight changes
