@@ -140,6 +140,7 @@ _DRAFT_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, DraftD
 
 
 def draft_decoder(model) -> DraftDecoder:
+    """This model's draft copy (packing the LM head takes ~5 ms: not something to redo per generation)."""
     params = [model.dec_wte.weight, model.dec_wpe.weight, *model.dec_h.parameters(), *model.dec_ln_f.parameters()]
     key = tuple(weight_key(p) for p in params)
     cached = _DRAFT_DECODERS.get(model)
