@@ -8,8 +8,9 @@ N-1 of them (the decoder has N positions). The engine hands over that first step
 cross-attention keys/values and self-attention cache), so drafting starts by feeding the root alone.
 
 chain: greedy = argmax at each step; under sampling the tokens are sampled from the decoder's (transformed)
-distribution q and verified with the min(1, p/q) rule. tree: the top-k candidates at each node following a
-template of rank paths, expanded level by level (one batched decoder step per level).
+distribution q and verified with the min(1, p/q) rule. tree: at each node, the top-k candidates (greedy) or k
+independent draws from q (sampling), following a template of rank paths, expanded level by level (one batched
+decoder step per level).
 
 Drafting runs the decoder through DraftDecoder, a lean copy of it made for one-token steps (see there).
 """
@@ -203,7 +204,10 @@ class FTPDrafter(Drafter):
 
     def _tree(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DraftState, logits: torch.Tensor,
               draft: Draft) -> Draft:
-        """Candidates are the top-k of q at each node (deterministic, so q is left out: one-hot acceptance)."""
+        """Greedy: the children of a node are the top-k of its q (deterministic: q is left out, one-hot acceptance).
+        Sampling: they are k independent draws from q, recorded with it, as in SpecInfer's multi-draft speculative
+        sampling: the verifier tests them in turn, each against the residual left by the rejected ones before it,
+        which keeps the output distribution exact (a repeated draw is a wasted node, never a wrong one)."""
         paths, parents = build_template_tree(self.template, depth, ctx.max_nodes)
         has_child = {parent for parent in parents}
         row_of = {-1: 0}  # node -> its row in `logits`
@@ -214,12 +218,16 @@ class FTPDrafter(Drafter):
                 break
             level_start = level_nodes[-1] + 1
             k = max(paths[i][-1] for i in level_nodes) + 1
-            top = logits.topk(min(k, logits.size(-1)), dim=-1).indices.tolist()
+            if ctx.sampling.greedy:
+                candidates, q = logits.topk(min(k, logits.size(-1)), dim=-1).indices.tolist(), None
+            else:
+                q = ctx.sampling.probs(logits)
+                candidates = torch.multinomial(q, k, replacement=True, generator=ctx.generator).tolist()
             for i in level_nodes:
-                parent_row = top[row_of[parents[i]]]
+                row = row_of[parents[i]]
                 rank = paths[i][-1]
                 # a rank beyond the vocabulary repeats the last candidate (never accepted twice: harmless)
-                draft.add(parent_row[min(rank, len(parent_row) - 1)], parents[i])
+                draft.add(candidates[row][min(rank, len(candidates[row]) - 1)], parents[i], None if q is None else q[row])
             expand = [i for i in level_nodes if i in has_child]
             if not expand:
                 break
