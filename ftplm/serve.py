@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import inspect
 import json
 import queue
 import socket
@@ -288,17 +287,13 @@ class TextAssembler:
 # the app
 # ------------------------------------------------------------------------------------------------------
 def _speculative_kwargs(tm: TextModel, speculative: str | None, adaptive: bool = False) -> dict[str, Any]:
-    """{"speculative": ..., "adaptive": ...} for generate_ids when this ftplm supports it; "auto" = "ftp" for FTP
-    models."""
-    supported = "speculative" in inspect.signature(tm.generate_ids).parameters
+    """{"speculative": ..., "adaptive": ...} for generate_ids; "auto" = "ftp" for FTP models, plain for GPT."""
     if speculative == "auto":
-        speculative = "ftp" if tm.config.model_type == "ftp" and supported else None
+        speculative = "ftp" if tm.config.model_type == "ftp" else None
     if speculative in (None, "none"):
         if adaptive:
             raise FtplmError("adaptive draft length needs a speculative drafter; this server decodes plainly")
         return {}
-    if not supported:
-        raise FtplmError("this ftplm has no speculative decoding; serve with speculative=None")
     get_drafter(speculative, tm.model)  # an unknown drafter, or ftp on a GPT model: one clear line at startup
     return {"speculative": speculative, "adaptive": adaptive}
 
