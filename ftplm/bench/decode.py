@@ -152,8 +152,14 @@ def bench_decode(
                     records.append({"mode": mode, "method": method, "prompt": i, **rec})
     results = summarize(records)
     products = inference_products(model.device)  # figures before and after oneDNN packing differ ~2x
+    draft_products = None  # the FTP drafter's large products may run in bf16 (drafts need not be exact)
+    if model.cfg.model_type == "ftp":
+        from ftplm.drafters.ftp import draft_decoder
+
+        draft_products = str(draft_decoder(model).product_dtype).removeprefix("torch.")
+    drafts = f", FTP drafts with {draft_products} products" if draft_products else ""
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
-          f"{max_new_tokens} new tokens, batch 1, fp32 ({products} products), {torch.get_num_threads()} threads")
+          f"{max_new_tokens} new tokens, batch 1, fp32 ({products} products{drafts}), {torch.get_num_threads()} threads")
     print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
     for mode, per_method in results.items():
         for method, r in per_method.items():
@@ -170,6 +176,7 @@ def bench_decode(
     return {
         "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,
         "max_new_tokens": max_new_tokens, "batch_size": 1, "dtype": "fp32", "products": products,
+        "draft_products": draft_products,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} CPUs)".strip(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
