@@ -74,7 +74,16 @@ class Sampling:
         """One token per row of logits (B, V) -> (B,)."""
         if self.greedy:
             return logits.argmax(-1)
-        return torch.multinomial(self.probs(logits), 1, generator=generator).squeeze(-1)
+        return self.draw(self.probs(logits), generator)[..., 0]
+
+    @staticmethod
+    def draw(probs: torch.Tensor, generator: torch.Generator | None = None, n: int = 1) -> torch.Tensor:
+        """n independent draws (with replacement) from each row of probs (V,) or (B, V) -> (n,) or (B, n).
+
+        For a single draw torch.multinomial races one exponential variate per vocabulary entry (0.22 ms for 8,192
+        on our CPU, a tenth of a decode step); with replacement and two or more draws it inverts the CDF (7 us). So a
+        single draw is the first of two: the same distribution, 30x faster."""
+        return torch.multinomial(probs, max(n, 2), replacement=True, generator=generator)[..., :n]
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -279,7 +288,7 @@ def _accept_path(
             if accepted:
                 break
         else:
-            new.append(int(torch.multinomial(p, 1, generator=generator)))
+            new.append(int(sampling.draw(p, generator)[0]))
             return path, new
         node = child
         path.append(node)

@@ -54,6 +54,22 @@ def test_sampling_filters():
     assert torch.equal(Sampling(temperature=0).probs(logits), torch.tensor([[1.0, 0, 0, 0]]))
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_draws_follow_the_distribution(n):
+    """Sampling.draw (one draw = the first of two multinomial draws with replacement, for speed) samples each row
+    of probs independently, never a zero-probability token, with the right frequencies (chi-square)."""
+    from scipy.stats import chisquare
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.15, 0.05], [0.0, 0.0, 0.0, 1.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.cat([Sampling.draw(probs, generator, n) for _ in range(4000)], dim=1)  # (2, 4000 n)
+    assert draws.shape == (2, 4000 * n) and Sampling.draw(probs[0], generator, n).shape == (n,)
+    assert bool((draws[1] == 3).all()) and not bool((draws[0] == 1).any())
+    observed = torch.bincount(draws[0], minlength=5)[[0, 2, 3, 4]].tolist()
+    expected = [p * draws.size(1) for p in (0.5, 0.3, 0.15, 0.05)]
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),

@@ -196,7 +196,7 @@ class FTPDrafter(Drafter):
                 token, q = int(logits[0].argmax()), None
             else:
                 q = sampling.probs(logits[0])
-                token = int(torch.multinomial(q, 1, generator=ctx.generator))
+                token = int(sampling.draw(q, ctx.generator)[0])
             draft.add(token, i - 1, q)
             if i + 1 < depth:
                 logits = decoder.step(state, torch.tensor([token], device=logits.device))
@@ -222,7 +222,7 @@ class FTPDrafter(Drafter):
                 candidates, q = logits.topk(min(k, logits.size(-1)), dim=-1).indices.tolist(), None
             else:
                 q = ctx.sampling.probs(logits)
-                candidates = torch.multinomial(q, k, replacement=True, generator=ctx.generator).tolist()
+                candidates = ctx.sampling.draw(q, ctx.generator, k).tolist()
             for i in level_nodes:
                 row = row_of[parents[i]]
                 rank = paths[i][-1]
