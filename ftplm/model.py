@@ -267,6 +267,10 @@ class Trunk(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(positions))
         if attn_mask is None and start > 0 and T > 1:  # several new tokens after cached ones: built once, not per layer
             attn_mask = causal_mask(T, start, idx.device)
+        if attn_mask is not None and attn_mask.dtype == torch.bool:  # additive once, not converted by SDPA per layer
+            autocast = torch.is_autocast_enabled(idx.device.type)
+            dtype = torch.get_autocast_dtype(idx.device.type) if autocast else x.dtype
+            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=idx.device).masked_fill_(~attn_mask, float("-inf"))
         for i, block in enumerate(self.h[:layer]):
             x = block(x, cache, i, attn_mask)
         if cache is not None:

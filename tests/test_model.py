@@ -163,6 +163,13 @@ def test_kv_cache_matches_full_forward(model):
         cache.length = 12
         again = model.state_vectors(x[:, 12:15], cache)
         assert torch.allclose(again, full[:, 12:15], atol=1e-5)
+    # several tokens after cached ones (the causal mask becomes additive in the attention's dtype): also under
+    # CPU bf16 autocast, where the queries are bf16
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model.state_vectors(x)
+        cache = model.new_cache()
+        model.state_vectors(x[:, :7], cache)
+        assert torch.allclose(model.state_vectors(x[:, 7:12], cache), full[:, 7:12], atol=0.05)
 
 
 def test_context_limit_is_an_error(model):
