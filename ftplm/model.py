@@ -270,7 +270,8 @@ class Trunk(nn.Module):
         if attn_mask is not None and attn_mask.dtype == torch.bool:  # additive once, not converted by SDPA per layer
             autocast = torch.is_autocast_enabled(idx.device.type)
             dtype = torch.get_autocast_dtype(idx.device.type) if autocast else x.dtype
-            attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=idx.device).masked_fill_(~attn_mask, float("-inf"))
+            additive = torch.zeros(attn_mask.shape, dtype=dtype, device=idx.device)
+            attn_mask = additive.masked_fill_(~attn_mask, float("-inf"))
         for i, block in enumerate(self.h[:layer]):
             x = block(x, cache, i, attn_mask)
         if cache is not None:

@@ -159,7 +159,8 @@ def bench_decode(
         draft_products = str(draft_decoder(model).product_dtype).removeprefix("torch.")
     drafts = f", FTP drafts with {draft_products} products" if draft_products else ""
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
-          f"{max_new_tokens} new tokens, batch 1, fp32 ({products} products{drafts}), {torch.get_num_threads()} threads")
+          f"{max_new_tokens} new tokens, batch 1, fp32 ({products} products{drafts}), "
+          f"{torch.get_num_threads()} threads")
     print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
     for mode, per_method in results.items():
         for method, r in per_method.items():

@@ -227,7 +227,8 @@ class FTPDrafter(Drafter):
                 row = row_of[parents[i]]
                 rank = paths[i][-1]
                 # a rank beyond the vocabulary repeats the last candidate (never accepted twice: harmless)
-                draft.add(candidates[row][min(rank, len(candidates[row]) - 1)], parents[i], None if q is None else q[row])
+                token = candidates[row][min(rank, len(candidates[row]) - 1)]
+                draft.add(token, parents[i], None if q is None else q[row])
             expand = [i for i in level_nodes if i in has_child]
             if not expand:
                 break
