@@ -76,7 +76,11 @@ class DecoderStart:
     cache: KVCache
 
     def row(self, i: int) -> "DecoderStart":
-        return DecoderStart([(k[i : i + 1], v[i : i + 1]) for k, v in self.memory_kv], self.cache.select(slice(i, i + 1)))
+        return self.select(slice(i, i + 1))
+
+    def select(self, rows: torch.Tensor | slice) -> "DecoderStart":
+        """These rows (a tensor may repeat them: tree drafting); the cache is copied, so each grows on its own."""
+        return DecoderStart([(k[rows], v[rows]) for k, v in self.memory_kv], self.cache.select(rows))
 
 
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")

@@ -18,14 +18,13 @@ Drafting runs the decoder through DraftDecoder, a lean copy of it made for one-t
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
 from ftplm.errors import FtplmError
-from ftplm.model import ONEDNN_LINEAR, DecoderStart, Linear, pack_weight, packed_linear, weight_key
+from ftplm.model import ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
 
 # 11 nodes, depth 3 (cut to draft_len): two-three candidates near the root, the best ones deeper
 DEFAULT_TREE: Template = [(0,), (1,), (2,), (0, 0), (0, 1), (1, 0), (2, 0), (0, 0, 0), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
@@ -55,21 +54,6 @@ class _Product:
         if self.packed:
             return packed_linear(x.to(self.dtype), self.weight, self.bias, self.out_features).to(x.dtype)
         return F.linear(x, self.weight, self.bias)
-
-
-@dataclass
-class DraftState:
-    """Where a draft stands, per row: cross-attention keys/values of each decoder layer, self-attention cache."""
-
-    memory: list[tuple[torch.Tensor, torch.Tensor]]  # per layer two (M, H, P, hd)
-    k: torch.Tensor  # (n_layer, M, H, n_future, hd)
-    v: torch.Tensor
-    length: int  # decoder positions filled
-
-    def select(self, rows: torch.Tensor) -> "DraftState":
-        """These rows (repeats allowed), copied: each then grows on its own (tree drafting)."""
-        memory = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.memory]
-        return DraftState(memory, self.k.index_select(1, rows), self.v.index_select(1, rows), self.length)
 
 
 class DraftDecoder:
@@ -108,31 +92,27 @@ class DraftDecoder:
         self.ln_f = norm(model.dec_ln_f)
         self.head = product(model.lm_head)
 
-    def start(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor]], cache=None) -> DraftState:
-        """A state from the model's pseudo-sequence keys/values and, if any, its decoder cache (copied)."""
-        M, H, _, hd = memory_kv[0][0].shape
-        if cache is None or cache.k is None:
-            k = memory_kv[0][0].new_zeros(len(memory_kv), M, H, self.n_future, hd)
-            return DraftState(list(memory_kv), k, torch.zeros_like(k), 0)
-        return DraftState(list(memory_kv), cache.k.clone(), cache.v.clone(), cache.length)
+    def start(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache | None = None) -> DecoderStart:
+        """A draft state from the model's pseudo-sequence keys/values and, if any, its decoder cache (copied: drafting
+        extends it)."""
+        cache = KVCache(len(memory_kv), self.n_future) if cache is None else cache.select(slice(None))
+        return DecoderStart(list(memory_kv), cache)
 
-    def step(self, state: DraftState, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, state: DecoderStart, tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (M,) at the next decoder position; its next-token logits (M, V)."""
-        M, C, H, pos = tokens.size(0), self.n_embd, self.n_head, state.length
+        M, C, H, pos = tokens.size(0), self.n_embd, self.n_head, state.cache.length
         if pos >= self.n_future:
             raise FtplmError(f"the decoder predicts at most n_future={self.n_future} tokens")
         x = self.wte[tokens] + self.wpe[pos]
         for i, layer in enumerate(self.layers):
             q, k, v = layer["qkv"](F.layer_norm(x, (C,), *layer["ln_1"])).view(M, 3, H, 1, C // H).unbind(1)
-            state.k[i, :, :, pos : pos + 1] = k
-            state.v[i, :, :, pos : pos + 1] = v
-            y = F.scaled_dot_product_attention(q, state.k[i, :, :, : pos + 1], state.v[i, :, :, : pos + 1])
+            y = F.scaled_dot_product_attention(q, *state.cache.update(i, k, v))
             x = x + layer["attn_proj"](y.view(M, C))
             q = layer["cross_q"](F.layer_norm(x, (C,), *layer["ln_cross"])).view(M, H, 1, C // H)
-            x = x + layer["cross_proj"](F.scaled_dot_product_attention(q, *state.memory[i]).view(M, C))
+            x = x + layer["cross_proj"](F.scaled_dot_product_attention(q, *state.memory_kv[i]).view(M, C))
             hidden = F.gelu(layer["fc"](F.layer_norm(x, (C,), *layer["ln_2"])), approximate="tanh")
             x = x + layer["mlp_proj"](hidden)
-        state.length = pos + 1
+        state.cache.advance(1)
         return self.head(F.layer_norm(x, (C,), *self.ln_f))
 
 
@@ -188,7 +168,7 @@ class FTPDrafter(Drafter):
             return self._chain(decoder, ctx, min(depth, ctx.max_nodes), state, logits, draft)
         return self._tree(decoder, ctx, depth, state, logits, draft)
 
-    def _chain(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DraftState, logits: torch.Tensor,
+    def _chain(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor,
                draft: Draft) -> Draft:
         sampling = ctx.sampling
         for i in range(depth):
@@ -202,7 +182,7 @@ class FTPDrafter(Drafter):
                 logits = decoder.step(state, torch.tensor([token], device=logits.device))
         return draft
 
-    def _tree(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DraftState, logits: torch.Tensor,
+    def _tree(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor,
               draft: Draft) -> Draft:
         """Greedy: the children of a node are the top-k of its q (deterministic: q is left out, one-hot acceptance).
         Sampling: they are k independent draws from q, recorded with it, as in SpecInfer's multi-draft speculative
