@@ -1,7 +1,7 @@
 """The `ftplm` command. Each subcommand is a plain typed function; its arguments come from the signature.
 
 Positional parameters become positional arguments, keyword-only ones become --options (required when they have
-no default), `bool` becomes a flag, `Literal[...]` becomes choices, `list[str]` a repeatable option, and the
+no default), `bool` becomes a flag, `Literal[...]` becomes choices, `list[T]` a repeatable option, and the
 "Args:" section of the docstring gives each one its help. Bad input anywhere ends as one line on stderr, exit 2.
 """
 
@@ -442,6 +442,7 @@ def bench_decode(
     max_new_tokens: int = 128,
     prompt_tokens: int = 64,
     method: list[str] = [],
+    temperature: list[float] = [],
     seed: int = 0,
     threads: Optional[int] = None,
     json: Optional[str] = None,  # noqa: A002 - the option is called --json
@@ -455,13 +456,15 @@ def bench_decode(
         prompt_tokens: prompt length in tokens
         method: plain, ftp, ftp-adaptive, ftp-tree, ftp-recycling, recycling, recycling-adaptive, lookup (repeatable;
             default all that apply to the model)
+        temperature: sampling temperatures to measure, 0 = greedy (repeatable; default 0 and 1)
         seed: sampling seed
         threads: torch CPU threads (default: torch's, one per core)
         json: also write the figures to this JSON file
     """
     from ftplm.bench.decode import bench_decode as run_bench
 
-    _emit(run_bench(run, prompts, max_new_tokens, prompt_tokens, method or None, seed=seed, threads=threads), json)
+    temperatures = tuple(temperature) or (0.0, 1.0)
+    _emit(run_bench(run, prompts, max_new_tokens, prompt_tokens, method or None, temperatures, seed, threads), json)
 
 
 def _emit(result: dict[str, Any], json_path: str | None) -> None:
@@ -513,7 +516,7 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None
         if typing.get_origin(tp) is Literal:
             kwargs["choices"] = list(typing.get_args(tp))
         elif typing.get_origin(tp) is list:
-            kwargs.update(action="append", default=[])
+            kwargs.update(action="append", default=[], type=(typing.get_args(tp) or (str,))[0])
         elif tp is bool:
             kwargs["action"] = "store_true"
         else:

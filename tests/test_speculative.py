@@ -389,6 +389,18 @@ def test_bench_summary_speedup_and_tau():
     assert r["ftp"]["lossless"] == 0.5  # prompt 1 differs from plain
 
 
+def test_repeated_share_counts_ngrams_seen_before():
+    from ftplm.bench.decode import repeated_share
+
+    # prompt 1 2 3 4; new 1 2 3 4 5 1 2 3: the 4-grams ending at new tokens are (2,3,4,1) (3,4,1,2) (4,1,2,3)
+    # (1,2,3,4: seen in the prompt) (2,3,4,5) (3,4,5,1) (4,5,1,2) (5,1,2,3): only the 4th repeats
+    assert repeated_share([1, 2, 3, 4], [1, 2, 3, 4, 5, 1, 2, 3]) == pytest.approx(1 / 8)
+    assert repeated_share([7, 7, 7], [7, 7, 7]) == pytest.approx(2 / 3)  # (7,7,7,7) first ends at the first new token
+    assert repeated_share([7, 7], [7, 7, 7]) == pytest.approx(1 / 3)  # ... here at the second
+    assert repeated_share([1, 2, 3, 4], []) == 0.0
+    assert repeated_share([1], [2, 3]) == 0.0  # no 4-gram yet
+
+
 def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     from ftplm.cli import main
 
@@ -404,6 +416,7 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
         assert set(result["results"][mode]) == {"plain", "ftp", "ftp-adaptive", "ftp-tree", "ftp-recycling", "recycling",
                                                     "recycling-adaptive", "lookup"}
     assert all(r["lossless"] == 1.0 for r in result["results"]["greedy"].values())
+    assert all(0.0 <= r["repeated_4grams"] <= 1.0 for mode in result["results"].values() for r in mode.values())
     for r in result["results"]["greedy"].values():
         p = r["profile_ms_per_forward"]
         assert p["total"] == pytest.approx(1e3 * r["seconds"] / r["target_forwards"])
@@ -411,6 +424,11 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
         assert p["trunk"] + p["targets"] + p["draft"] + p["other"] == pytest.approx(p["total"])
     assert result["results"]["greedy"]["plain"]["profile_ms_per_forward"]["draft"] == 0
     assert main(["bench", "decode", str(tiny_ftp_run), "--method", "medusa"]) == 2
+    assert main(["bench", "decode", str(tiny_ftp_run), "--temperature", "-1"]) == 2
+    assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "1", "--max-new-tokens", "4", "--prompt-tokens", "8",
+                 "--method", "ftp", "--temperature", "0.5", "--temperature", "0", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert list(result["results"]) == ["T=0.5", "greedy"] and set(result["results"]["T=0.5"]) == {"plain", "ftp"}
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ stop at EOS, so every method produces exactly the same number of tokens), fp32 w
 every method. After one warm-up generation per method, the methods run interleaved prompt by prompt (the order
 rotates per prompt) so that machine noise hits them alike. Per method and mode (greedy, temperature 1):
 tokens/s, speedup = plain wall time / method wall time over the same prompts, τ (tokens per target forward, bonus
-and prefill included), the share of time spent drafting, for greedy whether the output equals plain's, and a
-profile per target forward (trunk, target logits, drafting, the rest).
+and prefill included), the share of time spent drafting, for greedy whether the output equals plain's, how much
+the output repeats itself (the share of new tokens completing a 4-gram seen before: copy drafters thrive on it),
+and a profile per target forward (trunk, target logits, drafting, the rest).
 """
 
 from __future__ import annotations
@@ -61,8 +62,24 @@ def profile(records: list[dict[str, Any]], seconds: float, forwards: int) -> dic
             "other": 1e3 * (seconds - sum(parts.values())) / forwards}
 
 
-def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per mode and method: totals over prompts, tokens/s, speedup over plain (same prompts), τ, lossless."""
+def repeated_share(prompt: list[int], new: list[int], n: int = 4) -> float:
+    """The share of new tokens that complete an n-gram already seen earlier in the prompt or the output: how much
+    the text loops, which is what copy drafters (prompt lookup, Token Recycling) live on."""
+    text = list(prompt)
+    seen = {tuple(text[i : i + n]) for i in range(len(text) - n + 1)}
+    repeats = 0
+    for token in new:
+        text.append(token)
+        gram = tuple(text[-n:])
+        if len(gram) == n:
+            repeats += gram in seen
+            seen.add(gram)
+    return repeats / len(new) if new else 0.0
+
+
+def summarize(records: list[dict[str, Any]], prompts: list[list[int]] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Per mode and method: totals over prompts, tokens/s, speedup over plain (same prompts), τ, lossless, and (given
+    the prompts) the share of repeated 4-grams in the output."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for mode in dict.fromkeys(r["mode"] for r in records):
         rows = [r for r in records if r["mode"] == mode]
@@ -83,6 +100,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
                 "draft_share": sum(r["draft_time"] for r in mine) / seconds if seconds else 0.0,
                 "profile_ms_per_forward": profile(mine, seconds, forwards),
             }
+            if prompts is not None:
+                entry["repeated_4grams"] = sum(repeated_share(prompts[r["prompt"]], r["tokens"]) for r in mine) / len(mine)
             if mode == "greedy" and plain:
                 entry["lossless"] = sum(r["tokens"] == plain[r["prompt"]]["tokens"] for r in mine) / len(mine)
             out[mode][method] = entry
@@ -105,6 +124,7 @@ def bench_decode(
 
     if prompts < 1 or max_new_tokens < 1 or prompt_tokens < 1:
         raise FtplmError("--prompts, --max-new-tokens and --prompt-tokens must be positive")
+    samplings = {t: Sampling(t) for t in dict.fromkeys(temperatures)}  # bad temperatures fail before any work
     if threads is not None:
         if threads < 1:
             raise FtplmError("--threads must be positive")
@@ -143,14 +163,14 @@ def bench_decode(
         for method in methods:  # warm-up
             one(method, texts[0], min(16, max_new_tokens), Sampling(0), seed)
         records = []
-        for temperature in temperatures:
+        for temperature, sampling in samplings.items():
             mode = "greedy" if temperature == 0 else f"T={temperature:g}"
             for i, ids in enumerate(texts):
                 order = methods[i % len(methods):] + methods[: i % len(methods)]
                 for method in order:
-                    rec = one(method, ids, max_new_tokens, Sampling(temperature), seed + i)
+                    rec = one(method, ids, max_new_tokens, sampling, seed + i)
                     records.append({"mode": mode, "method": method, "prompt": i, **rec})
-    results = summarize(records)
+    results = summarize(records, texts)
     products = inference_products(model.device)  # figures before and after oneDNN packing differ ~2x
     draft_products = None  # the FTP drafter's large products may run in bf16 (drafts need not be exact)
     if model.cfg.model_type == "ftp":
@@ -161,12 +181,12 @@ def bench_decode(
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
           f"{max_new_tokens} new tokens, batch 1, fp32 ({products} products{drafts}), "
           f"{torch.get_num_threads()} threads")
-    print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9}")
+    print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9} {'repeats':>8}")
     for mode, per_method in results.items():
         for method, r in per_method.items():
             lossless = f"{r['lossless']:.0%}" if "lossless" in r else "-"
             print(f"{mode:8} {method:18} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
-                  f"{r['draft_share']:7.1%} {lossless:>9}")
+                  f"{r['draft_share']:7.1%} {lossless:>9} {r['repeated_4grams']:8.0%}")
     print("where the time goes, ms per target forward (trunk = verification forwards, targets = next-token logits, "
           "other = acceptance, cache, Python):")
     print(f"{'mode':8} {'method':18} {'total':>7} {'trunk':>7} {'targets':>7} {'draft':>7} {'other':>7}")
