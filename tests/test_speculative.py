@@ -337,6 +337,17 @@ def test_bad_input(model_type, kwargs, message):
     assert isinstance(e.value, ValueError) and "\n" not in str(e.value)
 
 
+def test_lookup_copies_with_overlap_through_a_loop():
+    lookup = get_drafter("lookup", MODELS["gpt"], 6)
+    # the last 3-gram (2, 1, 2) last occurred 2 tokens back: the loop "1 2" is copied on, not cut at the present
+    assert lookup.continuations([5, 1, 2, 1, 2, 1, 2], 6) == [[1, 2, 1, 2, 1, 2]]
+    # a match with enough tokens after it is copied as it stands
+    assert lookup.continuations([4, 5, 6, 7, 8, 9, 4, 5], 3) == [[6, 7, 8]]
+    # trees: distinct continuations of up to 3 occurrences, most recent first
+    tree = get_drafter("lookup", MODELS["gpt"], 2, tree=True)
+    assert tree.continuations([1, 7, 1, 8, 1, 9, 0, 1], 2) == [[9, 0], [8, 1], [7, 1]]
+
+
 def test_get_drafter_registry():
     assert {"ftp", "recycling", "lookup"} <= set(__import__("ftplm.drafters", fromlist=["DRAFTERS"]).DRAFTERS)
     assert get_drafter("lookup", MODELS["gpt"], 3).draft_len == 3

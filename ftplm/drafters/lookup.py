@@ -1,7 +1,9 @@
 """Prompt lookup decoding (Saxena 2023): draft by copying what followed the last n-gram earlier in the context.
 
 The longest suffix n-gram (n = 3, 2, 1) that occurred before is looked up, most recent occurrence first, and the
-draft_len tokens that followed it are proposed as a chain. With tree=True, the continuations of up to BRANCHES
+draft_len tokens that followed it are proposed as a chain. A continuation that runs into the present is copied on
+with overlap (LZ77-style: a match d tokens back predicts that the text repeats with period d), so that in a loop
+shorter than draft_len, which the most recent match always is, the draft still has draft_len tokens. With tree=True, the continuations of up to BRANCHES
 distinct earlier occurrences are merged into a trie, so that diverging continuations are verified together.
 Deterministic: q is one-hot, so under sampling a drafted token is accepted with probability p(token).
 """
@@ -33,6 +35,9 @@ class LookupDrafter(Drafter):
             for start in range(len(tokens) - n - 1, -1, -1):  # occurrences ending before the last token
                 if tokens[start : start + n] == suffix:
                     cont = tokens[start + n : start + n + length]
+                    period = len(tokens) - (start + n)
+                    while len(cont) < length:  # the copy overlaps the tokens it is producing
+                        cont.append(cont[len(cont) - period])
                     if cont and cont not in found:
                         found.append(cont)
                         if len(found) == self.branches:
