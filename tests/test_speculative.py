@@ -436,8 +436,9 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     assert result["results"]["greedy"]["plain"]["profile_ms_per_forward"]["draft"] == 0
     assert main(["bench", "decode", str(tiny_ftp_run), "--method", "medusa"]) == 2
     assert main(["bench", "decode", str(tiny_ftp_run), "--temperature", "-1"]) == 2
-    assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "1", "--max-new-tokens", "4", "--prompt-tokens", "8",
-                 "--method", "ftp", "--temperature", "0.5", "--temperature", "0", "--json", str(out)]) == 0
+    assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "1", "--max-new-tokens", "4",
+                 "--prompt-tokens", "8", "--method", "ftp", "--temperature", "0.5", "--temperature", "0",
+                 "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert list(result["results"]) == ["T=0.5", "greedy"] and set(result["results"]["T=0.5"]) == {"plain", "ftp"}
 

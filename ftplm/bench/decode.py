@@ -77,7 +77,9 @@ def repeated_share(prompt: list[int], new: list[int], n: int = 4) -> float:
     return repeats / len(new) if new else 0.0
 
 
-def summarize(records: list[dict[str, Any]], prompts: list[list[int]] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+def summarize(
+    records: list[dict[str, Any]], prompts: list[list[int]] | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Per mode and method: totals over prompts, tokens/s, speedup over plain (same prompts), τ, lossless, and (given
     the prompts) the share of repeated 4-grams in the output."""
     out: dict[str, dict[str, dict[str, Any]]] = {}

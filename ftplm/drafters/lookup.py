@@ -3,8 +3,9 @@
 The longest suffix n-gram (n = 3, 2, 1) that occurred before is looked up, most recent occurrence first, and the
 draft_len tokens that followed it are proposed as a chain. A continuation that runs into the present is copied on
 with overlap (LZ77-style: a match d tokens back predicts that the text repeats with period d), so that in a loop
-shorter than draft_len, which the most recent match always is, the draft still has draft_len tokens. With tree=True, the continuations of up to BRANCHES
-distinct earlier occurrences are merged into a trie, so that diverging continuations are verified together.
+shorter than draft_len, which the most recent match always is, the draft still has draft_len tokens. With
+tree=True, the continuations of up to BRANCHES distinct earlier occurrences are merged into a trie, so that
+diverging continuations are verified together.
 Deterministic: q is one-hot, so under sampling a drafted token is accepted with probability p(token).
 """
 
