@@ -20,6 +20,7 @@ from typing import Any, Literal, Optional, Union
 from ftplm.errors import FtplmError
 
 COMMANDS: dict[str, Callable[..., Any]] = {}
+Drafters = Literal["ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup"]  # ftplm.drafters' registry
 
 
 def command(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
@@ -165,7 +166,7 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
-    speculative: Literal["none", "ftp", "ftp-recycling", "recycling", "lookup"] = "none",
+    speculative: Literal["none", Drafters] = "none",
     draft_len: Optional[int] = None,
     tree: bool = False,
     adaptive: bool = False,
@@ -181,7 +182,8 @@ def generate(
         top_p: nucleus sampling: the smallest set of tokens with this much probability
         seed: random seed for reproducible samples
         speculative: lossless faster decoding: ftp (FTP models draft with their own decoder), ftp-recycling (ftp,
-            extended by Token Recycling), recycling (Token Recycling) or lookup (prompt lookup); same output as none
+            extended by Token Recycling), ftp-lookup (ftp or prompt lookup, whichever pays), recycling (Token
+            Recycling) or lookup (prompt lookup); same output as none
         draft_len: tokens drafted per step (default per drafter; ftp: at most n_future-1)
         tree: verify a tree of draft candidates instead of a single chain (recycling always drafts a tree)
         adaptive: choose each step's draft length (up to draft_len) from the acceptances so far
@@ -384,7 +386,7 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     model_name: Optional[str] = None,
-    speculative: Literal["auto", "none", "ftp", "ftp-recycling", "recycling", "lookup"] = "auto",
+    speculative: Literal["auto", "none", Drafters] = "auto",
     adaptive: bool = False,
     max_tokens_cap: Optional[int] = None,
 ) -> None:
@@ -414,7 +416,7 @@ def bench_serve(
     clients: int = 50,
     requests: int = 500,
     max_tokens: int = 8,
-    speculative: Literal["auto", "none", "ftp", "ftp-recycling", "recycling", "lookup"] = "auto",
+    speculative: Literal["auto", "none", Drafters] = "auto",
     json: Optional[str] = None,  # noqa: A002 - the option is called --json
 ) -> None:
     """HTTP load on a loopback server for RUN: p50/p99 latency, throughput, error counts.
@@ -454,8 +456,8 @@ def bench_decode(
         prompts: number of held-out prompts
         max_new_tokens: tokens generated per prompt (no stop at EOS)
         prompt_tokens: prompt length in tokens
-        method: plain, ftp, ftp-adaptive, ftp-tree, ftp-recycling, recycling, recycling-adaptive, lookup (repeatable;
-            default all that apply to the model)
+        method: plain, ftp, ftp-adaptive, ftp-tree, ftp-recycling, ftp-lookup, recycling, recycling-adaptive,
+            lookup (repeatable; default all that apply to the model)
         temperature: sampling temperatures to measure, 0 = greedy (repeatable; default 0 and 1)
         seed: sampling seed
         threads: torch CPU threads (default: torch's, one per core)

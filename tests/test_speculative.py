@@ -42,7 +42,7 @@ def random_model(model_type: str, vocab: int = VOCAB, block: int = BLOCK, scale:
 
 MODELS = {"ftp": random_model("ftp"), "gpt": random_model("gpt")}
 FLOAT32_FTP = random_model("ftp").float()  # the packed path is float32 only
-DRAFTERS_FOR = {"ftp": ("ftp", "ftp-recycling", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
+DRAFTERS_FOR = {"ftp": ("ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -78,7 +78,8 @@ def test_drafts_are_accepted_and_trees_are_exercised():
     """The lossless test above is only meaningful if drafts get accepted, also deep inside trees."""
     model = MODELS["ftp"]
     idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
-    for drafter, tree in [("ftp", False), ("ftp", True), ("ftp-recycling", None), ("recycling", True), ("lookup", True)]:
+    for drafter, tree in [("ftp", False), ("ftp", True), ("ftp-recycling", None), ("ftp-lookup", False),
+                          ("recycling", True), ("lookup", True)]:
         stats = SpecStats()
         out = generate(model, idx, 20, Sampling(0), speculative=drafter, tree=tree, stats=stats)
         assert out.tolist() == generate(model, idx, 20, Sampling(0)).tolist()
@@ -137,6 +138,7 @@ def exact_sequence_probs(model, prompt: list[int], n: int, sampling: Sampling) -
     ("ftp", False, None, 3, False), ("ftp", True, None, 3, False), ("recycling", True, None, 3, False),
     ("lookup", False, None, 3, False),
     ("ftp-recycling", None, 1, 4, False),  # one FTP token, then recycled ones: both kinds of node in one draft
+    ("ftp-lookup", False, None, 3, False),  # sampled FTP drafts and copied ones, chosen from row to row
     ("recycling", True, None, 3, True),  # the draft depth changes from row to row with the acceptances so far
 ])
 def test_sampling_lossless_chi_square(drafter, tree, draft_len, n, adaptive):
@@ -348,13 +350,53 @@ def test_lookup_copies_with_overlap_through_a_loop():
     assert tree.continuations([1, 7, 1, 8, 1, 9, 0, 1], 2) == [[9, 0], [8, 1], [7, 1]]
 
 
+def test_ftp_lookup_drafts_from_whichever_source_has_paid_better():
+    from ftplm.drafters import DraftContext
+
+    model = MODELS["ftp"]
+    hybrid = get_drafter("ftp-lookup", model)
+    ftp, lookup = get_drafter("ftp", model), get_drafter("lookup", model)
+    h = torch.zeros(model.cfg.n_embd, dtype=torch.float64)
+    looping = DraftContext([1, 2, 3, 1, 2, 3, 1, 2], h, 10, 20, Sampling(0), torch.Generator())
+    copy = [3, 1, 2, 3, 1, 2, 3]
+    fresh = dataclasses.replace(looping, tokens=[1, 2, 3, 4, 5, 6, 7, 8])  # no n-gram seen before: lookup has nothing
+    assert hybrid.propose(fresh).tokens == ftp.propose(fresh).tokens and not hybrid.shadow
+    hybrid.chosen = None
+    assert hybrid.propose(looping).tokens == lookup.propose(looping).tokens == copy  # a tie goes to lookup
+    hybrid.observe([2] + copy, torch.zeros(8, VOCAB), [0])  # all 7 copied tokens rejected
+    assert hybrid.propose(looping).tokens == ftp.propose(looping).tokens  # FTP drafts; lookup's copy is kept aside
+    assert hybrid.shadow == [(8, [2, 3, 1, 2], [copy], 7)]
+    hybrid.observe([2, 0, 0, 0], torch.zeros(4, VOCAB), [0, 1])  # FTP: 1 of 3 accepted
+    values = dict(hybrid.value)
+    on = dataclasses.replace(looping, tokens=looping.tokens + copy[:3])  # the text so far agrees with the copy
+    hybrid.propose(on)
+    assert hybrid.value[hybrid.lookup] == values[hybrid.lookup] and len(hybrid.shadow) == 2  # not known yet
+    hybrid.observe([2, 0, 0, 0], torch.zeros(4, VOCAB), [0, 1])
+    looped = dataclasses.replace(looping, tokens=looping.tokens + copy + [1])  # it went on exactly as copied
+    assert hybrid.propose(looped).tokens == lookup.propose(looped).tokens  # so lookup has the better score again
+    assert hybrid.value[hybrid.lookup] > hybrid.value[hybrid.ftp]
+    assert [at for at, *_ in hybrid.shadow] == [11]  # the copy made at 11 is still running ahead of the text
+    # a copy kept aside in one row is never scored against another row's text
+    hybrid.shadow = [(8, [9, 9, 9, 9], [copy], 7)]
+    values = dict(hybrid.value)
+    assert hybrid.propose(looped).tokens == lookup.propose(looped).tokens
+    assert hybrid.value == values and not hybrid.shadow
+
+
 def test_get_drafter_registry():
-    assert {"ftp", "recycling", "lookup"} <= set(__import__("ftplm.drafters", fromlist=["DRAFTERS"]).DRAFTERS)
+    import typing
+
+    from ftplm.cli import Drafters
+
+    get_drafter("ftp", MODELS["ftp"])  # imports every drafter module
+    registry = set(__import__("ftplm.drafters", fromlist=["DRAFTERS"]).DRAFTERS)
+    assert set(typing.get_args(Drafters)) == registry >= {"ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup"}
     assert get_drafter("lookup", MODELS["gpt"], 3).draft_len == 3
 
 
 def test_api_speculative_matches_plain_fp32(tiny_ftp_run, tiny_gpt_run):
-    for run, drafters in ((tiny_ftp_run, ("ftp", "ftp-recycling", "recycling", "lookup")), (tiny_gpt_run, ("recycling", "lookup"))):
+    for run, drafters in ((tiny_ftp_run, ("ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup")),
+                          (tiny_gpt_run, ("recycling", "lookup"))):
         m = ftplm.load(run)
         for prompt, drafter, tree in itertools.product(["The", "In 1990 the city of"], drafters, (False, True)):
             plain = m.generate_ids(prompt, max_new_tokens=24, temperature=0)
@@ -424,8 +466,8 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     assert result["products"] == "oneDNN packed"  # the CPU path the published figures were measured on
     assert result["draft_products"] in ("bfloat16", "float32")  # bf16 where the CPU has it
     for mode in ("greedy", "T=1"):
-        assert set(result["results"][mode]) == {"plain", "ftp", "ftp-adaptive", "ftp-tree", "ftp-recycling", "recycling",
-                                                    "recycling-adaptive", "lookup"}
+        assert set(result["results"][mode]) == {"plain", "ftp", "ftp-adaptive", "ftp-tree", "ftp-recycling",
+                                                "ftp-lookup", "recycling", "recycling-adaptive", "lookup"}
     assert all(r["lossless"] == 1.0 for r in result["results"]["greedy"].values())
     assert all(0.0 <= r["repeated_4grams"] <= 1.0 for mode in result["results"].values() for r in mode.values())
     for r in result["results"]["greedy"].values():

@@ -26,6 +26,7 @@ from ftplm.model import inference_products
 # method -> (drafter, tree, adaptive draft length)
 FTP_METHODS = {"plain": (None, None, False), "ftp": ("ftp", False, False), "ftp-adaptive": ("ftp", False, True),
                "ftp-tree": ("ftp", True, False), "ftp-recycling": ("ftp-recycling", None, False),
+               "ftp-lookup": ("ftp-lookup", None, False),
                "recycling": ("recycling", None, False), "recycling-adaptive": ("recycling", None, True),
                "lookup": ("lookup", None, False)}  # fmt: skip
 GPT_METHODS = {k: v for k, v in FTP_METHODS.items() if v[0] is None or not v[0].startswith("ftp")}

@@ -8,6 +8,7 @@ how drafts are cut to the context length and to the remaining token budget.
     ftp        the FTP model's own decoder drafts the next N-1 tokens from the last state vector (FTP only)
     recycling  Token Recycling (Luo et al. 2024): top-k candidates recycled from earlier verifications
     ftp-recycling  ftp, then a Token Recycling subtree past the decoder's horizon (FTP only)
+    ftp-lookup ftp or lookup, each round the one that has lately given more tokens per unit of cost (FTP only)
     lookup     prompt lookup decoding: copy what followed the last n-gram earlier in the context
 """
 
@@ -201,7 +202,7 @@ def get_drafter(
     """A drafter by name for this model; bad names and arguments raise FtplmError with one clear line.
 
     adaptive: choose each round's draft depth (up to draft_len) from the acceptances so far (AdaptiveDepth)."""
-    from ftplm.drafters import ftp, ftp_recycling, lookup, recycling  # noqa: F401  (registers them)
+    from ftplm.drafters import ftp, ftp_lookup, ftp_recycling, lookup, recycling  # noqa: F401  (registers them)
 
     if name not in DRAFTERS:
         raise FtplmError(f"unknown speculative drafter {name!r}; choose one of: {', '.join(sorted(DRAFTERS))} (or None)")

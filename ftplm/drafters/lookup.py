@@ -49,21 +49,24 @@ class LookupDrafter(Drafter):
 
     def propose(self, ctx: DraftContext) -> Draft:
         length = min(self.draft_len, ctx.max_depth)
-        draft = Draft()
-        if length <= 0:
-            return draft
-        children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node: the trie
-        for cont in self.continuations(ctx.tokens, length):
-            parent = -1
-            for token in cont:
-                node = children.get((parent, token))
-                if node is None:
-                    node = children[(parent, token)] = draft.add(token, parent)
-                parent = node
-        order = sorted(range(len(draft)), key=draft.depths().__getitem__)  # breadth-first, for truncation
-        if order != list(range(len(draft))):
-            draft = _reorder(draft, order)
-        return draft.truncated(ctx.max_depth, ctx.max_nodes)
+        return trie(self.continuations(ctx.tokens, length) if length > 0 else [], ctx)
+
+
+def trie(continuations: list[list[int]], ctx: DraftContext) -> Draft:
+    """The continuations merged into one draft tree (shared prefixes once), breadth-first, cut to the context's room."""
+    draft = Draft()
+    children: dict[tuple[int, int], int] = {}  # (parent node, token) -> node
+    for cont in continuations:
+        parent = -1
+        for token in cont:
+            node = children.get((parent, token))
+            if node is None:
+                node = children[(parent, token)] = draft.add(token, parent)
+            parent = node
+    order = sorted(range(len(draft)), key=draft.depths().__getitem__)  # breadth-first, for truncation
+    if order != list(range(len(draft))):
+        draft = _reorder(draft, order)
+    return draft.truncated(ctx.max_depth, ctx.max_nodes)
 
 
 def _reorder(draft: Draft, order: list[int]) -> Draft:
