@@ -298,6 +298,17 @@ def test_adaptive_depth_follows_acceptance():
     control.update(wide, 0)
     control.reached[0] = control.accepted[0] = 0.0
     assert control.depth() == 0
+    # a fixed cost per drafting round (a multi-token verification, a drafter to start) favours longer drafts once
+    # drafting pays at all: at r ~ 0.85 the best depth moves from 5 (0.2 per node) to 7 (0.3 + 0.12 per node)
+    per_node, with_fixed = AdaptiveDepth(max_depth=7, node_cost=0.2), AdaptiveDepth(7, node_cost=0.12, fixed_cost=0.3)
+    for control in (per_node, with_fixed):
+        control.reached, control.accepted = [100.0] * 7, [85.0] * 7
+        assert control.rates()[-1] == pytest.approx(0.85, abs=0.01)
+    assert per_node.depth() == 5 and with_fixed.depth() == 7
+    # ... and keeps weak drafts out: at r = 1/2 (no evidence) a draft gives < 2 tokens, too few for a round that
+    # costs more than twice a plain step
+    assert AdaptiveDepth(max_depth=4, node_cost=0.1, fixed_cost=1.0).depth() == 0
+    assert AdaptiveDepth(max_depth=4, node_cost=0.1, fixed_cost=0.0).depth() == 2
 
 
 def test_adaptive_draft_length_skips_hopeless_drafts():

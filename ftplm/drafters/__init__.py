@@ -81,6 +81,12 @@ class DraftContext:
     decoder_start: object | None = None
 
 
+def round_cost(nodes: int, node_cost: float, fixed_cost: float) -> float:
+    """A round's cost in target forwards: the forward itself, and with a draft a fixed part (verifying several
+    tokens instead of one, starting a drafter) plus a part per draft node."""
+    return 1.0 + (fixed_cost + node_cost * nodes if nodes else 0.0)
+
+
 class AdaptiveDepth:
     """Adaptive draft length: each round, the depth with the most expected tokens per unit of cost.
 
@@ -88,14 +94,14 @@ class AdaptiveDepth:
     token at depth d was then accepted too. The acceptance rate r_d is estimated as (accepted + 2 r_{d-1}) /
     (reached + 2), i.e. with little evidence a depth is assumed to do as well as the one above it (r_0's prior is
     1/2): acceptance is much alike from depth to depth, and this keeps deeper drafts worth trying. A depth-L draft is
-    expected to give 1 + sum_{i<=L} prod_{j<=i} r_j tokens (bonus included) for 1 + node_cost * (its nodes) target
+    expected to give 1 + sum_{i<=L} prod_{j<=i} r_j tokens (bonus included) for round_cost(its nodes) target
     forwards, with each level's width as last drafted. Counts are forgotten geometrically (`decay` per round), so
     that a depth left undrafted drifts back to its prior and is tried again. Only past acceptances are used, so the
     output stays lossless; depth 0 (no draft: a plain step) is a valid choice where drafts keep failing.
     """
 
-    def __init__(self, max_depth: int, node_cost: float, decay: float = 0.95) -> None:
-        self.max_depth, self.node_cost, self.decay = max_depth, node_cost, decay
+    def __init__(self, max_depth: int, node_cost: float, fixed_cost: float = 0.0, decay: float = 0.95) -> None:
+        self.max_depth, self.node_cost, self.fixed_cost, self.decay = max_depth, node_cost, fixed_cost, decay
         self.reached = [0.0] * max_depth
         self.accepted = [0.0] * max_depth
         self.widths = [1] * max_depth  # nodes at depth d + 1, as last drafted (a chain until seen)
@@ -113,7 +119,7 @@ class AdaptiveDepth:
             keep *= rate
             expected += keep
             nodes += self.widths[d]
-            value = expected / (1 + self.node_cost * nodes)
+            value = expected / round_cost(nodes, self.node_cost, self.fixed_cost)
             if value > best:
                 best_depth, best = d + 1, value
         return best_depth
@@ -138,9 +144,11 @@ class Drafter:
     name = ""
     default_draft_len = 4
     wants_decoder_start = False  # FTP drafters continue from the verification's first decoder step
-    # the cost of one draft node in target forwards, for adaptive draft length: verifying it (a trunk row and its
-    # target logits) is ~0.05 of a `small` plain step on 2 CPU threads (a round with a 23-node Recycling tree:
-    # 5.5 ms against 2.6); drafters that run a model add their own cost
+    # what a draft costs, in target forwards (plain steps), for adaptive draft length (see round_cost): verifying
+    # a draft is a multi-token forward, ~0.2 more than a plain step on `small`, 2 CPU threads, and each node (a trunk
+    # row and its target logits) ~0.05 more (a round with a 23-node Recycling tree: 5.8 ms against 2.4); drafters
+    # that run a model add their own cost
+    fixed_cost = 0.2
     node_cost = 0.05
 
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
@@ -150,7 +158,7 @@ class Drafter:
 
     def make_adaptive(self) -> None:
         """Choose each round's draft depth (up to draft_len) from the acceptances so far."""
-        self.adaptive = AdaptiveDepth(self.draft_len, self.node_cost)
+        self.adaptive = AdaptiveDepth(self.draft_len, self.node_cost, self.fixed_cost)
 
     def propose(self, ctx: DraftContext) -> Draft:
         raise NotImplementedError

@@ -3,8 +3,8 @@
 The two are good at opposite things (docs/results.md): when a small model's greedy text loops, prompt lookup copies
 the loop at almost no cost and runs far ahead of the decoder's N-1 tokens; under sampling nothing repeats, copied
 drafts are deterministic and mostly rejected, and only FTP's own drafts help. This drafter keeps, per source, a
-moving average of the tokens a round gained (accepted drafts + the bonus) per unit of cost (1 target forward +
-`node_cost` per draft node), and each round drafts from lookup if it has a match in the context and has been the
+moving average of the tokens a round gained (accepted drafts + the bonus) per unit of cost (`round_cost`, in
+target forwards, with the source's own costs), and each round drafts from lookup if it has a match in the context and has been the
 better of the two, else from the FTP decoder. Lookup is scored every round, also when FTP drafts: its copy is
 cheap to make, and once the text has gone on, the tokens it would have had accepted are those it shares with what
 was generated (for a copied token x, the chance that a verifier accepts it, p(x), is the chance that sampling
@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from ftplm.drafters import Draft, DraftContext, Drafter, Template, drafter
+from ftplm.drafters import Draft, DraftContext, Drafter, Template, drafter, round_cost
 from ftplm.drafters.ftp import FTPDrafter, require_ftp
 from ftplm.drafters.lookup import LookupDrafter, trie
 from ftplm.errors import FtplmError
 
-PRIOR = 1.25  # tokens per unit of cost assumed before any evidence (an FTP chain with 1 of its 3 drafts accepted)
+PRIOR = 1.25  # tokens per unit of cost assumed before any evidence (~an FTP chain with 1 of its 3 drafts accepted)
 DECAY = 0.8  # weight of the past in the moving averages
 
 
@@ -48,7 +48,7 @@ class FTPLookupDrafter(Drafter):
         self.shadow: list[tuple[int, list[int], list[list[int]], int]] = []
 
     def _score(self, source: Drafter, accepted: int, nodes: int) -> None:
-        gained = (1 + accepted) / (1 + source.node_cost * nodes)
+        gained = (1 + accepted) / round_cost(nodes, source.node_cost, source.fixed_cost)
         self.value[source] = DECAY * self.value[source] + (1 - DECAY) * gained
 
     def _score_shadow(self, tokens: list[int]) -> None:
