@@ -71,10 +71,11 @@ class TextModel:
     ) -> list[int]:
         """New token ids only (including a final EOS when one was produced).
 
-        speculative = "ftp" (FTP models: the decoder drafts for itself), "recycling" or "lookup" (any model)
-        gives the same tokens as plain decoding (greedy) or the same distribution (sampling), in fewer trunk
-        passes; draft_len = tokens drafted per step, tree = verify a tree of candidates instead of a chain,
-        adaptive = choose each step's draft length (up to draft_len) from how many drafts were accepted so far.
+        speculative = "ftp" (FTP models: the decoder drafts for itself; "ftp-recycling" and "ftp-lookup" combine it
+        with the train-free drafters), "recycling" or "lookup" (any model; ftplm.drafters lists them all) gives the
+        same tokens as plain decoding (greedy) or the same distribution (sampling), in fewer trunk passes;
+        draft_len = tokens drafted per step, tree = verify a tree of candidates instead of a chain, adaptive =
+        choose each step's draft length (up to draft_len) from how many drafts were accepted so far.
         """
         sampling = Sampling(temperature, top_k, top_p)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)

@@ -148,9 +148,10 @@ def generate(
     """KV-cache generation. idx (B, T) -> (B, T + n) with n <= max_new_tokens.
 
     Generation stops at the context length (no sliding window: positions are learned) and, when eos_id is given,
-    once every row has produced it (finished rows are padded with eos_id). speculative = "ftp" | "recycling" |
-    "lookup" (or a Drafter) gives the same tokens (greedy) / the same distribution (sampling), faster; adaptive =
-    pick each round's draft length from the acceptances so far; `stats` collects τ, target forwards and timings.
+    once every row has produced it (finished rows are padded with eos_id). speculative = a drafter name ("ftp",
+    "ftp-lookup", "recycling", ...: ftplm.drafters) or a Drafter gives the same tokens (greedy) / the same
+    distribution (sampling), faster; adaptive = pick each round's draft length from the acceptances so far; `stats`
+    collects τ, target forwards and timings.
     """
     if speculative not in (None, "none"):
         return speculative_generate(
