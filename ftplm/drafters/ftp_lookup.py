@@ -4,11 +4,11 @@ The two are good at opposite things (docs/results.md): when a small model's gree
 the loop at almost no cost and runs far ahead of the decoder's N-1 tokens; under sampling nothing repeats, copied
 drafts are deterministic and mostly rejected, and only FTP's own drafts help. This drafter keeps, per source, a
 moving average of the tokens a round gained (accepted drafts + the bonus) per unit of cost (`round_cost`, in
-target forwards, with the source's own costs), and each round drafts from lookup if it has a match in the context and has been the
-better of the two, else from the FTP decoder. Lookup is scored every round, also when FTP drafts: its copy is
-cheap to make, and once the text has gone on, the tokens it would have had accepted are those it shares with what
-was generated (for a copied token x, the chance that a verifier accepts it, p(x), is the chance that sampling
-produces it). FTP, which costs a decoder run to ask, keeps its last score, drifting back to a prior while unused.
+target forwards, with the source's own costs), and each round drafts from lookup if it has a match in the context
+and has been the better of the two, else from the FTP decoder. Lookup is scored every round, also when FTP
+drafts: its copy is cheap to make, and once the text has gone on, the tokens it would have had accepted are those
+it shares with what was generated (for a copied token x, the chance that a verifier accepts it, p(x), is the
+chance that sampling produces it). FTP, which costs a decoder run to ask, keeps its last score, drifting back to a prior while unused.
 The choice depends only on past rounds, so the output stays lossless (and seeded runs reproducible).
 
 This is a composition of two drafters, not FTP's own drafting: `ftplm bench decode` reports it on its own line.
@@ -25,6 +25,7 @@ from ftplm.errors import FtplmError
 
 PRIOR = 1.25  # tokens per unit of cost assumed before any evidence (~an FTP chain with 1 of its 3 drafts accepted)
 DECAY = 0.8  # weight of the past in the moving averages
+ANCHOR = 4  # tokens before a copy kept aside, to recognise its row's text later
 
 
 @drafter("ftp-lookup")
@@ -43,8 +44,8 @@ class FTPLookupDrafter(Drafter):
         super().__init__(model, max(self.ftp.draft_len, self.lookup.draft_len))
         self.value = {self.ftp: PRIOR, self.lookup: PRIOR}
         self.chosen: tuple[Drafter, int] | None = None  # this round's source and draft size
-        # lookup's copies in rounds FTP drafted, until the text after them is known: (at, the 4 tokens before, copies,
-        # nodes); the tokens before tell a later row's context (the drafter outlives a generation) from this one's
+        # lookup's copies in rounds FTP drafted, until the text after them is known: (at, the ANCHOR tokens before,
+        # copies, nodes); the tokens before tell a later row's text (the drafter outlives a generation) from this one
         self.shadow: list[tuple[int, list[int], list[list[int]], int]] = []
 
     def _score(self, source: Drafter, accepted: int, nodes: int) -> None:
@@ -55,7 +56,7 @@ class FTPLookupDrafter(Drafter):
         """Score the copies lookup offered in earlier rounds against what was generated since, once that is known."""
         pending = []
         for at, before, copies, nodes in self.shadow:
-            if tokens[max(at - 4, 0) : at] != before:
+            if tokens[max(at - ANCHOR, 0) : at] != before:
                 continue  # another row's
             generated = tokens[at:]
             shared = [next((i for i, (a, b) in enumerate(zip(c, generated)) if a != b), min(len(c), len(generated)))
@@ -69,8 +70,7 @@ class FTPLookupDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
         self._score_shadow(ctx.tokens)
-        length = min(self.lookup.draft_len, ctx.max_depth)
-        copies = self.lookup.continuations(ctx.tokens, length) if length > 0 else []
+        copies = self.lookup.copies(ctx)
         copied = trie(copies, ctx)
         if len(copied) and self.value[self.lookup] >= self.value[self.ftp]:
             self.chosen = self.lookup, len(copied)
@@ -78,7 +78,7 @@ class FTPLookupDrafter(Drafter):
         draft = self.ftp.propose(ctx)
         self.chosen = self.ftp, len(draft.truncated(ctx.max_depth, ctx.max_nodes))
         if len(copied):
-            self.shadow.append((len(ctx.tokens), ctx.tokens[-4:], copies, len(copied)))
+            self.shadow.append((len(ctx.tokens), ctx.tokens[-ANCHOR:], copies, len(copied)))
         return draft
 
     def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:

@@ -47,9 +47,12 @@ class LookupDrafter(Drafter):
                 return found
         return found
 
+    def copies(self, ctx: DraftContext) -> list[list[int]]:
+        """This round's continuations, as long as the draft may be."""
+        return self.continuations(ctx.tokens, min(self.draft_len, ctx.max_depth))
+
     def propose(self, ctx: DraftContext) -> Draft:
-        length = min(self.draft_len, ctx.max_depth)
-        return trie(self.continuations(ctx.tokens, length) if length > 0 else [], ctx)
+        return trie(self.copies(ctx), ctx)
 
 
 def trie(continuations: list[list[int]], ctx: DraftContext) -> Draft:
