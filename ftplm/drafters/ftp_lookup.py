@@ -8,8 +8,9 @@ target forwards, with the source's own costs), and each round drafts from lookup
 and has been the better of the two, else from the FTP decoder. Lookup is scored every round, also when FTP
 drafts: its copy is cheap to make, and once the text has gone on, the tokens it would have had accepted are those
 it shares with what was generated (for a copied token x, the chance that a verifier accepts it, p(x), is the
-chance that sampling produces it). FTP, which costs a decoder run to ask, keeps its last score, drifting back to a prior while unused.
-The choice depends only on past rounds, so the output stays lossless (and seeded runs reproducible).
+chance that sampling produces it). FTP, which costs a decoder run to ask, keeps its last score, drifting back to a
+prior while unused. The choice depends only on past rounds, so the output stays lossless (and seeded runs
+reproducible).
 
 This is a composition of two drafters, not FTP's own drafting: `ftplm bench decode` reports it on its own line.
 """
