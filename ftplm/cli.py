@@ -397,7 +397,8 @@ def serve(
         host: interface to listen on (127.0.0.1 = this machine only)
         port: TCP port
         model_name: the model id clients pass as "model" (default: the run directory's name)
-        speculative: auto = self-speculative decoding for FTP models, plain for GPT; or a drafter, or none
+        speculative: auto = per request: ftp-lookup for FTP models; lookup for greedy GPT requests, plain for
+            sampled ones; or a drafter, or none
         adaptive: with a drafter, choose each round's draft length from the acceptances so far
         max_tokens_cap: the largest max_tokens a request may ask for (default: the model's context length)
     """
@@ -426,7 +427,8 @@ def bench_serve(
         clients: concurrent clients
         requests: requests in all (half streamed, half greedy, half sampled)
         max_tokens: tokens per completion
-        speculative: auto = self-speculative decoding for FTP models, plain for GPT; or a drafter, or none
+        speculative: auto = per request: ftp-lookup for FTP models; lookup for greedy GPT requests, plain for
+            sampled ones; or a drafter, or none
         json: also write the figures to this JSON file
     """
     from ftplm.bench.serve import bench_serve as run_bench

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from ftplm.api import TextModel, load
-from ftplm.drafters import get_drafter
+from ftplm.drafters import auto_drafter, get_drafter
 from ftplm.errors import FtplmError
 from ftplm.generate import Sampling
 
@@ -286,16 +286,25 @@ class TextAssembler:
 # ------------------------------------------------------------------------------------------------------
 # the app
 # ------------------------------------------------------------------------------------------------------
-def _speculative_kwargs(tm: TextModel, speculative: str | None, adaptive: bool = False) -> dict[str, Any]:
-    """{"speculative": ..., "adaptive": ...} for generate_ids; "auto" = "ftp" for FTP models, plain for GPT."""
+def _drafters(tm: TextModel, speculative: str | None, adaptive: bool = False) -> dict[str, str | None]:
+    """The drafter for greedy and for sampled requests ("auto": `auto_drafter`; None = plain decoding). Checked
+    here, at startup: an unknown drafter or ftp on a GPT model is one clear line."""
     if speculative == "auto":
-        speculative = "ftp" if tm.config.model_type == "ftp" else None
-    if speculative in (None, "none"):
-        if adaptive:
-            raise FtplmError("adaptive draft length needs a speculative drafter; this server decodes plainly")
-        return {}
-    get_drafter(speculative, tm.model)  # an unknown drafter, or ftp on a GPT model: one clear line at startup
-    return {"speculative": speculative, "adaptive": adaptive}
+        chosen = {mode: auto_drafter(tm.config.model_type, mode == "greedy") for mode in ("greedy", "sampled")}
+    else:
+        chosen = dict.fromkeys(("greedy", "sampled"), None if speculative in (None, "none") else speculative)
+    if adaptive and not any(chosen.values()):
+        raise FtplmError("adaptive draft length needs a speculative drafter; this server decodes plainly")
+    for name in set(chosen.values()) - {None}:
+        get_drafter(name, tm.model)  # type: ignore[arg-type]
+    return chosen
+
+
+def describe_drafters(drafters: dict[str, str | None]) -> str:
+    """"ftp-lookup", "off", or "greedy: lookup, sampled: off" where the two differ."""
+    if drafters["greedy"] == drafters["sampled"]:
+        return drafters["greedy"] or "off"
+    return ", ".join(f"{mode}: {name or 'off'}" for mode, name in drafters.items())
 
 
 def _check_model(requested: str | None, name: str) -> None:
@@ -316,7 +325,8 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app serving one model (a TextModel or a run / saved-model path).
 
-    speculative: "auto" (FTP models: self-speculative "ftp"; GPT: plain), a drafter name, or None.
+    speculative: "auto" (per request: FTP models `ftp-lookup`; GPT `lookup` when greedy, plain when sampling), a
+        drafter name, or None.
     adaptive: with a drafter, choose each round's draft length from the acceptances so far (per request).
     max_tokens_cap: the most tokens one completion may ask for (default: the model's context length).
     """
@@ -324,7 +334,7 @@ def create_app(
     name = model_name or (tm.path.name if tm.path is not None else "ftplm")
     block = tm.config.block_size
     cap = max_tokens_cap or block
-    gen_extra = _speculative_kwargs(tm, speculative, adaptive)
+    drafters = _drafters(tm, speculative, adaptive)
     worker = ModelWorker(max_pending)
     created = int(time.time())
 
@@ -337,7 +347,7 @@ def create_app(
     app = FastAPI(title="ftplm", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.state.text_model, app.state.worker, app.state.model_name = tm, worker, name
-    app.state.speculative, app.state.adaptive = gen_extra.get("speculative"), gen_extra.get("adaptive", False)
+    app.state.drafters, app.state.adaptive = drafters, adaptive and any(drafters.values())
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -374,7 +384,7 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "pending": worker.pending, "speculative": app.state.speculative,
+        return {"status": "ok", "model": name, "pending": worker.pending, "speculative": app.state.drafters,
                 "adaptive": app.state.adaptive}
 
     @app.get("/v1/models")
@@ -426,7 +436,9 @@ def create_app(
         except FtplmError as e:
             raise APIError(400, str(e)) from None
         ids = prompt_ids(req.prompt)
-        steps = completion_steps(tm, ids, max_tokens, temperature, req.top_k, top_p, req.seed, gen_extra)
+        drafter = drafters["greedy" if temperature == 0 else "sampled"]
+        extra = {"speculative": drafter, "adaptive": adaptive} if drafter else {}
+        steps = completion_steps(tm, ids, max_tokens, temperature, req.top_k, top_p, req.seed, extra)
         job = worker.submit(steps)
         asm = TextAssembler(tm, stops)
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
@@ -550,7 +562,7 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: i
     sock = bind(host, port)
     adaptive = ", adaptive" if app.state.adaptive else ""
     print(f"serving {app.state.model_name} ({app.state.text_model.config.model_type}, speculative: "
-          f"{app.state.speculative or 'off'}{adaptive}) on http://{host}:{port}/v1", flush=True)
+          f"{describe_drafters(app.state.drafters)}{adaptive}) on http://{host}:{port}/v1", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 

@@ -140,8 +140,9 @@ def test_seeded_sampling_is_reproducible(ftp_server):
     assert a == _stream_text(c, body)[0]
     # one chunk: the request's own seed, so it equals generate() with that seed and the server's decoding method
     spec = httpx.get(f"{url}/health").json()["speculative"]
-    assert spec == "ftp"  # FTP models are served with self-speculative decoding by default
-    assert a == tm.generate("Rome", 6, temperature=1.0, top_k=50, seed=7, speculative=spec)
+    # FTP models are served with ftp-lookup by default: the decoder's drafts, or lookup's copies where text repeats
+    assert spec == {"greedy": "ftp-lookup", "sampled": "ftp-lookup"}
+    assert a == tm.generate("Rome", 6, temperature=1.0, top_k=50, seed=7, speculative=spec["sampled"])
     long = {**body, "max_tokens": 30}
     assert c.post("/v1/completions", json=long).json()["choices"][0]["text"] == _stream_text(c, long)[0]
 
@@ -441,11 +442,35 @@ def test_adaptive_speculative_server_equals_plain_greedy(tiny_gpt_run):
     app = create_app(tiny_gpt_run, speculative="recycling", adaptive=True)
     with running_server(app) as url:
         health = httpx.get(f"{url}/health").json()
-        assert health["speculative"] == "recycling" and health["adaptive"] is True
+        assert health["speculative"] == {"greedy": "recycling", "sampled": "recycling"} and health["adaptive"]
         for prompt in ("The history of", "Rome was"):
             r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 20, "temperature": 0},
                            timeout=60)
             assert r.json()["choices"][0]["text"] == tm.generate(prompt, 20, temperature=0)
+
+
+def test_auto_serves_gpt_greedy_requests_with_lookup_and_sampled_ones_plainly(tiny_gpt_run, monkeypatch):
+    """"auto" picks the drafter per request from its temperature (GPT: copies help only greedy decoding)."""
+    import ftplm.serve as serve_module
+
+    tm = _cached_model(tiny_gpt_run)
+    app = create_app(tm, speculative="auto")
+    assert serve_module.describe_drafters(app.state.drafters) == "greedy: lookup, sampled: off"
+    prompt, expected = "The history of", {t: tm.generate("The history of", 6, temperature=t, seed=3) for t in (0, 0.8)}
+    used = []
+    generate_ids = tm.generate_ids
+
+    def spy(*args, **kwargs):
+        used.append(kwargs.get("speculative"))
+        return generate_ids(*args, **kwargs)
+
+    monkeypatch.setattr(tm, "generate_ids", spy)
+    with running_server(app) as url:
+        assert httpx.get(f"{url}/health").json()["speculative"] == {"greedy": "lookup", "sampled": None}
+        for temperature, text in expected.items():
+            body = {"prompt": prompt, "max_tokens": 6, "temperature": temperature, "seed": 3}
+            assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == text
+    assert used == ["lookup", None]
 
 
 def test_help_texts(capsys):

@@ -622,7 +622,7 @@ def test_ftp_tree_samples_its_children_under_sampling():
     """Greedy: top-k children, one-hot q (None). Sampling: each child a draw from its parent's q, recorded with it
     (siblings share it), so the verifier can apply the multi-draft rule."""
     from ftplm.drafters import DraftContext
-    from ftplm.drafters.ftp import FTPDrafter
+    from ftplm.drafters.ftp import DEFAULT_TREE, FTPDrafter
 
     model = random_model("ftp", vocab=6, scale=1.0, seed=3)  # flat distributions: draws differ from the top-k
     drafter = FTPDrafter(model, tree=True)
@@ -630,10 +630,10 @@ def test_ftp_tree_samples_its_children_under_sampling():
     h = model.state_vectors(x)
     ctx = DraftContext(x[0].tolist(), h[0, -2], 3, 50, Sampling(0), torch.Generator().manual_seed(0))
     greedy = drafter.propose(ctx)
-    assert len(greedy) == 11 and all(q is None for q in greedy.q)
+    assert len(greedy) == len(DEFAULT_TREE) and all(q is None for q in greedy.q)
     drafts = [drafter.propose(dataclasses.replace(ctx, sampling=Sampling(1.0))) for _ in range(20)]
     for draft in drafts:
-        assert (draft.parents, len(draft)) == (greedy.parents, 11) and all(q is not None for q in draft.q)
+        assert (draft.parents, len(draft)) == (greedy.parents, len(DEFAULT_TREE)) and all(q is not None for q in draft.q)
         for i, j in itertools.combinations(range(len(draft)), 2):
             if draft.parents[i] == draft.parents[j]:
                 assert torch.equal(draft.q[i], draft.q[j])

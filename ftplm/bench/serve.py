@@ -102,7 +102,7 @@ def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: in
     """Start a server for `run` on loopback, warm it up, put the load on it, print and return the figures."""
     import httpx
 
-    from ftplm.serve import create_app, running_server, set_cpu_threads
+    from ftplm.serve import create_app, describe_drafters, running_server, set_cpu_threads
 
     threads = set_cpu_threads(threads)
     app = create_app(run, speculative=speculative)
@@ -112,7 +112,7 @@ def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: in
         figures = asyncio.run(run_load(url, clients, requests, max_tokens))
     tm = app.state.text_model
     figures.update(
-        run=str(run), model_type=tm.config.model_type, speculative=app.state.speculative,
+        run=str(run), model_type=tm.config.model_type, speculative=describe_drafters(app.state.drafters),
         machine=f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch threads {threads}",
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
@@ -121,7 +121,7 @@ def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: in
 
 
 def _print(f: dict[str, Any]) -> None:
-    print(f"bench serve: {f['run']} ({f['model_type']}, speculative {f['speculative'] or 'off'}), "
+    print(f"bench serve: {f['run']} ({f['model_type']}, speculative {f['speculative']}), "
           f"{f['clients']} clients, {f['requests']} requests ({f['streamed']} streamed), max_tokens {f['max_tokens']}")
     ttft = f"{f['ttft_ms_p50']:.0f}" if f["ttft_ms_p50"] is not None else "-"
     print(f"latency p50 {f['latency_ms_p50']:.0f} ms, p99 {f['latency_ms_p99']:.0f} ms; stream TTFT p50 {ttft} ms")
