@@ -9,8 +9,8 @@ two threads at once. Completions run in chunks of tokens (8, 16, 32, 64, ...) an
 round-robin, one chunk each, so a long request cannot starve short ones and a stream gets its first tokens early.
 The worker pushes results into the request's asyncio queue with `call_soon_threadsafe` and never waits on a client
 socket: a slow or vanished client holds up nobody (and a vanished client's job is dropped at its next chunk).
-FTP models generate with self-speculative decoding when the installed ftplm supports it (lossless: greedy output
-equals plain decoding). Client mistakes always get a 4xx with an OpenAI-style JSON error, never a 5xx.
+Completions use lossless speculative decoding (greedy output equals plain decoding, sampled output has its
+distribution), with the drafter chosen per request by default (`auto_drafter`). Client mistakes always get a 4xx with an OpenAI-style JSON error, never a 5xx.
 """
 
 from __future__ import annotations

@@ -27,8 +27,9 @@ from ftplm.errors import FtplmError
 from ftplm.model import ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
 
 # 5 nodes, depth 3 (cut to draft_len): the two best first drafts, each continued, the best path one deeper. It beat
-# the 11-node tree used before (two-three candidates per level) in 13 of 16 model x mode cells of `bench decode`
-# (2026-11-26, docs/results.md): verifying 12 tokens instead of 6 costs more than its extra acceptances repay.
+# the 11-node tree used before (two-three candidates per level) in 21 of 24 `bench decode` runs (4 models x greedy
+# and T=1 x 3 runs, 2026-11-26, docs/results.md): verifying 12 tokens instead of 6 costs more than the extra
+# acceptances repay, except at greedy on the 4M-token N = 8 model.
 DEFAULT_TREE: Template = [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]
 
 
