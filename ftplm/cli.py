@@ -449,6 +449,7 @@ def bench_decode(
     temperature: list[float] = [],
     seed: int = 0,
     threads: Optional[int] = None,
+    batch_size: int = 1,
     json: Optional[str] = None,  # noqa: A002 - the option is called --json
 ) -> None:
     """Plain vs speculative decoding speed (tokens/s, speedup, tau) on held-out prompts, greedy and temperature 1.
@@ -463,12 +464,14 @@ def bench_decode(
         temperature: sampling temperatures to measure, 0 = greedy (repeatable; default 0 and 1)
         seed: sampling seed
         threads: torch CPU threads (default: torch's, one per core)
+        batch_size: prompts generated together (plain decoding batched too; speculative: verified together)
         json: also write the figures to this JSON file
     """
     from ftplm.bench.decode import bench_decode as run_bench
 
     temperatures = tuple(temperature) or (0.0, 1.0)
-    _emit(run_bench(run, prompts, max_new_tokens, prompt_tokens, method or None, temperatures, seed, threads), json)
+    _emit(run_bench(run, prompts, max_new_tokens, prompt_tokens, method or None, temperatures, seed, threads,
+                    batch_size), json)
 
 
 def _emit(result: dict[str, Any], json_path: str | None) -> None:

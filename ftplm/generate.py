@@ -10,7 +10,8 @@ node is model.next_token_logits there. Greedy: the longest path whose tokens equ
 sampling: the speculative-sampling rule (accept x ~ q with prob min(1, p/q), else continue from the residual
 norm(max(0, p - q))), then a bonus token from the last node's (residual) distribution, so the output is exactly
 distributed as plain sampling. The cache is cut back to the accepted path (copied into contiguous slots for trees).
-Batches run row by row (each row has its own cache and acceptance pattern); batch 1 is the speed target.
+A batch is verified together, one trunk forward per round, each row accepting its own number of drafts
+(`_speculative_batch`: holes in a shared cache, masked); batch 1 runs without masks (`_speculative_row`).
 """
 
 from __future__ import annotations
@@ -126,9 +127,24 @@ class _Clock:
     def targets(self, fn: Callable[..., Any], *args: Any) -> Any:
         return self._timed("target_time", fn, *args)
 
-    def add_to(self, stats: SpecStats) -> None:
+    def settle(self, stats: SpecStats, new_tokens: int, forwards: int, draft_time: float, started: float) -> None:
+        """Add a generation's counts and times (since `started`) to stats."""
+        total = time.perf_counter() - started
+        stats.new_tokens += new_tokens
+        stats.target_forwards += forwards
+        stats.draft_time += draft_time
+        stats.verify_time += total - draft_time
+        stats.total_time += total
         stats.trunk_time += self.trunk_time
         stats.target_time += self.target_time
+
+
+def _targets(model: LanguageModel, drafter: "Drafter", clock: _Clock) -> Callable[..., tuple[torch.Tensor, Any]]:
+    """h (B, T, C), x (B, T) -> next-token logits (B, T, V) at the fed positions, and, for drafters that continue
+    from it, the FTP decoder's state after that first step (else None)."""
+    if drafter.wants_decoder_start and hasattr(model, "first_decoder_step"):
+        return lambda h, x: clock.targets(model.first_decoder_step, h, x)
+    return lambda h, x: (clock.targets(model.next_token_logits, h, x), None)
 
 
 @torch.inference_mode()
@@ -185,12 +201,8 @@ def generate(
         logits = clock.targets(model.next_token_logits, h, nxt[:, None])[:, -1]
     tokens = torch.cat(out, dim=1)
     if stats is not None:
-        total = time.perf_counter() - started
-        stats.new_tokens += (tokens.size(1) - idx.size(1)) * idx.size(0)
-        stats.target_forwards += max(len(out) - 1, 0) * idx.size(0)
-        stats.verify_time += total
-        stats.total_time += total
-        clock.add_to(stats)
+        new_tokens, forwards = (tokens.size(1) - idx.size(1)) * idx.size(0), max(len(out) - 1, 0) * idx.size(0)
+        clock.settle(stats, new_tokens, forwards, 0.0, started)
     return tokens
 
 
@@ -247,19 +259,24 @@ def speculative_accept(p: torch.Tensor, token: int, q: torch.Tensor | None, u: f
     return False, residual / total
 
 
-def _tree_inputs(draft: "Draft", start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (start + depth) and the attention mask (T, start + T) of root + draft nodes: each node sees the
-    cache and its own ancestors."""
-    depths = draft.depths()
-    positions = torch.tensor([start] + [start + d for d in depths], device=device)
+def _draft_mask(draft: "Draft", width: int) -> torch.Tensor:
+    """(width, width) attention among root + draft nodes: each sees its ancestors and itself; padding up to width
+    sees only itself (a query that sees nothing would give NaN) and nobody sees padding."""
+    mask = torch.eye(width, dtype=torch.bool)
     ancestors: list[list[int]] = [[0]]
     for i, parent in enumerate(draft.parents, start=1):
         ancestors.append(ancestors[parent + 1] + [i])
-    T = len(ancestors)
-    tree = torch.zeros(T, T, dtype=torch.bool)
     for i, anc in enumerate(ancestors):
-        tree[i, anc] = True
-    mask = torch.cat([torch.ones(T, start, dtype=torch.bool), tree], dim=1)
+        mask[i, anc] = True
+    return mask
+
+
+def _tree_inputs(draft: "Draft", start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions (start + depth) and the attention mask (T, start + T) of root + draft nodes: each node sees the
+    cache and its own ancestors."""
+    positions = torch.tensor([start + d for d in [0] + draft.depths()], device=device)
+    T = len(positions)
+    mask = torch.cat([torch.ones(T, start, dtype=torch.bool), _draft_mask(draft, T)], dim=1)
     return positions, mask.to(device)
 
 
@@ -317,20 +334,14 @@ def _speculative_row(
         return []
     started = time.perf_counter()
     device, block = model.device, model.cfg.block_size
-    keep_decoder = drafter.wants_decoder_start and hasattr(model, "first_decoder_step")
     clock = _Clock()
-
-    def targets(h: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Next-token logits at the fed positions (T, V), and the FTP decoder state the drafter continues from."""
-        if keep_decoder:
-            logits, start = clock.targets(model.first_decoder_step, h, x)
-            return logits[0], start
-        return clock.targets(model.next_token_logits, h, x)[0], None
+    targets = _targets(model, drafter, clock)
 
     cache = model.new_cache()
     x = torch.tensor([prompt], device=device)
     h = clock.trunk(model.state_vectors, x, cache)
     logits, decoder = targets(h[:, -1:], x[:, -1:])
+    logits = logits[0]
     drafter.observe(prompt[-1:], logits, [0])
     out = [int(sampling.sample(logits, generator)[0])]
     h_prev, decoder_start = h[0, -1], decoder.row(0) if decoder else None
@@ -354,6 +365,7 @@ def _speculative_row(
             positions, mask = _tree_inputs(draft, start, device)
             h = clock.trunk(model.state_vectors, x, cache, positions, mask)
         logits, decoder = targets(h, x)
+        logits = logits[0]
         path, new = _accept_path(inputs, logits, draft, sampling, generator)
         _keep_path(cache, start, path)
         drafter.observe(inputs, logits, path)
@@ -367,14 +379,111 @@ def _speculative_row(
             new = new[: new.index(eos_id) + 1]
         out.extend(new)
     out = out[:n_new]
-    total = time.perf_counter() - started
-    stats.new_tokens += len(out)
-    stats.target_forwards += forwards
-    stats.draft_time += draft_time
-    stats.verify_time += total - draft_time
-    stats.total_time += total
-    clock.add_to(stats)
+    clock.settle(stats, len(out), forwards, draft_time, started)
     return out
+
+
+def _compact(cache: KVCache, valid: torch.Tensor, lengths: list[int]) -> None:
+    """Move each row's valid cache slots to the front (in order), so that the shared write position starts again
+    after the longest row."""
+    for r, n in enumerate(lengths):
+        slots = valid[r].nonzero().squeeze(1)
+        cache.k[:, r, :, :n] = cache.k[:, r, :, slots]  # type: ignore[index]
+        cache.v[:, r, :, :n] = cache.v[:, r, :, slots]  # type: ignore[index]
+        valid[r] = False
+        valid[r, :n] = True
+    cache.length = max(lengths)
+
+
+def _speculative_batch(
+    model: LanguageModel, prompts: list[list[int]], n_new: int, sampling: Sampling, generator: torch.Generator,
+    eos_id: int | None, drafter: "Drafter", stats: SpecStats,
+) -> list[list[int]]:
+    """New tokens for several prompts of one length, verified together: one trunk forward per round for the batch.
+
+    Rows accept different numbers of drafts, so rather than keeping each row's cache contiguous, every round writes
+    all rows' inputs at the same cache slots and each row keeps a mask of the slots it accepted (its positions count
+    only those): rejected drafts and padding are holes that attention never sees. When the shared slots run out,
+    each row's accepted slots are moved to the front (`_compact`). Finished rows leave the batch. Drafts are
+    proposed per row (`Drafter.propose_batch`: the FTP chain drafts every row in one decoder step per depth).
+    Invariant, as for one row: the cache holds every token of a row but its last accepted one (the root)."""
+    from ftplm.drafters import DraftContext
+
+    started = time.perf_counter()
+    device, block = model.device, model.cfg.block_size
+    clock = _Clock()
+    targets = _targets(model, drafter, clock)
+
+    capacity = 2 * block  # room for holes: compaction happens at most every block tokens of writes
+    cache = KVCache(model.cfg.n_layer, capacity)
+    x = torch.tensor(prompts, device=device)
+    h = clock.trunk(model.state_vectors, x, cache)
+    logits, decoder = targets(h[:, -1:], x[:, -1:])
+    first = sampling.sample(logits[:, 0], generator).tolist()
+    for r, prompt in enumerate(prompts):
+        drafter.observe(prompt[-1:], logits[r], [0])
+    rows = list(range(len(prompts)))  # the batch's rows, as indices into prompts
+    outs: list[list[int]] = [[t] for t in first]
+    lengths = [len(p) for p in prompts]  # tokens in the cache per row
+    valid = torch.zeros(len(prompts), capacity, dtype=torch.bool, device=device)
+    valid[:, : len(prompts[0])] = True
+    h_prev = [h[r, -1] for r in rows]
+    starts = [decoder.row(r) if decoder else None for r in rows]
+    forwards, draft_time = len(prompts), 0.0
+
+    def done(r: int) -> bool:
+        return len(outs[r]) >= n_new or outs[r][-1] == eos_id
+
+    while True:
+        active = [i for i, r in enumerate(rows) if not done(r)]
+        if not active:
+            break
+        if len(active) < len(rows):  # finished rows leave the batch
+            index = torch.tensor(active, device=device)
+            cache, valid = cache.select(index), valid[index]
+            rows, lengths = [rows[i] for i in active], [lengths[i] for i in active]
+            h_prev, starts = [h_prev[i] for i in active], [starts[i] for i in active]
+        t0 = time.perf_counter()
+        ctxs = []
+        for i, r in enumerate(rows):
+            tokens = prompts[r] + outs[r]
+            max_depth, max_nodes = n_new - len(outs[r]) - 1, block - len(tokens)
+            if drafter.adaptive is not None:
+                max_depth = min(max_depth, drafter.adaptive.depth())
+            ctxs.append(DraftContext(tokens, h_prev[i], max_depth, max_nodes, sampling, generator, starts[i]))
+        drafts = [d.truncated(c.max_depth, c.max_nodes) for d, c in zip(drafter.propose_batch(ctxs), ctxs)]
+        draft_time += time.perf_counter() - t0
+        width = 1 + max(len(d) for d in drafts)
+        if cache.length + width > capacity:
+            _compact(cache, valid, lengths)
+        start = cache.length
+        inputs = [[c.tokens[-1]] + d.tokens for c, d in zip(ctxs, drafts)]
+        x = torch.tensor([row + [row[0]] * (width - len(row)) for row in inputs], device=device)
+        positions = [[n + depth for depth in [0] + d.depths()] + [n] * (width - 1 - len(d))
+                     for d, n in zip(drafts, lengths)]
+        among = torch.stack([_draft_mask(d, width) for d in drafts]).to(device)
+        mask = torch.cat([valid[:, None, :start].expand(-1, width, -1), among], dim=2)
+        h = clock.trunk(model.state_vectors, x, cache, torch.tensor(positions, device=device), mask[:, None])
+        logits, decoder = targets(h, x)
+        for i, r in enumerate(rows):
+            n = len(inputs[i])
+            path, new = _accept_path(inputs[i], logits[i, :n], drafts[i], sampling, generator)
+            drafter.observe(inputs[i], logits[i, :n], path)
+            if drafter.adaptive is not None:
+                drafter.adaptive.update(drafts[i], len(path) - 1)
+            valid[i, [start + j for j in path]] = True
+            lengths[i] += len(path)
+            h_prev[i] = h[i, path[-1]]
+            starts[i] = decoder.row(i * width + path[-1]) if decoder else None
+            stats.draft_tokens += len(drafts[i])
+            stats.accepted_tokens += len(path) - 1
+            if eos_id is not None and eos_id in new:
+                new = new[: new.index(eos_id) + 1]
+            outs[r].extend(new)
+        forwards += len(rows)
+    outs = [out[:n_new] for out in outs]
+    clock.settle(stats, sum(len(out) for out in outs), forwards, draft_time, started)
+    return outs
 
 
 @torch.inference_mode()
@@ -391,7 +500,8 @@ def speculative_generate(
     stats: SpecStats | None = None,
     adaptive: bool = False,
 ) -> torch.Tensor:
-    """Lossless speculative generation, same contract as `generate`. Rows of a batch are generated one by one."""
+    """Lossless speculative generation, same contract as `generate`. A batch is verified in one trunk forward per
+    round (`_speculative_batch`), each row accepting its own number of drafts."""
     from ftplm.drafters import Drafter, get_drafter
 
     if not isinstance(drafter, Drafter):
@@ -404,7 +514,10 @@ def speculative_generate(
     model.eval()
     generator = make_generator(seed, idx.device)
     stats = stats if stats is not None else SpecStats()
-    rows = [_speculative_row(model, row, n_new, sampling, generator, eos_id, drafter, stats) for row in idx.tolist()]
+    if idx.size(0) == 1:
+        rows = [_speculative_row(model, idx[0].tolist(), n_new, sampling, generator, eos_id, drafter, stats)]
+    else:
+        rows = _speculative_batch(model, idx.tolist(), n_new, sampling, generator, eos_id, drafter, stats)
     width = max(len(r) for r in rows)
     pad = eos_id if eos_id is not None else 0  # rows only differ in length when they ended with EOS
     new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=idx.dtype, device=idx.device)

@@ -82,6 +82,20 @@ class DecoderStart:
         """These rows (a tensor may repeat them: tree drafting); the cache is copied, so each grows on its own."""
         return DecoderStart([(k[rows], v[rows]) for k, v in self.memory_kv], self.cache.select(rows))
 
+    @staticmethod
+    def cat(starts: list["DecoderStart"]) -> "DecoderStart":
+        """The rows of several starts (of one decoder length) as one, copied: drafting for a batch of rows."""
+        memory_kv = [(torch.cat([s.memory_kv[i][0] for s in starts]), torch.cat([s.memory_kv[i][1] for s in starts]))
+                     for i in range(len(starts[0].memory_kv))]
+        cache = KVCache(starts[0].cache.n_layer, starts[0].cache.max_len)
+        cache.length = starts[0].cache.length
+        if any(s.cache.length != cache.length for s in starts):
+            raise ValueError("decoder starts of different lengths cannot be batched")
+        if cache.length:
+            cache.k = torch.cat([s.cache.k for s in starts], dim=1)  # type: ignore[misc]
+            cache.v = torch.cat([s.cache.v for s in starts], dim=1)  # type: ignore[misc]
+        return DecoderStart(memory_kv, cache)
+
 
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Linear -> ((weight pointer, version), its oneDNN-packed copy). Kept off the module: an opaque packed tensor

@@ -86,6 +86,60 @@ def test_drafts_are_accepted_and_trees_are_exercised():
         assert stats.accepted_tokens > 0 and stats.tau > 1.2, (drafter, tree, stats)
 
 
+def test_batched_verification_compacts_its_cache_and_drops_finished_rows(monkeypatch):
+    """A batch is verified in one forward per round: rows accept different numbers of drafts (holes in the shared
+    cache, compacted when it fills up) and finish at different times (they leave the batch)."""
+    import ftplm.generate as gen
+
+    compactions = []
+    compact = gen._compact
+    monkeypatch.setattr(gen, "_compact", lambda *args: compactions.append(args[2][:]) or compact(*args))
+    model = MODELS["gpt"]
+    idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2], [4, 5, 6, 7, 4, 5, 6, 7], [0, 9, 8, 11, 10, 9, 8, 0]])
+    ends = set()
+    for eos in (None, 5, 6):
+        plain = generate(model, idx, 20, Sampling(0), eos_id=eos).tolist()
+        stats = SpecStats()
+        fast = generate(model, idx, 20, Sampling(0), eos_id=eos, speculative="recycling", stats=stats)  # trees
+        assert fast.tolist() == plain and stats.accepted_tokens > 0
+        ends.add(tuple(row[8:].index(eos) if eos in row[8:] else None for row in plain))
+    assert (None, None, 2) in ends and (13, None, 11) in ends  # rows that end early leave the batch
+    # 64 slots (twice the context), 4 + 24 + ... written by the 23-node trees: full before 28 tokens are generated
+    short = idx[:, :4]
+    assert generate(model, short, 28, Sampling(0), speculative="recycling").tolist() == generate(
+        model, short, 28, Sampling(0)).tolist()
+    assert compactions
+
+
+def test_compact_moves_each_rows_accepted_slots_to_the_front():
+    from ftplm.generate import _compact
+
+    cache = KVCache(1, 6)
+    cache.k = torch.arange(12.0).view(1, 2, 1, 6, 1)  # (layer, row, head, slot, dim): slot values 0-5, 6-11
+    cache.v = -cache.k
+    cache.length = 6
+    valid = torch.tensor([[1, 0, 1, 1, 0, 0], [1, 1, 0, 0, 0, 1]], dtype=torch.bool)
+    _compact(cache, valid, [3, 3])
+    assert cache.k[0, :, 0, :3, 0].tolist() == [[0, 2, 3], [6, 7, 11]] and torch.equal(cache.v, -cache.k)
+    assert valid.tolist() == [[1, 1, 1, 0, 0, 0]] * 2 and cache.length == 3
+
+
+def test_ftp_batch_drafts_equal_row_by_row_drafts():
+    from ftplm.drafters import DraftContext
+
+    model = MODELS["ftp"]
+    drafter = get_drafter("ftp", model)
+    x = torch.tensor([[2, 7, 1, 8, 2, 8], [3, 1, 4, 1, 5, 9]])
+    h = model.state_vectors(x)
+    _, start = model.first_decoder_step(h, x)
+    ctxs = [DraftContext(x[r].tolist(), h[r, -2], depth, 50, Sampling(0), torch.Generator(), start.row(r * 6 + 4))
+            for r, depth in ((0, 3), (1, 1))]  # different depths in one batch
+    batched = drafter.propose_batch(ctxs)
+    one_by_one = [drafter.propose(c) for c in ctxs]
+    assert [(d.tokens, d.parents) for d in batched] == [(d.tokens, d.parents) for d in one_by_one]
+    assert [len(d) for d in batched] == [3, 1]
+
+
 def test_custom_tree_template_and_draft_longer_than_budget():
     model = MODELS["ftp"]
     idx = torch.tensor([[5, 6, 7]])
@@ -363,6 +417,7 @@ def test_lookup_copies_with_overlap_through_a_loop():
 
 def test_ftp_lookup_drafts_from_whichever_source_has_paid_better():
     from ftplm.drafters import DraftContext
+    from ftplm.drafters.ftp_lookup import MAX_AGE, PRIOR
 
     model = MODELS["ftp"]
     hybrid = get_drafter("ftp-lookup", model)
@@ -372,11 +427,11 @@ def test_ftp_lookup_drafts_from_whichever_source_has_paid_better():
     copy = [3, 1, 2, 3, 1, 2, 3]
     fresh = dataclasses.replace(looping, tokens=[1, 2, 3, 4, 5, 6, 7, 8])  # no n-gram seen before: lookup has nothing
     assert hybrid.propose(fresh).tokens == ftp.propose(fresh).tokens and not hybrid.shadow
-    hybrid.chosen = None
+    hybrid.chosen.clear()  # that round was never verified
     assert hybrid.propose(looping).tokens == lookup.propose(looping).tokens == copy  # a tie goes to lookup
     hybrid.observe([2] + copy, torch.zeros(8, VOCAB), [0])  # all 7 copied tokens rejected
     assert hybrid.propose(looping).tokens == ftp.propose(looping).tokens  # FTP drafts; lookup's copy is kept aside
-    assert hybrid.shadow == [(8, [2, 3, 1, 2], [copy], 7)]
+    assert hybrid.shadow == [(8, [2, 3, 1, 2], [copy], 7, 2)]  # at, the tokens before, copies, nodes, round
     hybrid.observe([2, 0, 0, 0], torch.zeros(4, VOCAB), [0, 1])  # FTP: 1 of 3 accepted
     values = dict(hybrid.value)
     on = dataclasses.replace(looping, tokens=looping.tokens + copy[:3])  # the text so far agrees with the copy
@@ -387,11 +442,25 @@ def test_ftp_lookup_drafts_from_whichever_source_has_paid_better():
     assert hybrid.propose(looped).tokens == lookup.propose(looped).tokens  # so lookup has the better score again
     assert hybrid.value[hybrid.lookup] > hybrid.value[hybrid.ftp]
     assert [at for at, *_ in hybrid.shadow] == [11]  # the copy made at 11 is still running ahead of the text
-    # a copy kept aside in one row is never scored against another row's text
-    hybrid.shadow = [(8, [9, 9, 9, 9], [copy], 7)]
+    # a copy kept aside in one row is never scored against another row's text: it waits for its own row
+    hybrid.shadow = [(8, [9, 9, 9, 9], [copy], 7, hybrid.round)]
     values = dict(hybrid.value)
     assert hybrid.propose(looped).tokens == lookup.propose(looped).tokens
+    assert hybrid.value == values and len(hybrid.shadow) == 1
+    hybrid.round += MAX_AGE  # ... until its row has long ended
+    hybrid.propose(looped)
     assert hybrid.value == values and not hybrid.shadow
+    hybrid.chosen.clear()
+    # a batch: each row drafts from its own choice, and each row's verification scores the source it used
+    hybrid = get_drafter("ftp-lookup", model)
+    start = model.first_decoder_step(torch.zeros(1, 1, model.cfg.n_embd, dtype=torch.float64), torch.tensor([[2]]))[1]
+    rows = [dataclasses.replace(c, decoder_start=start) for c in (fresh, looping, fresh)]
+    drafts = hybrid.propose_batch(rows)
+    assert [d.tokens for d in drafts] == [ftp.propose(rows[0]).tokens, copy, ftp.propose(rows[2]).tokens]
+    assert [(source, n) for source, n in hybrid.chosen] == [(hybrid.ftp, 3), (hybrid.lookup, 7), (hybrid.ftp, 3)]
+    hybrid.observe([8, 0, 0, 0], torch.zeros(4, VOCAB), [0, 1, 2, 3])  # row 0: FTP, all 3 accepted
+    hybrid.observe([2] + copy, torch.zeros(8, VOCAB), [0])  # row 1: lookup, nothing accepted
+    assert hybrid.value[hybrid.ftp] > PRIOR > hybrid.value[hybrid.lookup] and len(hybrid.chosen) == 1
 
 
 def test_get_drafter_registry():
@@ -494,6 +563,15 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
                  "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert list(result["results"]) == ["T=0.5", "greedy"] and set(result["results"]["T=0.5"]) == {"plain", "ftp"}
+    # batches: 3 prompts in batches of 2 and 1, every method on the same batches
+    assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "3", "--batch-size", "2", "--max-new-tokens", "6",
+                 "--prompt-tokens", "8", "--method", "ftp", "--method", "ftp-lookup", "--temperature", "0",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["batch_size"] == 2
+    for r in result["results"]["greedy"].values():
+        assert r["prompts"] == 3 and r["new_tokens"] == 18 and r["lossless"] == 1.0
+    assert main(["bench", "decode", str(tiny_ftp_run), "--batch-size", "0"]) == 2
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """`ftplm bench decode RUN`: plain KV-cache decoding vs lossless speculative decoding, measured side by side.
 
-Held-out prompts (the run's validation documents, never trained on), batch 1, a fixed number of new tokens (no
-stop at EOS, so every method produces exactly the same number of tokens), fp32 weights under inference_mode for
-every method. After one warm-up generation per method, the methods run interleaved prompt by prompt (the order
-rotates per prompt) so that machine noise hits them alike. Per method and mode (greedy, temperature 1):
+Held-out prompts (the run's validation documents, never trained on), batch 1 (or --batch-size: prompts generated
+together, by every method), a fixed number of new tokens (no stop at EOS, so every method produces exactly the
+same number of tokens), fp32 weights under inference_mode for every method. After one warm-up generation per
+method, the methods run interleaved prompt by prompt (batch by batch; the order rotates) so that machine noise hits
+them alike. Per method and mode (greedy, temperature 1):
 tokens/s, speedup = plain wall time / method wall time over the same prompts, τ (tokens per target forward, bonus
 and prefill included), the share of time spent drafting, for greedy whether the output equals plain's, how much
 the output repeats itself (the share of new tokens completing a 4-gram seen before: copy drafters thrive on it),
@@ -78,11 +79,19 @@ def repeated_share(prompt: list[int], new: list[int], n: int = 4) -> float:
     return repeats / len(new) if new else 0.0
 
 
+def _rows(record: dict[str, Any]) -> tuple[list[int], list[list[int]]]:
+    """A record's prompt indices and their new tokens (a record is one generation: a prompt, or a batch of them)."""
+    if "rows" in record:
+        return record["rows"], record["tokens"]
+    return [record["prompt"]], [record["tokens"]]
+
+
 def summarize(
     records: list[dict[str, Any]], prompts: list[list[int]] | None = None
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Per mode and method: totals over prompts, tokens/s, speedup over plain (same prompts), τ, lossless, and (given
-    the prompts) the share of repeated 4-grams in the output."""
+    """Per mode and method: totals over generations (a record's "prompt" indexes a generation: a prompt, or with
+    "rows" a batch), tokens/s, speedup over plain (same prompts), τ, lossless, and (given the prompts) the share of
+    repeated 4-grams in the output."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for mode in dict.fromkeys(r["mode"] for r in records):
         rows = [r for r in records if r["mode"] == mode]
@@ -95,7 +104,7 @@ def summarize(
             tokens = sum(r["new_tokens"] for r in mine)
             forwards = sum(r["target_forwards"] for r in mine)
             entry = {
-                "prompts": len(mine), "new_tokens": tokens, "seconds": seconds,
+                "prompts": sum(len(_rows(r)[0]) for r in mine), "new_tokens": tokens, "seconds": seconds,
                 "tokens_per_s": tokens / seconds if seconds else 0.0,
                 "speedup": plain_seconds / seconds if seconds and plain else None,
                 "tau": tokens / forwards if forwards else 0.0,
@@ -104,7 +113,8 @@ def summarize(
                 "profile_ms_per_forward": profile(mine, seconds, forwards),
             }
             if prompts is not None:
-                entry["repeated_4grams"] = sum(repeated_share(prompts[r["prompt"]], r["tokens"]) for r in mine) / len(mine)
+                shares = [repeated_share(prompts[i], tokens) for r in mine for i, tokens in zip(*_rows(r))]
+                entry["repeated_4grams"] = sum(shares) / len(shares)
             if mode == "greedy" and plain:
                 entry["lossless"] = sum(r["tokens"] == plain[r["prompt"]]["tokens"] for r in mine) / len(mine)
             out[mode][method] = entry
@@ -120,13 +130,14 @@ def bench_decode(
     temperatures: tuple[float, ...] = (0.0, 1.0),
     seed: int = 0,
     threads: int | None = None,
+    batch_size: int = 1,
 ) -> dict[str, Any]:
     from ftplm.api import load
     from ftplm.drafters import get_drafter
     from ftplm.generate import Sampling, SpecStats, generate
 
-    if prompts < 1 or max_new_tokens < 1 or prompt_tokens < 1:
-        raise FtplmError("--prompts, --max-new-tokens and --prompt-tokens must be positive")
+    if prompts < 1 or max_new_tokens < 1 or prompt_tokens < 1 or batch_size < 1:
+        raise FtplmError("--prompts, --max-new-tokens, --prompt-tokens and --batch-size must be positive")
     samplings = {t: Sampling(t) for t in dict.fromkeys(temperatures)}  # bad temperatures fail before any work
     if threads is not None:
         if threads < 1:
@@ -152,26 +163,27 @@ def bench_decode(
         name, tree, adaptive = available[method]
         drafters[method] = get_drafter(name, model, tree=tree, adaptive=adaptive) if name else None
 
-    def one(method: str, ids: list[int], n: int, sampling: Sampling, seed: int) -> dict[str, Any]:
+    def one(method: str, rows: list[int], n: int, sampling: Sampling, seed: int) -> dict[str, Any]:
         stats = SpecStats()
-        idx = torch.tensor([ids])
+        idx = torch.tensor([texts[i] for i in rows])
         t0 = time.perf_counter()
         out = generate(model, idx, n, sampling, seed=seed, speculative=drafters[method], stats=stats)
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "new_tokens": stats.new_tokens, "target_forwards": stats.target_forwards,
                 "draft_time": stats.draft_time, "trunk_time": stats.trunk_time, "target_time": stats.target_time,
-                "tokens": out[0, len(ids):].tolist()}
+                "rows": rows, "tokens": out[:, idx.size(1):].tolist()}
 
+    batches = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
     with torch.inference_mode():
         for method in methods:  # warm-up
-            one(method, texts[0], min(16, max_new_tokens), Sampling(0), seed)
+            one(method, batches[0], min(16, max_new_tokens), Sampling(0), seed)
         records = []
         for temperature, sampling in samplings.items():
             mode = "greedy" if temperature == 0 else f"T={temperature:g}"
-            for i, ids in enumerate(texts):
+            for i, rows in enumerate(batches):
                 order = methods[i % len(methods):] + methods[: i % len(methods)]
                 for method in order:
-                    rec = one(method, ids, max_new_tokens, sampling, seed + i)
+                    rec = one(method, rows, max_new_tokens, sampling, seed + i)
                     records.append({"mode": mode, "method": method, "prompt": i, **rec})
     results = summarize(records, texts)
     products = inference_products(model.device)  # figures before and after oneDNN packing differ ~2x
@@ -182,7 +194,7 @@ def bench_decode(
         draft_products = str(draft_decoder(model).product_dtype).removeprefix("torch.")
     drafts = f", FTP drafts with {draft_products} products" if draft_products else ""
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
-          f"{max_new_tokens} new tokens, batch 1, fp32 ({products} products{drafts}), "
+          f"{max_new_tokens} new tokens, batch {batch_size}, fp32 ({products} products{drafts}), "
           f"{torch.get_num_threads()} threads")
     print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9} {'repeats':>8}")
     for mode, per_method in results.items():
@@ -199,7 +211,7 @@ def bench_decode(
             print(f"{mode:8} {method:18} " + " ".join(f"{p[k]:7.2f}" for k in ("total", "trunk", "targets", "draft", "other")))
     return {
         "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,
-        "max_new_tokens": max_new_tokens, "batch_size": 1, "dtype": "fp32", "products": products,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": "fp32", "products": products,
         "draft_products": draft_products,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} CPUs)".strip(),

@@ -163,6 +163,10 @@ class Drafter:
     def propose(self, ctx: DraftContext) -> Draft:
         raise NotImplementedError
 
+    def propose_batch(self, ctxs: list[DraftContext]) -> list[Draft]:
+        """A draft for each row of a batch (rows verified together). Drafters that run a model batch it."""
+        return [self.propose(ctx) for ctx in ctxs]
+
     def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:
         """Called after each target forward: tokens (T,) fed, their next-token logits (T, V), accepted node indices."""
 

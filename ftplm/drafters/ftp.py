@@ -172,6 +172,33 @@ class FTPDrafter(Drafter):
             return self._chain(decoder, ctx, min(depth, ctx.max_nodes), state, logits, draft)
         return self._tree(decoder, ctx, depth, state, logits, draft)
 
+    @torch.inference_mode()
+    def propose_batch(self, ctxs: list[DraftContext]) -> list[Draft]:
+        """Chains for a batch of rows, one decoder step per depth for all of them (trees: row by row)."""
+        if self.template is not None or len(ctxs) < 2 or any(c.decoder_start is None for c in ctxs):
+            return super().propose_batch(ctxs)
+        drafts = [Draft() for _ in ctxs]
+        depths = [min(self.draft_len, c.max_depth, c.max_nodes) for c in ctxs]
+        live = [i for i, depth in enumerate(depths) if depth > 0]
+        if not live:
+            return drafts
+        sampling, device = ctxs[0].sampling, ctxs[0].h_prev.device
+        state = DecoderStart.cat([ctxs[i].decoder_start for i in live])  # type: ignore[misc]
+        logits = self.decoder.step(state, torch.tensor([ctxs[i].tokens[-1] for i in live], device=device))
+        deepest = max(depths[i] for i in live)
+        for level in range(deepest):
+            if sampling.greedy:
+                tokens, q = logits.argmax(-1), None
+            else:
+                q = sampling.probs(logits)
+                tokens = sampling.draw(q, ctxs[0].generator)[:, 0]
+            for j, i in enumerate(live):
+                if level < depths[i]:
+                    drafts[i].add(int(tokens[j]), level - 1, None if q is None else q[j])
+            if level + 1 < deepest:
+                logits = self.decoder.step(state, tokens)
+        return drafts
+
     def _chain(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor,
                draft: Draft) -> Draft:
         sampling = ctx.sampling

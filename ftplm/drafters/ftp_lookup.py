@@ -17,6 +17,8 @@ This is a composition of two drafters, not FTP's own drafting: `ftplm bench deco
 
 from __future__ import annotations
 
+from collections import deque
+
 import torch
 
 from ftplm.drafters import Draft, DraftContext, Drafter, Template, drafter, round_cost
@@ -27,6 +29,8 @@ from ftplm.errors import FtplmError
 PRIOR = 1.25  # tokens per unit of cost assumed before any evidence (~an FTP chain with 1 of its 3 drafts accepted)
 DECAY = 0.8  # weight of the past in the moving averages
 ANCHOR = 4  # tokens before a copy kept aside, to recognise its row's text later
+MAX_AGE = 8  # rounds a copy kept aside waits for its row's text (a copy is settled within a round or two; older
+# ones belong to rows that have ended)
 
 
 @drafter("ftp-lookup")
@@ -44,10 +48,14 @@ class FTPLookupDrafter(Drafter):
         self.lookup = LookupDrafter(model, draft_len, tree=bool(tree))
         super().__init__(model, max(self.ftp.draft_len, self.lookup.draft_len))
         self.value = {self.ftp: PRIOR, self.lookup: PRIOR}
-        self.chosen: tuple[Drafter, int] | None = None  # this round's source and draft size
+        # per row drafted this round, in order (a batch's rows are observed in the order they were proposed):
+        # the source and the draft's size
+        self.chosen: deque[tuple[Drafter, int]] = deque()
         # lookup's copies in rounds FTP drafted, until the text after them is known: (at, the ANCHOR tokens before,
-        # copies, nodes); the tokens before tell a later row's text (the drafter outlives a generation) from this one
-        self.shadow: list[tuple[int, list[int], list[list[int]], int]] = []
+        # copies, nodes, the round it was made in); the tokens before tell its row's text from the other rows' of a
+        # batch, and the round lets it go once its row must have ended (the drafter outlives a generation)
+        self.shadow: list[tuple[int, list[int], list[list[int]], int, int]] = []
+        self.round = 0  # propose_batch calls so far
 
     def _score(self, source: Drafter, accepted: int, nodes: int) -> None:
         gained = (1 + accepted) / round_cost(nodes, source.node_cost, source.fixed_cost)
@@ -56,37 +64,54 @@ class FTPLookupDrafter(Drafter):
     def _score_shadow(self, tokens: list[int]) -> None:
         """Score the copies lookup offered in earlier rounds against what was generated since, once that is known."""
         pending = []
-        for at, before, copies, nodes in self.shadow:
-            if tokens[max(at - ANCHOR, 0) : at] != before:
-                continue  # another row's
+        for entry in self.shadow:
+            at, before, copies, nodes, made = entry
+            if self.round - made > MAX_AGE:
+                continue  # its row has ended
+            if tokens[max(at - ANCHOR, 0) : at] != before:  # another row's (of the same batch): kept for it
+                pending.append(entry)
+                continue
             generated = tokens[at:]
             shared = [next((i for i, (a, b) in enumerate(zip(c, generated)) if a != b), min(len(c), len(generated)))
                       for c in copies]
             if all(n < len(generated) or n == len(c) for n, c in zip(shared, copies)):
                 self._score(self.lookup, min(max(shared), nodes), nodes)
             else:
-                pending.append((at, before, copies, nodes))
+                pending.append(entry)
         self.shadow = pending
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
-        self._score_shadow(ctx.tokens)
-        copies = self.lookup.copies(ctx)
-        copied = trie(copies, ctx)
-        if len(copied) and self.value[self.lookup] >= self.value[self.ftp]:
-            self.chosen = self.lookup, len(copied)
-            return copied
-        draft = self.ftp.propose(ctx)
-        self.chosen = self.ftp, len(draft.truncated(ctx.max_depth, ctx.max_nodes))
-        if len(copied):
-            self.shadow.append((len(ctx.tokens), ctx.tokens[-ANCHOR:], copies, len(copied)))
-        return draft
+        return self.propose_batch([ctx])[0]
+
+    @torch.inference_mode()
+    def propose_batch(self, ctxs: list[DraftContext]) -> list[Draft]:
+        """Per row, lookup's copy or FTP's draft; the rows that ask FTP are drafted together."""
+        drafts: list[Draft | None] = []
+        ask_ftp = []
+        for ctx in ctxs:
+            self._score_shadow(ctx.tokens)
+            copies = self.lookup.copies(ctx)
+            copied = trie(copies, ctx)
+            if len(copied) and self.value[self.lookup] >= self.value[self.ftp]:
+                drafts.append(copied)
+                continue
+            drafts.append(None)
+            ask_ftp.append(len(drafts) - 1)
+            if len(copied):
+                self.shadow.append((len(ctx.tokens), ctx.tokens[-ANCHOR:], copies, len(copied), self.round))
+        for i, draft in zip(ask_ftp, self.ftp.propose_batch([ctxs[i] for i in ask_ftp])):
+            drafts[i] = draft
+        for i, (ctx, draft) in enumerate(zip(ctxs, drafts)):
+            source = self.ftp if i in ask_ftp else self.lookup
+            self.chosen.append((source, len(draft.truncated(ctx.max_depth, ctx.max_nodes))))  # type: ignore[union-attr]
+        self.round += 1
+        return drafts  # type: ignore[return-value]
 
     def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:
-        if self.chosen is None:  # the prefill
+        if not self.chosen:  # the prefill
             return
-        source, nodes = self.chosen
+        source, nodes = self.chosen.popleft()
         self._score(source, len(accepted) - 1, nodes)
         if source is self.lookup:  # FTP, not asked, drifts back to the prior
             self.value[self.ftp] = DECAY * self.value[self.ftp] + (1 - DECAY) * PRIOR
-        self.chosen = None

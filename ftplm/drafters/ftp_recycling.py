@@ -40,7 +40,14 @@ class FTPRecyclingDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
-        draft = self.ftp.propose(ctx)
+        return self._extend(self.ftp.propose(ctx), ctx)
+
+    @torch.inference_mode()
+    def propose_batch(self, ctxs: list[DraftContext]) -> list[Draft]:
+        return [self._extend(draft, ctx) for draft, ctx in zip(self.ftp.propose_batch(ctxs), ctxs)]
+
+    def _extend(self, draft: Draft, ctx: DraftContext) -> Draft:
+        """The recycled subtree under the FTP draft's last token."""
         room_depth, room_nodes = ctx.max_depth - len(draft), ctx.max_nodes - len(draft)
         if not draft.tokens or room_depth <= 0 or room_nodes <= 0:
             return draft
