@@ -11,6 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ftplm.checkpoint import load_pretrained, save_pretrained
+from ftplm.drafters import auto_drafter
 from ftplm.errors import FtplmError
 from ftplm.generate import Sampling, generate
 from ftplm.model import LanguageModel
@@ -72,12 +73,16 @@ class TextModel:
         """New token ids only (including a final EOS when one was produced).
 
         speculative = "ftp" (FTP models: the decoder drafts for itself; "ftp-recycling" and "ftp-lookup" combine it
-        with the train-free drafters), "recycling" or "lookup" (any model; ftplm.drafters lists them all) gives the
-        same tokens as plain decoding (greedy) or the same distribution (sampling), in fewer trunk passes;
+        with the train-free drafters), "recycling" or "lookup" (any model; ftplm.drafters lists them all), or
+        "auto" (`ftplm.drafters.auto_drafter`: the fastest on our models for this temperature) gives the same tokens
+        as plain decoding (greedy) or the same distribution (sampling), in fewer trunk passes;
         draft_len = tokens drafted per step, tree = verify a tree of candidates instead of a chain, adaptive =
         choose each step's draft length (up to draft_len) from how many drafts were accepted so far.
         """
         sampling = Sampling(temperature, top_k, top_p)
+        if speculative == "auto":
+            speculative = auto_drafter(self.config.model_type, sampling.greedy)
+            adaptive = adaptive and speculative is not None
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         eos = self.eos_id if stop_at_eos else None

@@ -166,7 +166,7 @@ def generate(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     seed: Optional[int] = None,
-    speculative: Literal["none", Drafters] = "none",
+    speculative: Literal["none", "auto", Drafters] = "none",
     draft_len: Optional[int] = None,
     tree: bool = False,
     adaptive: bool = False,
@@ -183,7 +183,8 @@ def generate(
         seed: random seed for reproducible samples
         speculative: lossless faster decoding: ftp (FTP models draft with their own decoder), ftp-recycling (ftp,
             extended by Token Recycling), ftp-lookup (ftp or prompt lookup, whichever pays), recycling (Token
-            Recycling) or lookup (prompt lookup); same output as none
+            Recycling), lookup (prompt lookup) or auto (ftp-lookup for FTP models; lookup for GPT when greedy, none
+            when sampling); same output as none
         draft_len: tokens drafted per step (default per drafter; ftp: at most n_future-1)
         tree: verify a tree of draft candidates instead of a single chain (recycling always drafts a tree)
         adaptive: choose each step's draft length (up to draft_len) from the acceptances so far

@@ -482,6 +482,12 @@ def test_api_speculative_matches_plain_fp32(tiny_ftp_run, tiny_gpt_run):
             plain = m.generate_ids(prompt, max_new_tokens=24, temperature=0)
             assert m.generate_ids(prompt, max_new_tokens=24, temperature=0, speculative=drafter, tree=tree) == plain
         assert isinstance(m.generate("The", max_new_tokens=8, temperature=1.0, seed=1, speculative=drafters[0]), str)
+        # auto: ftp-lookup for FTP; lookup for greedy GPT, and plain sampling for GPT (the same draws as without)
+        assert m.generate_ids("The", max_new_tokens=24, temperature=0, speculative="auto") == m.generate_ids(
+            "The", max_new_tokens=24, temperature=0)
+        if run == tiny_gpt_run:
+            assert m.generate_ids("The", 12, temperature=1.0, seed=3, speculative="auto", adaptive=True) == (
+                m.generate_ids("The", 12, temperature=1.0, seed=3))
     with pytest.raises(FtplmError, match="needs an FTP model"):
         ftplm.load(tiny_gpt_run).generate("The", speculative="ftp")
 
@@ -494,6 +500,9 @@ def test_cli_generate_speculative(tiny_ftp_run, tiny_gpt_run):
     fast = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
                "--speculative", "ftp", "--tree")
     assert plain.returncode == fast.returncode == 0 and fast.stdout == plain.stdout
+    auto = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
+               "--speculative", "auto")
+    assert auto.returncode == 0 and auto.stdout == plain.stdout
     fast = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
                "--speculative", "ftp", "--adaptive")
     assert fast.returncode == 0 and fast.stdout == plain.stdout
