@@ -514,6 +514,7 @@ def speculative_generate(
     model.eval()
     generator = make_generator(seed, idx.device)
     stats = stats if stats is not None else SpecStats()
+    drafter.begin()
     if idx.size(0) == 1:
         rows = [_speculative_row(model, idx[0].tolist(), n_new, sampling, generator, eos_id, drafter, stats)]
     else:

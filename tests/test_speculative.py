@@ -461,6 +461,14 @@ def test_ftp_lookup_drafts_from_whichever_source_has_paid_better():
     hybrid.observe([8, 0, 0, 0], torch.zeros(4, VOCAB), [0, 1, 2, 3])  # row 0: FTP, all 3 accepted
     hybrid.observe([2] + copy, torch.zeros(8, VOCAB), [0])  # row 1: lookup, nothing accepted
     assert hybrid.value[hybrid.ftp] > PRIOR > hybrid.value[hybrid.lookup] and len(hybrid.chosen) == 1
+    # row 2 was never verified (as if the generation had failed): the next generation starts afresh, its rows
+    # scored against their own choices
+    idx, pending = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]]), []
+    observe = hybrid.observe
+    hybrid.observe = lambda *args: pending.append(len(hybrid.chosen)) or observe(*args)  # type: ignore[method-assign]
+    out = generate(model, idx, 8, Sampling(0), speculative=hybrid)
+    assert out.tolist() == generate(model, idx, 8, Sampling(0)).tolist()
+    assert pending[0] == 0 and set(pending[1:]) == {1} and not hybrid.chosen  # the prefill found no stale choice
 
 
 def test_get_drafter_registry():

@@ -160,6 +160,10 @@ class Drafter:
         """Choose each round's draft depth (up to draft_len) from the acceptances so far."""
         self.adaptive = AdaptiveDepth(self.draft_len, self.node_cost, self.fixed_cost)
 
+    def begin(self) -> None:
+        """Called when a generation starts (a drafter may outlive several): drop per-round state left over from one
+        that ended early (an exception between a proposal and its verification)."""
+
     def propose(self, ctx: DraftContext) -> Draft:
         raise NotImplementedError
 

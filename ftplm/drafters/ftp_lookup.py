@@ -57,6 +57,9 @@ class FTPLookupDrafter(Drafter):
         self.shadow: list[tuple[int, list[int], list[list[int]], int, int]] = []
         self.round = 0  # propose_batch calls so far
 
+    def begin(self) -> None:
+        self.chosen.clear()
+
     def _score(self, source: Drafter, accepted: int, nodes: int) -> None:
         gained = (1 + accepted) / round_cost(nodes, source.node_cost, source.fixed_cost)
         self.value[source] = DECAY * self.value[source] + (1 - DECAY) * gained
