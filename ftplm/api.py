@@ -11,7 +11,7 @@ import torch
 from tokenizers import Tokenizer
 
 from ftplm.checkpoint import load_pretrained, save_pretrained
-from ftplm.drafters import auto_drafter
+from ftplm.drafters import Drafter, auto_drafter
 from ftplm.errors import FtplmError
 from ftplm.generate import Sampling, generate
 from ftplm.model import LanguageModel
@@ -65,7 +65,7 @@ class TextModel:
         top_p: float | None = None,
         seed: int | None = None,
         stop_at_eos: bool = True,
-        speculative: str | None = None,
+        speculative: "str | Drafter | None" = None,
         draft_len: int | None = None,
         tree: bool | None = None,
         adaptive: bool = False,

@@ -227,7 +227,13 @@ def _chunk_seed(seed: int | None, i: int) -> int | None:
 
 def completion_steps(tm: TextModel, ids: list[int], max_tokens: int, temperature: float, top_k: int | None,
                      top_p: float | None, seed: int | None, extra: dict[str, Any]) -> Iterator[list[int]]:
-    """New token ids, a chunk per step, until max_tokens, EOS or the end of the context (runs on the worker)."""
+    """New token ids, a chunk per step, until max_tokens, EOS or the end of the context (runs on the worker).
+
+    One drafter serves the whole completion, so what it learns (ftp-lookup's scores, adaptive draft lengths) carries
+    over from chunk to chunk."""
+    if extra.get("speculative"):
+        drafter = get_drafter(extra["speculative"], tm.model, adaptive=extra.get("adaptive", False))
+        extra = {**extra, "speculative": drafter, "adaptive": False}
     produced: list[int] = []
     chunk, i = FIRST_CHUNK, 0
     while len(produced) < max_tokens and len(ids) + len(produced) < tm.config.block_size:

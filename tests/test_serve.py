@@ -457,11 +457,12 @@ def test_auto_serves_gpt_greedy_requests_with_lookup_and_sampled_ones_plainly(ti
     app = create_app(tm, speculative="auto")
     assert serve_module.describe_drafters(app.state.drafters) == "greedy: lookup, sampled: off"
     prompt, expected = "The history of", {t: tm.generate("The history of", 6, temperature=t, seed=3) for t in (0, 0.8)}
+    long_text = tm.generate(prompt, 30, temperature=0)
     used = []
     generate_ids = tm.generate_ids
 
     def spy(*args, **kwargs):
-        used.append(kwargs.get("speculative"))
+        used.append(kwargs.get("speculative"))  # the request's drafter
         return generate_ids(*args, **kwargs)
 
     monkeypatch.setattr(tm, "generate_ids", spy)
@@ -470,7 +471,12 @@ def test_auto_serves_gpt_greedy_requests_with_lookup_and_sampled_ones_plainly(ti
         for temperature, text in expected.items():
             body = {"prompt": prompt, "max_tokens": 6, "temperature": temperature, "seed": 3}
             assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == text
-    assert used == ["lookup", None]
+        assert [getattr(d, "name", None) for d in used] == ["lookup", None]
+        # a longer request runs in chunks (8, 16, 6 tokens): one drafter for all of them, so what it learns carries over
+        used.clear()
+        body = {"prompt": prompt, "max_tokens": 30, "temperature": 0}
+        text = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert text == long_text and len(used) == 3 and len({id(d) for d in used}) == 1
 
 
 def test_help_texts(capsys):
