@@ -13,9 +13,19 @@ from tokenizers import Tokenizer
 from ftplm.checkpoint import load_pretrained, save_pretrained
 from ftplm.drafters import Drafter, auto_drafter
 from ftplm.errors import FtplmError
-from ftplm.generate import Sampling, generate
+from ftplm.generate import Sampling, generate, generate_batch
 from ftplm.model import LanguageModel
 from ftplm.tokenizer import EOS
+
+
+def _resolve_auto(
+    model_type: str, speculative: "str | Drafter | None", adaptive: bool, sampling: Sampling
+) -> tuple["str | Drafter | None", bool]:
+    """speculative="auto" -> the drafter `auto_drafter` picks for this model and sampling (adaptive only with one)."""
+    if speculative != "auto":
+        return speculative, adaptive
+    chosen = auto_drafter(model_type, sampling.greedy)
+    return chosen, adaptive and chosen is not None
 
 
 class TextModel:
@@ -80,14 +90,28 @@ class TextModel:
         choose each step's draft length (up to draft_len) from how many drafts were accepted so far.
         """
         sampling = Sampling(temperature, top_k, top_p)
-        if speculative == "auto":
-            speculative = auto_drafter(self.config.model_type, sampling.greedy)
-            adaptive = adaptive and speculative is not None
+        speculative, adaptive = _resolve_auto(self.config.model_type, speculative, adaptive, sampling)
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
         eos = self.eos_id if stop_at_eos else None
         out = generate(self.model, idx, max_new_tokens, sampling, seed, eos, speculative, draft_len, tree, adaptive=adaptive)
         return out[0, len(ids) :].tolist()
+
+    def generate_batch(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64, *args: Any,
+                       **options: Any) -> list[str]:
+        """The continuations of several prompts (texts or token ids, of any lengths), generated together as one
+        batch, each up to max_new_tokens within the context left by the longest prompt (ftplm.generate.
+        generate_batch). Takes generate_ids' arguments and follows `generate`'s conventions."""
+        call = inspect.signature(self.generate_ids).bind(None, max_new_tokens, *args, **options)
+        call.apply_defaults()
+        a = call.arguments
+        sampling = Sampling(a["temperature"], a["top_k"], a["top_p"])
+        speculative, adaptive = _resolve_auto(self.config.model_type, a["speculative"], a["adaptive"], sampling)
+        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        eos = self.eos_id if a["stop_at_eos"] else None
+        rows = generate_batch(self.model, ids, max_new_tokens, sampling, a["seed"], eos, speculative, a["draft_len"],
+                              a["tree"], adaptive=adaptive)
+        return [self.decode(row[:-1] if eos is not None and row and row[-1] == eos else row) for row in rows]
 
     @torch.no_grad()
     def state_vectors(self, text: str) -> np.ndarray:

@@ -399,12 +399,13 @@ def _speculative_batch(
     model: LanguageModel, prompts: list[list[int]], n_new: int, sampling: Sampling, generator: torch.Generator,
     eos_id: int | None, drafter: "Drafter", stats: SpecStats,
 ) -> list[list[int]]:
-    """New tokens for several prompts of one length, verified together: one trunk forward per round for the batch.
+    """New tokens for several prompts (of any lengths), verified together: one trunk forward per round for the batch.
 
     Rows accept different numbers of drafts, so rather than keeping each row's cache contiguous, every round writes
     all rows' inputs at the same cache slots and each row keeps a mask of the slots it accepted (its positions count
     only those): rejected drafts and padding are holes that attention never sees. When the shared slots run out,
-    each row's accepted slots are moved to the front (`_compact`). Finished rows leave the batch. Drafts are
+    each row's accepted slots are moved to the front (`_compact`). Finished rows leave the batch. Shorter prompts
+    are padded on the left at the prefill, padding being a hole like the others. Drafts are
     proposed per row (`Drafter.propose_batch`: the FTP chain drafts every row in one decoder step per depth).
     Invariant, as for one row: the cache holds every token of a row but its last accepted one (the root)."""
     from ftplm.drafters import DraftContext
@@ -416,8 +417,19 @@ def _speculative_batch(
 
     capacity = 2 * block  # room for holes: compaction happens at most every block tokens of writes
     cache = KVCache(model.cfg.n_layer, capacity)
-    x = torch.tensor(prompts, device=device)
-    h = clock.trunk(model.state_vectors, x, cache)
+    width = max(len(p) for p in prompts)
+    pads = [width - len(p) for p in prompts]  # prompts of different lengths are padded on the left
+    x = torch.tensor([p[:1] * pad + p for p, pad in zip(prompts, pads)], device=device)
+    valid = torch.zeros(len(prompts), capacity, dtype=torch.bool, device=device)
+    for r, pad in enumerate(pads):
+        valid[r, pad:width] = True
+    if any(pads):
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        mask = (causal & valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
+        positions = (torch.arange(width, device=device) - torch.tensor(pads, device=device)[:, None]).clamp(min=0)
+        h = clock.trunk(model.state_vectors, x, cache, positions, mask[:, None])
+    else:
+        h = clock.trunk(model.state_vectors, x, cache)
     logits, decoder = targets(h[:, -1:], x[:, -1:])
     first = sampling.sample(logits[:, 0], generator).tolist()
     for r, prompt in enumerate(prompts):
@@ -425,8 +437,6 @@ def _speculative_batch(
     rows = list(range(len(prompts)))  # the batch's rows, as indices into prompts
     outs: list[list[int]] = [[t] for t in first]
     lengths = [len(p) for p in prompts]  # tokens in the cache per row
-    valid = torch.zeros(len(prompts), capacity, dtype=torch.bool, device=device)
-    valid[:, : len(prompts[0])] = True
     h_prev = [h[r, -1] for r in rows]
     starts = [decoder.row(r) if decoder else None for r in rows]
     forwards, draft_time = len(prompts), 0.0
@@ -486,6 +496,59 @@ def _speculative_batch(
     return outs
 
 
+def _as_drafter(
+    model: LanguageModel, drafter: "str | Drafter", draft_len: int | None, tree: "bool | Template | None", adaptive: bool
+) -> "Drafter":
+    """A drafter by name, or the one given (made adaptive if asked: its statistics then carry over between calls)."""
+    from ftplm.drafters import Drafter, get_drafter
+
+    if not isinstance(drafter, Drafter):
+        return get_drafter(drafter, model, draft_len, tree, adaptive)
+    if adaptive and drafter.adaptive is None:
+        drafter.make_adaptive()
+    return drafter
+
+
+@torch.inference_mode()
+def generate_batch(
+    model: LanguageModel,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    seed: int | None = None,
+    eos_id: int | None = None,
+    speculative: "str | Drafter | None" = None,
+    draft_len: int | None = None,
+    tree: "bool | Template | None" = None,
+    stats: SpecStats | None = None,
+    adaptive: bool = False,
+) -> list[list[int]]:
+    """New token ids for prompts of any lengths, generated together (`generate`'s arguments): a list per prompt,
+    ending at its EOS when one was produced. Every row may generate up to max_new_tokens within the context of
+    the longest prompt. Without a drafter the rows decode one token per forward through the same masked path."""
+    from ftplm.drafters import Drafter, NoDrafts
+
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) for p in prompts):
+        raise FtplmError("prompts must be a non-empty list of token-id lists")
+    if any(not p for p in prompts):
+        raise FtplmError("a prompt is empty")
+    if speculative in (None, "none"):
+        if adaptive:
+            raise FtplmError("adaptive draft length needs a speculative drafter (speculative='ftp', 'recycling', ...)")
+        drafter: Drafter = NoDrafts(model)
+    else:
+        drafter = _as_drafter(model, speculative, draft_len, tree, adaptive)  # type: ignore[arg-type]
+    n_new = check_budget(model, max(len(p) for p in prompts), max_new_tokens)
+    if n_new == 0:
+        return [[] for _ in prompts]
+    model.eval()
+    generator = make_generator(seed, model.device)
+    drafter.begin()
+    rows = _speculative_batch(model, prompts, n_new, sampling, generator, eos_id, drafter,
+                              stats if stats is not None else SpecStats())
+    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+
+
 @torch.inference_mode()
 def speculative_generate(
     model: LanguageModel,
@@ -502,12 +565,7 @@ def speculative_generate(
 ) -> torch.Tensor:
     """Lossless speculative generation, same contract as `generate`. A batch is verified in one trunk forward per
     round (`_speculative_batch`), each row accepting its own number of drafts."""
-    from ftplm.drafters import Drafter, get_drafter
-
-    if not isinstance(drafter, Drafter):
-        drafter = get_drafter(drafter, model, draft_len, tree, adaptive)
-    elif adaptive and drafter.adaptive is None:  # kept on the drafter: its statistics carry over to later calls
-        drafter.make_adaptive()
+    drafter = _as_drafter(model, drafter, draft_len, tree, adaptive)
     if idx.dim() != 2:
         raise FtplmError("idx must be a (batch, time) tensor of token ids")
     n_new = check_budget(model, idx.size(1), max_new_tokens)

@@ -86,6 +86,66 @@ def test_drafts_are_accepted_and_trees_are_exercised():
         assert stats.accepted_tokens > 0 and stats.tau > 1.2, (drafter, tree, stats)
 
 
+@pytest.mark.parametrize("model_type", ["ftp", "gpt"])
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(data=st.data())
+def test_ragged_batches_equal_row_by_row_generation(model_type, data):
+    """Prompts of different lengths in one batch (left-padded at the prefill): each row's tokens equal its own
+    plain greedy generation, with and without every drafter."""
+    from ftplm.generate import generate_batch
+
+    model = MODELS[model_type]
+    lengths = data.draw(st.lists(st.one_of(st.integers(1, 10), st.integers(BLOCK - 6, BLOCK - 1)), min_size=2,
+                                 max_size=4), label="prompt lengths")
+    alphabet = data.draw(st.integers(2, VOCAB), label="alphabet")
+    prompts = [data.draw(st.lists(st.integers(0, alphabet - 1), min_size=n, max_size=n), label="prompt") for n in lengths]
+    max_new = data.draw(st.integers(0, 10), label="max_new_tokens")
+    eos = data.draw(st.one_of(st.none(), st.integers(0, VOCAB - 1)), label="eos")
+    n_new = min(max_new, BLOCK - max(lengths))
+    expected = []
+    for p in prompts:
+        row = generate(model, torch.tensor([p]), n_new, Sampling(0), eos_id=eos)[0, len(p):].tolist()
+        expected.append(row[: row.index(eos) + 1] if eos in row else row)
+    for drafter in (None, *DRAFTERS_FOR[model_type]):
+        tree = data.draw(st.booleans(), label="tree")
+        assert generate_batch(model, prompts, max_new, Sampling(0), eos_id=eos, speculative=drafter, tree=tree) == expected
+
+
+@pytest.mark.parametrize("drafter", [None, "ftp", "lookup"])
+def test_ragged_batch_sampling_chi_square(drafter):
+    """Two prompts of different lengths interleaved in one batch: each one's continuations follow its own exact
+    distribution (the padding of the shorter one is invisible)."""
+    from ftplm.generate import generate_batch
+
+    model = random_model("ftp", vocab=6, scale=5.0, seed=3)
+    short, long, runs, n = [3, 1], [1, 2, 1, 2, 1], 600, 2
+    sampling = Sampling(temperature=1.0)
+    out = generate_batch(model, [short, long] * runs, n, sampling, seed=0, speculative=drafter)
+    for k, prompt in enumerate((short, long)):
+        exact = exact_sequence_probs(model, prompt, n, sampling)
+        counts: dict[tuple[int, ...], int] = {}
+        for row in out[k::2]:
+            counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+        big = sorted(seq for seq, pr in exact.items() if pr * runs >= 5)
+        observed = [counts.get(seq, 0) for seq in big] + [runs - sum(counts.get(seq, 0) for seq in big)]
+        expected = [exact[seq] * runs for seq in big] + [runs * (1 - sum(exact[seq] for seq in big))]
+        assert len(big) >= 4 and chisquare(observed, expected).pvalue > 1e-3, prompt
+
+
+def test_generate_batch_bad_input():
+    from ftplm.generate import generate_batch
+
+    model = MODELS["gpt"]
+    for prompts, message in (([], "non-empty list"), ([[1], []], "a prompt is empty"), ([[1], [2] * BLOCK], "no room"),
+                             ("12", "non-empty list")):
+        with pytest.raises(FtplmError, match=message):
+            generate_batch(model, prompts, 4)  # type: ignore[arg-type]
+    with pytest.raises(FtplmError, match="needs an FTP model"):
+        generate_batch(model, [[1], [2, 3]], 4, speculative="ftp")
+    with pytest.raises(FtplmError, match="adaptive draft length needs"):
+        generate_batch(model, [[1], [2, 3]], 4, adaptive=True)
+
+
 def test_batched_verification_compacts_its_cache_and_drops_finished_rows(monkeypatch):
     """A batch is verified in one forward per round: rows accept different numbers of drafts (holes in the shared
     cache, compacted when it fills up) and finish at different times (they leave the batch)."""
@@ -498,6 +558,12 @@ def test_api_speculative_matches_plain_fp32(tiny_ftp_run, tiny_gpt_run):
                 m.generate_ids("The", 12, temperature=1.0, seed=3))
     with pytest.raises(FtplmError, match="needs an FTP model"):
         ftplm.load(tiny_gpt_run).generate("The", speculative="ftp")
+    # several prompts of different lengths at once: each as if generated alone
+    m = ftplm.load(tiny_ftp_run)
+    prompts = ["The", "In 1990 the city of", "A"]
+    alone = [m.generate(p, 16, temperature=0) for p in prompts]
+    assert m.generate_batch(prompts, 16, temperature=0) == alone
+    assert m.generate_batch(prompts, 16, temperature=0, speculative="auto") == alone
 
 
 def test_cli_generate_speculative(tiny_ftp_run, tiny_gpt_run):

@@ -175,6 +175,13 @@ class Drafter:
         """Called after each target forward: tokens (T,) fed, their next-token logits (T, V), accepted node indices."""
 
 
+class NoDrafts(Drafter):
+    """Never drafts (not registered): plain decoding through the batched, masked path of `generate_batch`."""
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        return Draft()
+
+
 DRAFTERS: dict[str, type[Drafter]] = {}
 
 
