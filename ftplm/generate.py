@@ -405,8 +405,8 @@ def _speculative_batch(
     all rows' inputs at the same cache slots and each row keeps a mask of the slots it accepted (its positions count
     only those): rejected drafts and padding are holes that attention never sees. When the shared slots run out,
     each row's accepted slots are moved to the front (`_compact`). Finished rows leave the batch. Shorter prompts
-    are padded on the left at the prefill, padding being a hole like the others. Drafts are
-    proposed per row (`Drafter.propose_batch`: the FTP chain drafts every row in one decoder step per depth).
+    are padded on the left at the prefill, the padding being holes like the others. Drafts are proposed per row
+    (`Drafter.propose_batch`: the FTP chain drafts every row in one decoder step per depth).
     Invariant, as for one row: the cache holds every token of a row but its last accepted one (the root)."""
     from ftplm.drafters import DraftContext
 
@@ -497,7 +497,8 @@ def _speculative_batch(
 
 
 def _as_drafter(
-    model: LanguageModel, drafter: "str | Drafter", draft_len: int | None, tree: "bool | Template | None", adaptive: bool
+    model: LanguageModel, drafter: "str | Drafter", draft_len: int | None, tree: "bool | Template | None",
+    adaptive: bool,
 ) -> "Drafter":
     """A drafter by name, or the one given (made adaptive if asked: its statistics then carry over between calls)."""
     from ftplm.drafters import Drafter, get_drafter
