@@ -169,7 +169,7 @@ class FTPDrafter(Drafter):
         for token in inputs:
             logits = decoder.step(state, torch.tensor([token], device=ctx.h_prev.device))  # last: q of draft 1
         if self.template is None:
-            return self._chain(decoder, ctx, min(depth, ctx.max_nodes), state, logits, draft)
+            return self._chains(state, logits, [min(depth, ctx.max_nodes)], ctx.sampling, ctx.generator)[0]
         return self._tree(decoder, ctx, depth, state, logits, draft)
 
     @torch.inference_mode()
@@ -182,36 +182,32 @@ class FTPDrafter(Drafter):
         live = [i for i, depth in enumerate(depths) if depth > 0]
         if not live:
             return drafts
-        sampling, device = ctxs[0].sampling, ctxs[0].h_prev.device
+        device = ctxs[0].h_prev.device
         state = DecoderStart.cat([ctxs[i].decoder_start for i in live])  # type: ignore[misc]
         logits = self.decoder.step(state, torch.tensor([ctxs[i].tokens[-1] for i in live], device=device))
-        deepest = max(depths[i] for i in live)
+        chains = self._chains(state, logits, [depths[i] for i in live], ctxs[0].sampling, ctxs[0].generator)
+        for i, chain in zip(live, chains):
+            drafts[i] = chain
+        return drafts
+
+    def _chains(self, state: DecoderStart, logits: torch.Tensor, depths: list[int], sampling,
+                generator: torch.Generator) -> list[Draft]:
+        """Chains for the M rows of `state` (logits (M, V): q of each row's first draft), one decoder step per depth
+        for all rows; row j takes depths[j] tokens. Greedy: argmax; sampling: a draw from q, recorded with it."""
+        drafts = [Draft() for _ in depths]
+        deepest = max(depths)
         for level in range(deepest):
             if sampling.greedy:
                 tokens, q = logits.argmax(-1), None
             else:
                 q = sampling.probs(logits)
-                tokens = sampling.draw(q, ctxs[0].generator)[:, 0]
-            for j, i in enumerate(live):
-                if level < depths[i]:
-                    drafts[i].add(int(tokens[j]), level - 1, None if q is None else q[j])
+                tokens = sampling.draw(q, generator)[:, 0]
+            for j, depth in enumerate(depths):
+                if level < depth:
+                    drafts[j].add(int(tokens[j]), level - 1, None if q is None else q[j])
             if level + 1 < deepest:
                 logits = self.decoder.step(state, tokens)
         return drafts
-
-    def _chain(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor,
-               draft: Draft) -> Draft:
-        sampling = ctx.sampling
-        for i in range(depth):
-            if sampling.greedy:
-                token, q = int(logits[0].argmax()), None
-            else:
-                q = sampling.probs(logits[0])
-                token = int(sampling.draw(q, ctx.generator)[0])
-            draft.add(token, i - 1, q)
-            if i + 1 < depth:
-                logits = decoder.step(state, torch.tensor([token], device=logits.device))
-        return draft
 
     def _tree(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor,
               draft: Draft) -> Draft:
