@@ -542,12 +542,21 @@ def generate_batch(
     n_new = check_budget(model, max(len(p) for p in prompts), max_new_tokens)
     if n_new == 0:
         return [[] for _ in prompts]
+    return _decode(model, prompts, n_new, sampling, seed, eos_id, drafter, stats)
+
+
+def _decode(
+    model: LanguageModel, prompts: list[list[int]], n_new: int, sampling: Sampling, seed: int | None,
+    eos_id: int | None, drafter: "Drafter", stats: SpecStats | None,
+) -> list[list[int]]:
+    """Each prompt's new tokens (ending at EOS): one prompt through the mask-free path, several together."""
     model.eval()
     generator = make_generator(seed, model.device)
+    stats = stats if stats is not None else SpecStats()
     drafter.begin()
-    rows = _speculative_batch(model, prompts, n_new, sampling, generator, eos_id, drafter,
-                              stats if stats is not None else SpecStats())
-    return [row[: row.index(eos_id) + 1] if eos_id in row else row for row in rows]
+    if len(prompts) == 1:
+        return [_speculative_row(model, prompts[0], n_new, sampling, generator, eos_id, drafter, stats)]
+    return _speculative_batch(model, prompts, n_new, sampling, generator, eos_id, drafter, stats)
 
 
 @torch.inference_mode()
@@ -570,14 +579,7 @@ def speculative_generate(
     if idx.dim() != 2:
         raise FtplmError("idx must be a (batch, time) tensor of token ids")
     n_new = check_budget(model, idx.size(1), max_new_tokens)
-    model.eval()
-    generator = make_generator(seed, idx.device)
-    stats = stats if stats is not None else SpecStats()
-    drafter.begin()
-    if idx.size(0) == 1:
-        rows = [_speculative_row(model, idx[0].tolist(), n_new, sampling, generator, eos_id, drafter, stats)]
-    else:
-        rows = _speculative_batch(model, idx.tolist(), n_new, sampling, generator, eos_id, drafter, stats)
+    rows = _decode(model, idx.tolist(), n_new, sampling, seed, eos_id, drafter, stats)
     width = max(len(r) for r in rows)
     pad = eos_id if eos_id is not None else 0  # rows only differ in length when they ended with EOS
     new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=idx.dtype, device=idx.device)

@@ -10,7 +10,8 @@ round-robin, one chunk each, so a long request cannot starve short ones and a st
 The worker pushes results into the request's asyncio queue with `call_soon_threadsafe` and never waits on a client
 socket: a slow or vanished client holds up nobody (and a vanished client's job is dropped at its next chunk).
 Completions use lossless speculative decoding (greedy output equals plain decoding, sampled output has its
-distribution), with the drafter chosen per request by default (`auto_drafter`). Client mistakes always get a 4xx with an OpenAI-style JSON error, never a 5xx.
+distribution), with the drafter chosen per request by default (`auto_drafter`). Client mistakes always get a 4xx
+with an OpenAI-style JSON error, never a 5xx.
 """
 
 from __future__ import annotations
@@ -226,14 +227,13 @@ def _chunk_seed(seed: int | None, i: int) -> int | None:
 
 
 def completion_steps(tm: TextModel, ids: list[int], max_tokens: int, temperature: float, top_k: int | None,
-                     top_p: float | None, seed: int | None, extra: dict[str, Any]) -> Iterator[list[int]]:
+                     top_p: float | None, seed: int | None, speculative: str | None = None,
+                     adaptive: bool = False) -> Iterator[list[int]]:
     """New token ids, a chunk per step, until max_tokens, EOS or the end of the context (runs on the worker).
 
     One drafter serves the whole completion, so what it learns (ftp-lookup's scores, adaptive draft lengths) carries
     over from chunk to chunk."""
-    if extra.get("speculative"):
-        drafter = get_drafter(extra["speculative"], tm.model, adaptive=extra.get("adaptive", False))
-        extra = {**extra, "speculative": drafter, "adaptive": False}
+    extra = {"speculative": get_drafter(speculative, tm.model, adaptive=adaptive)} if speculative else {}
     produced: list[int] = []
     chunk, i = FIRST_CHUNK, 0
     while len(produced) < max_tokens and len(ids) + len(produced) < tm.config.block_size:
@@ -442,9 +442,8 @@ def create_app(
         except FtplmError as e:
             raise APIError(400, str(e)) from None
         ids = prompt_ids(req.prompt)
-        drafter = drafters["greedy" if temperature == 0 else "sampled"]
-        extra = {"speculative": drafter, "adaptive": adaptive} if drafter else {}
-        steps = completion_steps(tm, ids, max_tokens, temperature, req.top_k, top_p, req.seed, extra)
+        steps = completion_steps(tm, ids, max_tokens, temperature, req.top_k, top_p, req.seed,
+                                 drafters["greedy" if temperature == 0 else "sampled"], adaptive)
         job = worker.submit(steps)
         asm = TextAssembler(tm, stops)
         head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
