@@ -628,6 +628,7 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     result = json.loads(out.read_text())
     assert result["products"] == "oneDNN packed"  # the CPU path the published figures were measured on
     assert result["draft_products"] in ("bfloat16", "float32")  # bf16 where the CPU has it
+    assert result["draft_greedy_vocab"] == 512  # the tiny run's 512 ids: below GREEDY_MIN_VOCAB, all of them
     for mode in ("greedy", "T=1"):
         assert set(result["results"][mode]) == {"plain", "ftp", "ftp-adaptive", "ftp-tree", "ftp-recycling",
                                                 "ftp-lookup", "recycling", "recycling-adaptive", "lookup"}
@@ -762,6 +763,47 @@ def test_draft_decoder_equals_the_model_decoder(min_packed, monkeypatch):
             torch.testing.assert_close(logits, expected[:, i], rtol=tolerance, atol=tolerance * scale)
         with pytest.raises(FtplmError, match="n_future"):
             decoder.step(state, x[:, 0])
+
+
+@torch.inference_mode()
+def test_greedy_drafts_choose_among_the_first_ids_and_stay_lossless(monkeypatch):
+    """With a vocabulary of GREEDY_MIN_VOCAB ids or more, a greedy draft step computes only the first quarter of the
+    logits (the same values as the whole head's), so greedy drafts are among those ids, while sampled drafts keep
+    the whole vocabulary; either way the output is plain decoding's."""
+    from ftplm.drafters import DraftContext
+    from ftplm.drafters.ftp import DraftDecoder, FTPDrafter, draft_decoder
+
+    monkeypatch.setattr(DraftDecoder, "GREEDY_MIN_VOCAB", 8)
+    model = random_model("ftp", vocab=16, seed=5)  # 16 ids: greedy drafts among the first 4
+    decoder = DraftDecoder(model)
+    assert decoder.greedy_vocab == 4 and DraftDecoder(random_model("ftp", vocab=7)).greedy_vocab == 7
+    h = model.state_vectors(torch.tensor([[5, 9], [2, 6]]))[:, -1]
+    memory = model.memory_kv(model.pseudo_sequence(h))
+    whole, first = decoder.start(memory), decoder.start(memory)
+    for token in (3, 11):
+        full = decoder.step(whole, torch.tensor([token, token]))
+        greedy = decoder.step(first, torch.tensor([token, token]), greedy=True)
+        assert full.shape == (2, 16) and greedy.shape == (2, 4)
+        torch.testing.assert_close(greedy, full[:, :4], rtol=1e-10, atol=1e-10)
+
+    drafter = FTPDrafter(model)
+    tokens = [2, 15, 8, 4]  # here the whole head's greedy chain is [4, 4, 4]: outside the first 4 ids
+    h_prev = model.state_vectors(torch.tensor([tokens[:-1]]))[0, -1]
+    for temperature, seed in ((0.0, 0), (1.0, 0), (1.0, 1)):
+        sampling = Sampling(temperature=temperature)
+        ctx = DraftContext(tokens, h_prev, 3, 10, sampling, torch.Generator().manual_seed(seed))
+        draft = drafter.propose(ctx)
+        assert len(draft) == 3
+        if sampling.greedy:
+            assert all(t < 4 for t in draft.tokens)
+        else:
+            assert all(q.shape == (16,) for q in draft.q)  # the whole distribution the token was drawn from
+
+    assert draft_decoder(model).greedy_vocab == 4  # the copy generation drafts with
+    for prompt in ([1], [14, 9, 12, 3], list(range(16)) + [2, 3, 5, 7]):
+        idx = torch.tensor([prompt])
+        plain = generate(model, idx, 8, Sampling(temperature=0.0))
+        assert torch.equal(generate(model, idx, 8, Sampling(temperature=0.0), speculative="ftp"), plain)
 
 
 def test_draft_decoder_is_built_once_per_model_and_rebuilt_when_weights_change():

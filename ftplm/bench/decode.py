@@ -187,12 +187,16 @@ def bench_decode(
                     records.append({"mode": mode, "method": method, "prompt": i, **rec})
     results = summarize(records, texts)
     products = inference_products(model.device)  # figures before and after oneDNN packing differ ~2x
-    draft_products = None  # the FTP drafter's large products may run in bf16 (drafts need not be exact)
+    # the FTP drafter's large products may run in bf16, its greedy drafts among the first ids only (drafts need not
+    # be exact)
+    draft_products = draft_greedy_vocab = None
+    drafts = ""
     if model.cfg.model_type == "ftp":
         from ftplm.drafters.ftp import draft_decoder
 
-        draft_products = str(draft_decoder(model).product_dtype).removeprefix("torch.")
-    drafts = f", FTP drafts with {draft_products} products" if draft_products else ""
+        decoder = draft_decoder(model)
+        draft_products, draft_greedy_vocab = str(decoder.product_dtype).removeprefix("torch."), decoder.greedy_vocab
+        drafts = f", FTP drafts with {draft_products} products, greedy ones among the first {draft_greedy_vocab} ids"
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
           f"{max_new_tokens} new tokens, batch {batch_size}, fp32 ({products} products{drafts}), "
           f"{torch.get_num_threads()} threads")
@@ -212,7 +216,7 @@ def bench_decode(
     return {
         "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": "fp32", "products": products,
-        "draft_products": draft_products,
+        "draft_products": draft_products, "draft_greedy_vocab": draft_greedy_vocab,
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} CPUs)".strip(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,

@@ -42,16 +42,18 @@ def require_ftp(model, name: str) -> None:
 
 
 class _Product:
-    """One linear layer of the draft copy. Large weights (Linear.MIN_PACKED and up) are packed for oneDNN in
-    `dtype` (bf16 where the CPU has it: the inputs are cast to it and the outputs back); small ones, which stay in
-    cache between draft steps, run through F.linear on the model's own weight, which is faster for them."""
+    """One linear layer of the draft copy, or (rows) the first rows of its output. Large weights (Linear.MIN_PACKED
+    and up) are packed for oneDNN in `dtype` (bf16 where the CPU has it: the inputs are cast to it and the outputs
+    back); small ones, which stay in cache between draft steps, run through F.linear on the model's own weight,
+    which is faster for them."""
 
-    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype, packed: bool) -> None:
-        self.packed = packed and linear.weight.numel() >= Linear.MIN_PACKED
-        self.dtype, self.out_features = dtype, linear.out_features
-        bias = None if linear.bias is None else linear.bias.detach()
+    def __init__(self, linear: torch.nn.Linear, dtype: torch.dtype, packed: bool, rows: int | None = None) -> None:
+        weight = linear.weight.detach()[:rows]
+        bias = None if linear.bias is None else linear.bias.detach()[:rows]
+        self.packed = packed and weight.numel() >= Linear.MIN_PACKED
+        self.dtype, self.out_features = dtype, weight.size(0)
         self.bias = bias.to(dtype) if self.packed and bias is not None else bias
-        self.weight = pack_weight(linear.weight.to(dtype)) if self.packed else linear.weight.detach()
+        self.weight = pack_weight(weight.to(dtype)) if self.packed else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed:
@@ -70,7 +72,17 @@ class DraftDecoder:
     drafting 1.2-1.4 -> 0.9-1.05 ms per round on `small`, 0.75 -> 0.5 on `mini` (docs/results.md). Elsewhere (GPU,
     float64 test models) it computes in the model's dtype through F.linear, and equals FTP.decode up to rounding
     (tested).
+
+    Greedy drafts choose among the first quarter of the token ids only (vocabularies of GREEDY_MIN_VOCAB and more),
+    as FR-Spec (Zhao et al., 2025) restricts drafts to the most frequent tokens: byte-level BPE numbers its tokens
+    in merge order, roughly most frequent first (the first 2,048 of 8,192 cover 78% of our training text, the 2,048
+    most frequent 82%), so they hold nearly every greedy draft, and the LM head, the largest product of a step,
+    shrinks 4x. Measured (2026-11-26, in one process, greedy): drafting ~0.15 ms less per round,
+    3.6-5.6% faster generation on the four `small` FTP models, τ unchanged. Under sampling the whole head is kept:
+    a draft distribution q without the tail costs acceptance (T = 1: τ 3.76 -> 2.68).
     """
+
+    GREEDY_VOCAB_SHARE, GREEDY_MIN_VOCAB = 4, 4096
 
     def __init__(self, model) -> None:
         cfg, weight = model.cfg, model.lm_head.weight
@@ -80,8 +92,8 @@ class DraftDecoder:
         self.n_head, self.n_embd, self.n_future = cfg.dec_n_head, cfg.dec_n_embd, cfg.n_future
         self.wte, self.wpe = model.dec_wte.weight.detach(), model.dec_wpe.weight.detach()
 
-        def product(linear: torch.nn.Linear) -> _Product:
-            return _Product(linear, self.product_dtype, packed)
+        def product(linear: torch.nn.Linear, rows: int | None = None) -> _Product:
+            return _Product(linear, self.product_dtype, packed, rows)
 
         def norm(ln: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor | None]:
             return ln.weight.detach(), None if ln.bias is None else ln.bias.detach()
@@ -94,6 +106,9 @@ class DraftDecoder:
         ]  # fmt: skip
         self.ln_f = norm(model.dec_ln_f)
         self.head = product(model.lm_head)
+        vocab = model.lm_head.out_features
+        self.greedy_vocab = vocab // self.GREEDY_VOCAB_SHARE if vocab >= self.GREEDY_MIN_VOCAB else vocab
+        self.greedy_head = product(model.lm_head, self.greedy_vocab) if self.greedy_vocab < vocab else self.head
 
     def start(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache | None = None) -> DecoderStart:
         """A draft state from the model's pseudo-sequence keys/values and, if any, its decoder cache (copied: drafting
@@ -101,8 +116,9 @@ class DraftDecoder:
         cache = KVCache(len(memory_kv), self.n_future) if cache is None else cache.select(slice(None))
         return DecoderStart(list(memory_kv), cache)
 
-    def step(self, state: DecoderStart, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed one token per row (M,) at the next decoder position; its next-token logits (M, V)."""
+    def step(self, state: DecoderStart, tokens: torch.Tensor, greedy: bool = False) -> torch.Tensor:
+        """Feed one token per row (M,) at the next decoder position; its next-token logits (M, V), or with greedy
+        those of the first `greedy_vocab` token ids only (M, greedy_vocab): what an argmax or top-k draft needs."""
         M, C, H, pos = tokens.size(0), self.n_embd, self.n_head, state.cache.length
         if pos >= self.n_future:
             raise FtplmError(f"the decoder predicts at most n_future={self.n_future} tokens")
@@ -116,7 +132,7 @@ class DraftDecoder:
             hidden = F.gelu(layer["fc"](F.layer_norm(x, (C,), *layer["ln_2"])), approximate="tanh")
             x = x + layer["mlp_proj"](hidden)
         state.cache.advance(1)
-        return self.head(F.layer_norm(x, (C,), *self.ln_f))
+        return (self.greedy_head if greedy else self.head)(F.layer_norm(x, (C,), *self.ln_f))
 
 
 # model -> (its decoder weights' keys, the draft copy): built once per model, rebuilt if a weight changes
@@ -167,7 +183,7 @@ class FTPDrafter(Drafter):
         else:
             state, inputs = decoder.start(m.memory_kv(m.pseudo_sequence(ctx.h_prev.view(1, -1)))), ctx.tokens[-2:]
         for token in inputs:
-            logits = decoder.step(state, torch.tensor([token], device=ctx.h_prev.device))  # last: q of draft 1
+            logits = decoder.step(state, torch.tensor([token], device=ctx.h_prev.device), ctx.sampling.greedy)
         if self.template is None:
             return self._chains(state, logits, [min(depth, ctx.max_nodes)], ctx.sampling, ctx.generator)[0]
         return self._tree(decoder, ctx, depth, state, logits, draft)
@@ -184,7 +200,8 @@ class FTPDrafter(Drafter):
             return drafts
         device = ctxs[0].h_prev.device
         state = DecoderStart.cat([ctxs[i].decoder_start for i in live])  # type: ignore[misc]
-        logits = self.decoder.step(state, torch.tensor([ctxs[i].tokens[-1] for i in live], device=device))
+        tokens = torch.tensor([ctxs[i].tokens[-1] for i in live], device=device)
+        logits = self.decoder.step(state, tokens, ctxs[0].sampling.greedy)
         chains = self._chains(state, logits, [depths[i] for i in live], ctxs[0].sampling, ctxs[0].generator)
         for i, chain in zip(live, chains):
             drafts[i] = chain
@@ -206,7 +223,7 @@ class FTPDrafter(Drafter):
                 if level < depth:
                     drafts[j].add(int(tokens[j]), level - 1, None if q is None else q[j])
             if level + 1 < deepest:
-                logits = self.decoder.step(state, tokens)
+                logits = self.decoder.step(state, tokens, sampling.greedy)
         return drafts
 
     def _tree(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor,
@@ -240,6 +257,7 @@ class FTPDrafter(Drafter):
             if not expand:
                 break
             state = state.select(torch.tensor([row_of[parents[i]] for i in expand], device=logits.device))
-            logits = decoder.step(state, torch.tensor([draft.tokens[i] for i in expand], device=logits.device))
+            tokens = torch.tensor([draft.tokens[i] for i in expand], device=logits.device)
+            logits = decoder.step(state, tokens, ctx.sampling.greedy)
             row_of = {i: r for r, i in enumerate(expand)}
         return draft
