@@ -12,7 +12,8 @@ distribution q and verified with the min(1, p/q) rule. tree: at each node, the t
 independent draws from q (sampling), following a template of rank paths, expanded level by level (one batched
 decoder step per level).
 
-Drafting runs the decoder through DraftDecoder, a lean copy of it made for one-token steps (see there).
+Drafting runs the decoder through DraftDecoder, a lean copy of it made for one-token steps, whose greedy steps
+score only the first quarter of the token ids (see there).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class FTPDrafter(Drafter):
             state, inputs = decoder.start(start.memory_kv, start.cache), ctx.tokens[-1:]
         else:
             state, inputs = decoder.start(m.memory_kv(m.pseudo_sequence(ctx.h_prev.view(1, -1)))), ctx.tokens[-2:]
-        for token in inputs:
+        for token in inputs:  # the last step's logits: q of draft 1
             logits = decoder.step(state, torch.tensor([token], device=ctx.h_prev.device), ctx.sampling.greedy)
         if self.template is None:
             return self._chains(state, logits, [min(depth, ctx.max_nodes)], ctx.sampling, ctx.generator)[0]
