@@ -18,16 +18,6 @@ from ftplm.model import LanguageModel
 from ftplm.tokenizer import EOS
 
 
-def _resolve_auto(
-    model_type: str, speculative: "str | Drafter | None", adaptive: bool, sampling: Sampling
-) -> tuple["str | Drafter | None", bool]:
-    """speculative="auto" -> the drafter `auto_drafter` picks for this model and sampling (adaptive only with one)."""
-    if speculative != "auto":
-        return speculative, adaptive
-    chosen = auto_drafter(model_type, sampling.greedy)
-    return chosen, adaptive and chosen is not None
-
-
 class TextModel:
     """A GPT or FTP model plus its tokenizer. `.model` is the plain torch module."""
 
@@ -89,11 +79,10 @@ class TextModel:
         draft_len = tokens drafted per step, tree = verify a tree of candidates instead of a chain, adaptive =
         choose each step's draft length (up to draft_len) from how many drafts were accepted so far.
         """
-        sampling = Sampling(temperature, top_k, top_p)
-        speculative, adaptive = _resolve_auto(self.config.model_type, speculative, adaptive, sampling)
-        ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        sampling, speculative, adaptive, eos = self._decoding(temperature, top_k, top_p, speculative, adaptive,
+                                                              stop_at_eos)
+        ids = self._ids(prompt)
         idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        eos = self.eos_id if stop_at_eos else None
         out = generate(self.model, idx, max_new_tokens, sampling, seed, eos, speculative, draft_len, tree, adaptive=adaptive)
         return out[0, len(ids) :].tolist()
 
@@ -105,13 +94,26 @@ class TextModel:
         call = inspect.signature(self.generate_ids).bind(None, max_new_tokens, *args, **options)
         call.apply_defaults()
         a = call.arguments
-        sampling = Sampling(a["temperature"], a["top_k"], a["top_p"])
-        speculative, adaptive = _resolve_auto(self.config.model_type, a["speculative"], a["adaptive"], sampling)
-        ids = [self.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        eos = self.eos_id if a["stop_at_eos"] else None
-        rows = generate_batch(self.model, ids, max_new_tokens, sampling, a["seed"], eos, speculative, a["draft_len"],
-                              a["tree"], adaptive=adaptive)
+        sampling, speculative, adaptive, eos = self._decoding(a["temperature"], a["top_k"], a["top_p"],
+                                                              a["speculative"], a["adaptive"], a["stop_at_eos"])
+        rows = generate_batch(self.model, [self._ids(p) for p in prompts], max_new_tokens, sampling, a["seed"], eos,
+                              speculative, a["draft_len"], a["tree"], adaptive=adaptive)
         return [self.decode(row[:-1] if eos is not None and row and row[-1] == eos else row) for row in rows]
+
+    def _ids(self, prompt: str | list[int]) -> list[int]:
+        return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def _decoding(
+        self, temperature: float, top_k: int | None, top_p: float | None, speculative: "str | Drafter | None",
+        adaptive: bool, stop_at_eos: bool,
+    ) -> tuple[Sampling, "str | Drafter | None", bool, int | None]:
+        """generate_ids' options as ftplm.generate takes them: the sampling, the drafter (speculative="auto" ->
+        the one `auto_drafter` picks for this model and sampling; adaptive only with one) and the EOS id to stop at."""
+        sampling = Sampling(temperature, top_k, top_p)
+        if speculative == "auto":
+            speculative = auto_drafter(self.config.model_type, sampling.greedy)
+            adaptive = adaptive and speculative is not None
+        return sampling, speculative, adaptive, self.eos_id if stop_at_eos else None
 
     @torch.no_grad()
     def state_vectors(self, text: str) -> np.ndarray:
