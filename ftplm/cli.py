@@ -461,7 +461,8 @@ def bench_decode(
         max_new_tokens: tokens generated per prompt (no stop at EOS)
         prompt_tokens: prompt length in tokens
         method: plain, ftp, ftp-adaptive, ftp-tree, ftp-recycling, ftp-lookup, recycling, recycling-adaptive,
-            lookup (repeatable; default all that apply to the model)
+            lookup (repeatable; default all that apply to the model); oracle-K, greedy only, is the ceiling for
+            drafts K deep: plain greedy decoding's own next K tokens, drafted at no cost
         temperature: sampling temperatures to measure, 0 = greedy (repeatable; default 0 and 1)
         seed: sampling seed
         threads: torch CPU threads (default: torch's, one per core)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import subprocess
 import sys
 import time
@@ -656,6 +657,19 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     for r in result["results"]["greedy"].values():
         assert r["prompts"] == 3 and r["new_tokens"] == 18 and r["lossless"] == 1.0
     assert main(["bench", "decode", str(tiny_ftp_run), "--batch-size", "0"]) == 2
+    # oracle-K, the ceiling: plain greedy decoding's own next K tokens, every one accepted, at greedy only
+    for batch_size in ("1", "2"):
+        assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "2", "--batch-size", batch_size,
+                     "--max-new-tokens", "8", "--prompt-tokens", "8", "--method", "ftp", "--method", "oracle-3",
+                     "--method", "oracle-9", "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        greedy = result["results"]["greedy"]
+        assert set(result["results"]["T=1"]) == {"plain", "ftp"}
+        assert greedy["oracle-3"]["lossless"] == greedy["oracle-9"]["lossless"] == 1.0
+        assert greedy["oracle-3"]["tau"] == pytest.approx(8 / (1 + math.ceil(7 / 4)))  # prefill, then 4 per round
+        assert greedy["oracle-9"]["tau"] == pytest.approx(8 / 2)  # prefill, then the other 7 in one round
+        assert greedy["ftp"]["tau"] <= greedy["oracle-3"]["tau"]  # the tiny model's N = 4: its chain drafts 3
+    assert main(["bench", "decode", str(tiny_ftp_run), "--method", "oracle-0"]) == 2
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -9,11 +9,17 @@ tokens/s, speedup = plain wall time / method wall time over the same prompts, τ
 and prefill included), the share of time spent drafting, for greedy whether the output equals plain's, how much
 the output repeats itself (the share of new tokens completing a 4-gram seen before: copy drafters thrive on it),
 and a profile per target forward (trunk, target logits, drafting, the rest).
+
+`oracle-K` (greedy only) is a ceiling, not a method: a drafter that proposes the next K tokens of plain greedy
+decoding's own output, at no cost. Every draft is accepted, so it shows what verification alone allows on this
+machine: no drafter whose drafts are at most K deep, however good or cheap, can beat it (oracle-3 bounds an
+N = 4 FTP chain, chain or tree).
 """
 
 from __future__ import annotations
 
 import platform
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +27,7 @@ from typing import Any
 
 import torch
 
+from ftplm.drafters import Draft, DraftContext, Drafter
 from ftplm.errors import FtplmError
 from ftplm.model import inference_products
 
@@ -31,6 +38,25 @@ FTP_METHODS = {"plain": (None, None, False), "ftp": ("ftp", False, False), "ftp-
                "recycling": ("recycling", None, False), "recycling-adaptive": ("recycling", None, True),
                "lookup": ("lookup", None, False)}  # fmt: skip
 GPT_METHODS = {k: v for k, v in FTP_METHODS.items() if v[0] is None or not v[0].startswith("ftp")}
+ORACLE = re.compile(r"oracle-([1-9][0-9]*)")
+
+
+class Oracle(Drafter):
+    """Drafts what plain greedy decoding produced after the same prompt (not registered: a benchmark ceiling).
+    `answers` maps a prompt to its greedy continuation; a draft costs a list slice."""
+
+    def __init__(self, model, draft_len: int, answers: dict[tuple[int, ...], list[int]]) -> None:
+        super().__init__(model, draft_len)
+        self.answers = answers
+        self.prompt_tokens = len(next(iter(answers)))
+
+    def propose(self, ctx: DraftContext) -> Draft:
+        answer = self.answers[tuple(ctx.tokens[: self.prompt_tokens])]
+        done = len(ctx.tokens) - self.prompt_tokens  # new tokens so far, the root included
+        draft = Draft()
+        for token in answer[done : done + self.draft_len]:
+            draft.add(token, len(draft) - 1)
+        return draft
 
 
 def heldout_prompts(run: str | Path, encode, n: int, prompt_tokens: int) -> list[list[int]]:
@@ -147,9 +173,10 @@ def bench_decode(
     model = tm.model.float().eval()
     available = FTP_METHODS if model.cfg.model_type == "ftp" else GPT_METHODS
     methods = methods or list(available)
-    unknown = [m for m in methods if m not in available]
+    unknown = [m for m in methods if m not in available and not ORACLE.fullmatch(m)]
     if unknown:
-        raise FtplmError(f"unknown method(s) for a {model.cfg.model_type} model: {', '.join(unknown)}; choose from {', '.join(available)}")
+        raise FtplmError(f"unknown method(s) for a {model.cfg.model_type} model: {', '.join(unknown)}; choose from "
+                         f"{', '.join(available)}, oracle-K (K >= 1)")
     if "plain" not in methods:
         methods = ["plain", *methods]
     if prompt_tokens + max_new_tokens > model.cfg.block_size:
@@ -158,8 +185,10 @@ def bench_decode(
         raise FtplmError(f"--max-new-tokens {max_new_tokens} does not fit the context of {model.cfg.block_size} tokens")
     texts = heldout_prompts(run, tm.encode, prompts, prompt_tokens)
     # one drafter per method for the whole benchmark (Token Recycling's matrix carries over between prompts)
-    drafters = {}
+    drafters: dict[str, Drafter | None] = {}
     for method in methods:
+        if method not in available:  # oracle-K: built below, once plain greedy decoding has given its answers
+            continue
         name, tree, adaptive = available[method]
         drafters[method] = get_drafter(name, model, tree=tree, adaptive=adaptive) if name else None
 
@@ -174,14 +203,21 @@ def bench_decode(
                 "rows": rows, "tokens": out[:, idx.size(1):].tolist()}
 
     batches = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
+    oracles = [m for m in methods if m not in available]
     with torch.inference_mode():
+        if oracles:
+            answers = {tuple(texts[i]): tokens for rows in batches
+                       for i, tokens in zip(rows, one("plain", rows, max_new_tokens, Sampling(0), seed)["tokens"])}
+            for method in oracles:
+                drafters[method] = Oracle(model, int(ORACLE.fullmatch(method).group(1)), answers)  # type: ignore[union-attr]
         for method in methods:  # warm-up
             one(method, batches[0], min(16, max_new_tokens), Sampling(0), seed)
         records = []
         for temperature, sampling in samplings.items():
             mode = "greedy" if temperature == 0 else f"T={temperature:g}"
+            active = [m for m in methods if mode == "greedy" or m not in oracles]  # an oracle knows greedy answers only
             for i, rows in enumerate(batches):
-                order = methods[i % len(methods):] + methods[: i % len(methods)]
+                order = active[i % len(active):] + active[: i % len(active)]
                 for method in order:
                     rec = one(method, rows, max_new_tokens, sampling, seed + i)
                     records.append({"mode": mode, "method": method, "prompt": i, **rec})
