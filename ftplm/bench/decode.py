@@ -12,8 +12,8 @@ and a profile per target forward (trunk, target logits, drafting, the rest).
 
 `oracle-K` (greedy only) is a ceiling, not a method: a drafter that proposes the next K tokens of plain greedy
 decoding's own output, at no cost. Every draft is accepted, so it shows what verification alone allows on this
-machine: no drafter whose drafts are at most K deep, however good or cheap, can beat it (oracle-3 bounds an
-N = 4 FTP chain, chain or tree).
+machine: no drafter whose drafts are at most K deep, however good or cheap, can beat it (oracle-3 bounds the own
+drafts of an N = 4 FTP model, chain or tree).
 """
 
 from __future__ import annotations
