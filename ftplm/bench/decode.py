@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ftplm.drafters import Draft, DraftContext, Drafter
+from ftplm.drafters.lookup import trie
 from ftplm.errors import FtplmError
 from ftplm.model import inference_products
 
@@ -53,10 +54,7 @@ class Oracle(Drafter):
     def propose(self, ctx: DraftContext) -> Draft:
         answer = self.answers[tuple(ctx.tokens[: self.prompt_tokens])]
         done = len(ctx.tokens) - self.prompt_tokens  # new tokens so far, the root included
-        draft = Draft()
-        for token in answer[done : done + self.draft_len]:
-            draft.add(token, len(draft) - 1)
-        return draft
+        return trie([answer[done : done + self.draft_len]], ctx)  # one continuation: a chain
 
 
 def heldout_prompts(run: str | Path, encode, n: int, prompt_tokens: int) -> list[list[int]]:
