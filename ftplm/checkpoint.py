@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tokenizers import Tokenizer
 
 from ftplm.config import ModelConfig, load_model_config, model_config_dict
 from ftplm.errors import FtplmError
 from ftplm.model import LanguageModel, build_model
-from ftplm.tokenizer import load_tokenizer
+from ftplm.tokenizer import load_tokenizer, same_tokenizer
 
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 RUN_LINKS = MODEL_FILES + ("trainer_state.json",)
@@ -205,6 +205,48 @@ def restore_optimizer(optimizer: torch.optim.Optimizer, groups: list[dict], tens
 
 def model_config_of(run: str | Path) -> ModelConfig:
     return load_model_config(resolve(run) / "config.json")
+
+
+def init_source(path: str | Path, tokenizer_path: Path) -> dict[str, Any]:
+    """What `train --init-from PATH` starts from: its model config, weights file, step and resolved path. The
+    tokenizer must be the one the new data was prepared with, or the embeddings would mean other tokens."""
+    directory = resolve(path)
+    if not (directory / "model.safetensors").is_file():
+        raise FtplmError(f"--init-from: no model.safetensors in {directory}")
+    if not same_tokenizer(load_tokenizer(directory / "tokenizer.json"), load_tokenizer(tokenizer_path)):
+        raise FtplmError(f"--init-from: {path} uses another tokenizer than the data ({tokenizer_path}); "
+                         f"prepare the data with `ftplm prepare --tokenizer {path}`")
+    state = directory / "trainer_state.json"
+    try:
+        step = json.loads(state.read_text()).get("step") if state.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        step = None
+    return {"path": str(directory.resolve()), "step": step, "config": load_model_config(directory / "config.json"),
+            "weights": directory / "model.safetensors"}
+
+
+def check_weights_fit(cfg: ModelConfig, weights: Path, source: str | Path) -> None:
+    """Fail fast (before any training set-up) when a weights file cannot be loaded into a model of this config."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    aliases: dict[int, set[str]] = {}  # tied weights are stored once, under any one of their names
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shapes[name] = tuple(p.shape)
+        aliases.setdefault(id(p), set()).add(name)
+    try:
+        with safe_open(str(weights), "pt") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise FtplmError(f"corrupt checkpoint {weights}: {str(e).splitlines()[0]}") from None
+    for names in aliases.values():
+        if len(names) > 1 and names & stored.keys():
+            stored.update({n: stored[next(iter(names & stored.keys()))] for n in names})
+    differ = sorted(n for n in shapes.keys() | stored.keys() if shapes.get(n) != stored.get(n))
+    if differ:
+        name = differ[0]
+        raise FtplmError(f"--init-from {source}: its weights do not fit this model config ({name}: "
+                         f"{stored.get(name, 'missing')} in the checkpoint, {shapes.get(name, 'not in the model')} here)")
 
 
 def run_data_dir(path: str | Path) -> Path | None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
 import sys
@@ -20,14 +21,21 @@ from typing import Any, Literal, Optional, Union
 from ftplm.errors import FtplmError
 
 COMMANDS: dict[str, Callable[..., Any]] = {}
+# command -> {list option: the field names a --config file may give it}, e.g. train: {"set": model + train fields}
+ConfigFields = Callable[[], dict[str, set[str]]]
+CONFIG_FIELDS: dict[str, ConfigFields] = {}
 Drafters = Literal["ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup"]  # ftplm.drafters' registry
 
 
-def command(fn: Callable[..., Any] | None = None, *, name: str | None = None) -> Any:
-    """Register a subcommand; a name with a space ("bench train") makes a nested subcommand."""
+def command(fn: Callable[..., Any] | None = None, *, name: str | None = None, config: ConfigFields | None = None) -> Any:
+    """Register a subcommand; a name with a space ("bench train") makes a nested subcommand. config: the command
+    takes --config FILE, whose keys are its own options or the fields of its repeatable --set-like options."""
 
     def register(f: Callable[..., Any]) -> Callable[..., Any]:
-        COMMANDS[name or f.__name__.rstrip("_").replace("_", "-")] = f
+        key = name or f.__name__.rstrip("_").replace("_", "-")
+        COMMANDS[key] = f
+        if config is not None:
+            CONFIG_FIELDS[key] = config
         return f
 
     return register(fn) if fn is not None else register
@@ -42,7 +50,7 @@ def prepare(
     corpus: str,
     out: str,
     vocab_size: int = 8192,
-    tokenizer: Literal["bpe", "gpt2"] = "bpe",
+    tokenizer: str = "bpe",
     val_frac: float = 0.05,
     test_frac: float = 0.10,
     seed: int = 0,
@@ -54,7 +62,8 @@ def prepare(
             name; several joined by commas (e.g. wiki-vital,shakespeare)
         out: data directory to write (replaced atomically if it is an earlier ftplm data directory)
         vocab_size: BPE vocabulary size (ignored with --tokenizer gpt2)
-        tokenizer: bpe = byte-level BPE trained on the training split; gpt2 = GPT-2's own 50257-token vocabulary
+        tokenizer: bpe = byte-level BPE trained on the training split; gpt2 = GPT-2's own 50257-token vocabulary;
+            or the tokenizer of a run, saved model, data directory or tokenizer.json (data for `train --init-from`)
         val_frac: fraction of documents held out for validation
         test_frac: fraction of documents held out for testing (classification, coherence prompts)
         seed: seed of the document split
@@ -87,12 +96,20 @@ def _split_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return model_over, train_over
 
 
-@command
+def _model_and_train_fields() -> dict[str, set[str]]:
+    from dataclasses import fields
+
+    from ftplm.config import ModelConfig, TrainConfig
+
+    return {"set": {f.name for f in fields(ModelConfig) if f.name != "model_type"} | {f.name for f in fields(TrainConfig)}}
+
+
+@command(config=_model_and_train_fields)
 def train(
     *,
-    data: str,
     out: str,
-    model: Literal["ftp", "gpt"] = "ftp",
+    data: Optional[str] = None,
+    model: Optional[Literal["ftp", "gpt"]] = None,
     preset: Literal["tiny", "mini", "small", "base"] = "small",
     max_steps: Optional[int] = None,
     max_tokens: Optional[int] = None,
@@ -109,13 +126,16 @@ def train(
     strategy: Literal["ddp", "fsdp"] = "ddp",
     backend: Literal["auto", "gloo", "nccl"] = "auto",
     dist_timeout: float = 1800.0,
+    logger: list[str] = [],
+    init_from: Optional[str] = None,
+    config: Optional[str] = None,
 ) -> None:
     """Train an FTP model or its GPT baseline on a prepared data directory (several processes: torchrun -m ftplm train).
 
     Args:
-        data: data directory from `ftplm prepare`
-        out: run directory (checkpoints, log.jsonl); must not hold a run unless --resume
-        model: ftp (future token prediction) or gpt (the baseline)
+        out: run directory (checkpoints, log.jsonl, run_config.yaml); must not hold a run unless --resume
+        data: data directory from `ftplm prepare` (required, here or in --config)
+        model: ftp (future token prediction) or gpt (the baseline); default ftp, or --init-from's type
         preset: model + training size: tiny (tests), mini (the demo), small (CPU, ~1h with native bf16), base (the paper's scale, GPU)
         max_steps: stop after this many optimizer steps
         max_tokens: stop after this many training tokens
@@ -133,11 +153,25 @@ def train(
             state with FSDP2, for models that do not fit one device)
         backend: under torchrun: process-group backend; auto = nccl on CUDA, gloo on CPU
         dist_timeout: under torchrun: seconds to wait for peers (joining, and each collective) before failing
+        logger: also log to csv (RUN/metrics.csv), tensorboard (RUN/tensorboard) or wandb (offline unless
+            WANDB_MODE=online); repeatable; log.jsonl is always written
+        init_from: start from the weights of this run, checkpoint or saved model (same tokenizer), with a fresh
+            optimizer and schedule: continued pretraining or fine-tuning on --data
+        config: YAML or JSON file of settings: any option above or --set field (flags given here win); the
+            resolved settings are saved as RUN/run_config.yaml
     """
     from ftplm.config import parse_duration
     from ftplm.train import train as run_train
 
+    if data is None:  # a resumed run knows its data
+        from ftplm.checkpoint import run_data_dir
+
+        data = run_data_dir(out) if resume and (Path(out) / "latest").exists() else None
+        if data is None:
+            raise FtplmError("say which data to train on: --data DIR (or data: in --config)")
     model_over, train_over = _split_overrides(set)
+    if logger:
+        train_over["loggers"] = logger
     explicit = {
         "max_steps": max_steps, "max_tokens": max_tokens, "batch_size": batch_size, "grad_accum": grad_accum,
         "learning_rate": learning_rate, "seed": seed, "dtype": dtype,
@@ -149,11 +183,12 @@ def train(
     info = run_train(
         data, out, model_type=model, preset_name=preset, model_overrides=model_over, train_overrides=train_over,
         resume=resume, device=device, progress=not no_progress, strategy=strategy, backend=backend, dist_timeout=dist_timeout,
+        init_from=init_from,
     )
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     ppl = f", val ppl {info.val['ppl']:.2f}" if info.val else ""
-    print(f"trained {model} to step {info.step} ({info.tokens:,} tokens, {info.elapsed:.0f}s){ppl}; saved {out}")
+    print(f"trained {info.model_type} to step {info.step} ({info.tokens:,} tokens, {info.elapsed:.0f}s){ppl}; saved {out}")
 
 
 @command
@@ -259,7 +294,13 @@ def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vi
     run_demo(Path(out), parse_duration(budget), corpus, preset)
 
 
-@command(name="eval")
+def _eval_options() -> dict[str, set[str]]:
+    from ftplm.eval import OPTIONS
+
+    return {"set": set(OPTIONS)}
+
+
+@command(name="eval", config=_eval_options)
 def eval_(
     run: str,
     *,
@@ -270,6 +311,7 @@ def eval_(
     seed: int = 0,
     data: Optional[str] = None,
     set: list[str] = [],  # noqa: A002 - the option is called --set
+    config: Optional[str] = None,
 ) -> None:
     """Measure a run (and another on identical data) with the SPEC §5 suites: metrics, 95% CIs, n, checkpoint.
 
@@ -283,12 +325,15 @@ def eval_(
         data: prepared data directory (default: the one the run was trained on)
         set: suite size, e.g. --set coherence_prompts=50 --set classify_docs=500 --set coding_problems=1000;
             --set layer=L: smoothness and classify read the vectors after the first L trunk blocks (default: the top)
+        config: YAML or JSON file of settings: any option above or --set field (flags given here win); the
+            resolved settings are saved in the --json file under "config"
     """
     from ftplm.config import parse_override
     from ftplm.eval import headline, run_suites
 
     options = dict(parse_override(item) for item in set)
     result = run_suites(run, suite, against, quick=quick, seed=seed, options=options, data_dir=data)
+    result["config"] = {"suite": suite, "against": against, "quick": quick, "seed": seed, "data": data, **options}
     for name, d in result.get("diff", {}).items():
         if isinstance(d, dict):
             print(f"{result['diff']['of']} {name}: {headline({'metrics': d, 'headline': list(d)})}")
@@ -311,7 +356,16 @@ def report(run_a: str, run_b: Optional[str] = None, *, out: str, title: str = "f
     print(f"wrote {paths['md']} and {paths['html']}")
 
 
-@command(name="experiment paper")
+def _experiment_fields() -> dict[str, set[str]]:
+    from dataclasses import fields
+
+    from ftplm.config import TrainConfig
+    from ftplm.eval import OPTIONS
+
+    return {"set": set(OPTIONS), "train_set": {f.name for f in fields(TrainConfig)}}
+
+
+@command(name="experiment paper", config=_experiment_fields)
 def experiment_paper(
     *,
     out: str = "runs/paper",
@@ -324,6 +378,7 @@ def experiment_paper(
     ppl_batches: int = 20,
     set: list[str] = [],  # noqa: A002 - the option is called --set
     train_set: list[str] = [],
+    config: Optional[str] = None,
 ) -> None:
     """The paper's four claims: train FTP and GPT per seed (or reuse/resume runs in OUT), match perplexity, evaluate, report.
 
@@ -338,15 +393,23 @@ def experiment_paper(
         ppl_batches: 8-window batches for every val perplexity (FTP and each GPT checkpoint: same windows)
         set: suite size, e.g. --set coherence_prompts=50 (see `ftplm eval --help`)
         train_set: training config for runs started here, e.g. --train-set save_interval=10
+        config: YAML or JSON file of settings: any option above, eval --set field or training field (flags given
+            here win); the resolved settings are saved as OUT/experiment_config.yaml
     """
-    from ftplm.config import parse_override
+    from ftplm.config import parse_override, write_config_file
     from ftplm.experiment import paper_experiment
 
     if max_tokens < 1 or (coding_max_tokens is not None and coding_max_tokens < 1) or ppl_batches < 1:
         raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
+    options, train_overrides = dict(parse_override(x) for x in set), dict(parse_override(x) for x in train_set)
+    resolved = {"preset": preset, "seeds": seeds, "max_tokens": max_tokens, "coding_max_tokens": coding_max_tokens,
+                "quick": quick, "skip_coding": skip_coding, "ppl_batches": ppl_batches, **options, **train_overrides}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_config_file(Path(out) / "experiment_config.yaml", resolved,
+                      f"The settings of this experiment, resolved.\nftplm experiment paper --config THIS_FILE --out {out} runs it again.")
     paper_experiment(
         out, preset, seeds, max_tokens, coding_max_tokens, quick, skip_coding,
-        options=dict(parse_override(x) for x in set), train_overrides=dict(parse_override(x) for x in train_set), ppl_batches=ppl_batches,
+        options=options, train_overrides=train_overrides, ppl_batches=ppl_batches,
     )
 
 
@@ -515,7 +578,8 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None:
+def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any], suppress_defaults: bool = False) -> None:
+    """Arguments from fn's signature; suppress_defaults leaves out what was not given (to tell it from a default)."""
     doc = inspect.getdoc(fn) or ""
     helps = _param_help(doc)
     hints = typing.get_type_hints(fn)
@@ -542,10 +606,12 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any]) -> None
             kwargs["default"] = param.default
             if param.default not in (None, False) and kwargs["help"]:
                 kwargs["help"] += f" (default: {param.default})"
+        if suppress_defaults:
+            kwargs["default"] = argparse.SUPPRESS
         parser.add_argument(flag, dest=name, **kwargs)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     from ftplm import __version__
 
     parser = _Parser(prog="ftplm", description="Future Token Prediction language models: train, evaluate, generate, serve.")
@@ -564,9 +630,65 @@ def build_parser() -> argparse.ArgumentParser:
             p = groups[group].add_parser(leaf, help=summary_help, description=summary)
         else:
             p = sub.add_parser(name, help=summary_help, description=summary)
-        _add_params(p, fn)
+        _add_params(p, fn, suppress_defaults)
         p.set_defaults(_fn=fn)
     return parser
+
+
+def _with_config_file(name: str, kwargs: dict[str, Any], argv: list[str] | None) -> dict[str, Any]:
+    """Arguments with a --config file's settings filled in: a key is one of the command's options (used unless
+    given on the command line) or a field of one of its repeatable options (put before the command line's own
+    items, so that those win). Unknown keys and values of the wrong type are one-line errors."""
+    from ftplm.config import load_config_file
+
+    path = kwargs["config"]
+    settings = load_config_file(path)
+    given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))
+    fields = CONFIG_FIELDS[name]()
+    fn = COMMANDS[name]
+    hints = typing.get_type_hints(fn)
+    given |= {item.split("=", 1)[0].strip() for option in fields for item in kwargs[option]}  # --set k=v gives k
+    from_file: dict[str, list[str]] = {option: [] for option in fields}
+    unknown = []
+    for key, value in settings.items():
+        option = next((o for o, names in fields.items() if key in names), None)
+        if key in hints and key not in fields and key not in ("config", "return"):
+            value = _config_value(value, hints[key], f"{path}: {key}")  # checked even where a flag wins
+            if key not in given:
+                kwargs[key] = value
+        elif option is not None:
+            from_file[option].append(f"{key}={json.dumps(value)}")
+        else:
+            unknown.append(key)
+    if unknown:
+        raise FtplmError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+                         f"for `ftplm {name}` (see --help)")
+    return {**kwargs, **{option: items + kwargs[option] for option, items in from_file.items()}}
+
+
+def _config_value(value: Any, tp: Any, where: str) -> Any:
+    """A config file's value checked against the option's type (YAML gives str/int/float/bool/list/None)."""
+    optional = tp is not _unwrap_optional(tp)
+    tp = _unwrap_optional(tp)
+    if value is None and optional:
+        return None
+    if typing.get_origin(tp) is list:
+        items = value if isinstance(value, list) else [value]
+        return [_config_value(v, (typing.get_args(tp) or (str,))[0], where) for v in items]
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, (str, int, float)) and not isinstance(value, bool),
+    }
+    if typing.get_origin(tp) is Literal:
+        if value not in typing.get_args(tp):
+            raise FtplmError(f"{where} must be one of {', '.join(map(str, typing.get_args(tp)))}, got {value!r}")
+        return value
+    if not ok.get(tp, True):
+        kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+        raise FtplmError(f"{where} must be {kind}, got {value!r}")
+    return tp(value) if tp in (float, str) else value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -576,7 +698,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     kwargs = {k: v for k, v in vars(args).items() if k not in ("_fn", "command", "subcommand")}
+    name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
     try:
+        if kwargs.get("config"):
+            kwargs = _with_config_file(name, kwargs, argv)
         args._fn(**kwargs)
     except FtplmError as e:
         print(f"ftplm {args.command}: error: {e}", file=sys.stderr)

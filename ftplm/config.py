@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ftplm.errors import FtplmError
+from ftplm.loggers import check_names as check_logger_names
 
 ModelType = Literal["ftp", "gpt"]
 
@@ -87,6 +88,7 @@ class TrainConfig:
     seed: int = 1337
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has native bf16
     compile: bool = False
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # ftplm.loggers.LOGGERS; jsonl is always on
 
     def validate(self) -> "TrainConfig":
         def need(ok: bool, msg: str) -> None:
@@ -104,6 +106,7 @@ class TrainConfig:
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be positive")
         need(self.dtype in ("auto", "bf16", "fp32"), f"dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
+        self.loggers = check_logger_names(self.loggers)
         return self
 
 
@@ -147,12 +150,12 @@ def preset(name: str, model_type: ModelType = "ftp") -> Preset:
 
 
 def with_overrides(cfg: Any, overrides: dict[str, Any]) -> Any:
-    """Return a copy of a config dataclass with fields replaced; unknown fields are an error."""
+    """Return a copy of a config dataclass with fields replaced; unknown fields or wrong types are an error."""
     names = {f.name: f for f in fields(cfg)}
     for key in overrides:
         if key not in names:
             raise FtplmError(f"unknown config field {key!r} for {type(cfg).__name__}")
-    return dataclasses.replace(cfg, **overrides)
+    return check_types(dataclasses.replace(cfg, **overrides), type(cfg).__name__)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -175,19 +178,59 @@ def config_from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     unknown = sorted(set(data) - set(known))
     if unknown:
         raise FtplmError(f"{where}: unknown field(s) {', '.join(unknown)}")
-    cfg = cls(**data)
-    for f in fields(cls):
-        value = getattr(cfg, f.name)
-        default = getattr(cls(), f.name)
-        if default is not None and value is not None and isinstance(default, (int, float)) and not isinstance(default, bool):
+    return check_types(cls(**data), where)
+
+
+def check_types(cfg: Any, where: str) -> Any:
+    """Check field types against the field's kind (JSON, YAML and --set give int/float/str/bool/list), in place:
+    numbers where numbers belong (an integral float is accepted for an int), true/false for flags."""
+    numbers = {"int": int, "float": float, "int | None": int, "float | None": float}
+    for f in fields(cfg):
+        value, kind = getattr(cfg, f.name), str(f.type)
+        if value is None and "None" in kind:
+            continue
+        if kind in numbers:
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise FtplmError(f"{where}: field {f.name} must be a number, got {value!r}")
-            if isinstance(default, int) and not isinstance(value, int):
-                if float(value).is_integer():
-                    setattr(cfg, f.name, int(value))
-                else:
+            if numbers[kind] is int and not isinstance(value, int):
+                if not float(value).is_integer():
                     raise FtplmError(f"{where}: field {f.name} must be an integer, got {value!r}")
+                setattr(cfg, f.name, int(value))
+        elif kind == "bool" and not isinstance(value, bool):
+            raise FtplmError(f"{where}: field {f.name} must be true or false, got {value!r}")
     return cfg
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """A YAML (.yaml/.yml) or JSON config file as a dict of field -> value; any problem is one FtplmError line."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except FileNotFoundError:
+        raise FtplmError(f"no such config file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise FtplmError(f"cannot read config file {path}: {e}") from None
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise FtplmError(f"corrupt config file {path}: {str(e).splitlines()[0]}") from None
+    if path.suffix not in (".json", ".yaml", ".yml"):
+        raise FtplmError(f"config file {path} must end in .yaml, .yml or .json")
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise FtplmError(f"config file {path} must hold a mapping of field: value")
+    return data
+
+
+def write_config_file(path: Path, data: dict[str, Any], header: str) -> None:
+    """A resolved config as YAML (atomically), readable again by load_config_file."""
+    import yaml
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(data, sort_keys=False))
+    tmp.replace(path)
 
 
 def parse_duration(text: str) -> float:

@@ -26,7 +26,9 @@ import torch
 from tqdm import tqdm
 
 from ftplm.errors import FtplmError
-from ftplm.tokenizer import encode_batches, eos_id, gpt2_tokenizer, train_bpe
+from tokenizers import Tokenizer
+
+from ftplm.tokenizer import encode_batches, eos_id, gpt2_tokenizer, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val", "test")
 
@@ -300,6 +302,17 @@ def prepare(
     return meta
 
 
+def existing_tokenizer(spec: str) -> Tokenizer:
+    """The tokenizer of a tokenizer.json, a run, a saved model or a data directory: to prepare new data that a
+    model trained before can read (`train --init-from`)."""
+    path = Path(spec)
+    if not path.exists():
+        raise FtplmError(f"unknown tokenizer {spec!r}: choose bpe, gpt2, or a tokenizer.json / run / data directory")
+    tok = load_tokenizer(path / "tokenizer.json" if path.is_dir() else path)
+    eos_id(tok)  # documents are separated by EOS
+    return tok
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     import shutil
 
@@ -339,7 +352,7 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
             texts = (t for i, t in zip(range(tokenizer_docs), texts))
         tok = train_bpe(texts, vocab_size)
     else:
-        raise FtplmError(f"unknown tokenizer {tokenizer!r}; choose 'bpe' or 'gpt2'")
+        tok = existing_tokenizer(tokenizer)
     tok.save(str(tmp / "tokenizer.json"))
     eos = eos_id(tok)
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)

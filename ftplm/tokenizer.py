@@ -66,6 +66,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise FtplmError(f"corrupt tokenizer file {path}: {str(e).splitlines()[0]}") from None
 
 
+def same_tokenizer(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether two tokenizers map text to the same ids (the same vocabulary: what token ids in a model mean)."""
+    return a.get_vocab() == b.get_vocab()
+
+
 def eos_id(tok: Tokenizer) -> int:
     token_id = tok.token_to_id(EOS)
     if token_id is None:

@@ -20,14 +20,20 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from ftplm.checkpoint import load_trainer_state, save_checkpoint, write_json
-from ftplm.config import TrainConfig, config_from_dict, load_model_config, preset, with_overrides
+from safetensors.torch import load_model
+
+from ftplm.checkpoint import check_weights_fit, init_source, load_trainer_state, save_checkpoint, write_json
+from ftplm.config import TrainConfig, config_from_dict, load_model_config, preset, with_overrides, write_config_file
 from ftplm.data import TokenData
 from ftplm.distributed import DEFAULT_TIMEOUT, Parallel, context_from_env, global_micro, init_process_group, shutdown, split_accum, to_device
 from ftplm.errors import FtplmError
+from ftplm.loggers import Loggers
 from ftplm.model import LanguageModel, build_model
 from ftplm.tokenizer import load_tokenizer
 
+RUN_CONFIG = "run_config.yaml"  # the resolved config of a run, readable by `ftplm train --config`
+RUN_CONFIG_HEADER = """Every setting of this run, resolved (preset, config file and flags).
+ftplm train --config THIS_FILE --out NEW_RUN trains the same model again; flags given with it win."""
 VAL_KEY = 982_451_653  # fixed seed of the validation batches: every model is scored on the same windows
 
 
@@ -115,6 +121,7 @@ class RunInfo:
     """What a finished (or stopped) training call reports."""
 
     run: Path
+    model_type: str
     step: int
     tokens: int
     elapsed: float
@@ -126,7 +133,7 @@ class Trainer:
         self,
         data_dir: str | Path,
         out: str | Path,
-        model_type: str = "ftp",
+        model_type: str | None = None,
         preset_name: str = "small",
         model_overrides: dict[str, Any] | None = None,
         train_overrides: dict[str, Any] | None = None,
@@ -136,15 +143,22 @@ class Trainer:
         strategy: str = "ddp",
         backend: str = "auto",
         dist_timeout: float = DEFAULT_TIMEOUT,
+        init_from: str | Path | None = None,
     ) -> None:
+        """model_type: ftp or gpt (default: ftp, or init_from's); init_from: a run, checkpoint or saved model whose
+        weights this new run starts from, with a fresh optimizer and schedule (continued pretraining, fine-tuning)."""
         self.out = Path(out)
         self.data = TokenData(data_dir)
         self.dist = context_from_env(backend, device, dist_timeout)  # torchrun's variables; world_size 1 without them
         self.device = self.dist.device
         self.progress = progress and self.dist.is_main
         self.strategy = strategy
+        self.preset_name = preset_name
         self.resume_state: dict[str, Any] | None = None
         self.resume_tensors: dict[str, torch.Tensor] | None = None
+        self.init_from: dict[str, Any] | None = None
+        if resume and init_from is not None:
+            raise FtplmError("--init-from starts a new run; --resume continues one: use one of them")
         if resume:
             if not (self.out / "latest").exists():
                 raise FtplmError(f"--resume: {self.out} has no checkpoint to resume from")
@@ -159,9 +173,17 @@ class Trainer:
         else:
             if (self.out / "latest").exists():
                 raise FtplmError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
-            chosen = preset(preset_name, model_type)  # type: ignore[arg-type]
-            self.model_cfg = with_overrides(chosen.model, {"vocab_size": self.data.vocab_size, **(model_overrides or {})}).validate()
+            if init_from is not None:
+                self.init_from = init_source(init_from, self.data.tokenizer_path)
+                model_type = model_type or self.init_from["config"].model_type
+                if model_type != self.init_from["config"].model_type:
+                    raise FtplmError(f"--init-from {init_from} is a {self.init_from['config'].model_type} model, not {model_type}")
+            chosen = preset(preset_name, model_type or "ftp")  # type: ignore[arg-type]
+            base_model = self.init_from["config"] if self.init_from else chosen.model
+            self.model_cfg = with_overrides(base_model, {"vocab_size": self.data.vocab_size, **(model_overrides or {})}).validate()
             self.train_cfg = with_overrides(chosen.train, train_overrides or {}).validate()
+            if self.init_from:
+                check_weights_fit(self.model_cfg, self.init_from["weights"], init_from)
         if self.model_cfg.vocab_size < self.data.vocab_size:
             raise FtplmError(f"model vocab ({self.model_cfg.vocab_size}) is smaller than the data's tokenizer ({self.data.vocab_size})")
         cfg = self.train_cfg
@@ -172,6 +194,7 @@ class Trainer:
         if strategy == "fsdp" and not self.dist.distributed:
             raise FtplmError("--strategy fsdp shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
         self.tokenizer = load_tokenizer(self.data.tokenizer_path)
+        self.loggers = Loggers(self.out, cfg.loggers) if self.dist.is_main else None  # a missing package fails here
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size * self.dist.world_size
         init_process_group(self.dist)  # last: every check above fails fast, before any network wait
 
@@ -190,30 +213,31 @@ class Trainer:
             return None
         return max(1, int((seconds_left if seconds_left is not None else cfg.time_budget) / step_seconds))  # type: ignore[operator]
 
-    def _log(self, record: dict[str, Any]) -> None:
-        if not self.dist.is_main:
-            return
-        with open(self.out / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    def resolved_config(self) -> dict[str, Any]:
+        """Every setting of this run, flat, as `ftplm train --config` reads it: that file trains the same model."""
+        model_fields = {k: v for k, v in dataclasses.asdict(self.model_cfg).items() if k != "model_type"}
+        origin = {"init_from": self.init_from["path"]} if self.init_from else {}
+        return {"model": self.model_cfg.model_type, "preset": self.preset_name, "data": str(self.data.root.resolve()),
+                **origin, **model_fields, **dataclasses.asdict(self.train_cfg)}
 
-    def _truncate_log(self, step: int) -> None:
-        """On resume, drop log lines written after the checkpoint we continue from."""
-        path = self.out / "log.jsonl"
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+    def _start_logging(self, step: int) -> Loggers | None:
+        """The run's loggers (main process), each told where the run (re)starts; the resolved config beside them."""
+        if self.loggers is None:
+            return None
+        self.out.mkdir(parents=True, exist_ok=True)
+        config = self.resolved_config()
+        write_config_file(self.out / RUN_CONFIG, config, RUN_CONFIG_HEADER)
+        self.loggers.start(config, step)
+        return self.loggers
 
     def fit(self) -> RunInfo:
         cfg, device, ctx = self.train_cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
         model = build_model(self.model_cfg).to(device)
-        if self.resume_state is not None:  # weights before wrapping: FSDP shards what is loaded here
-            from safetensors.torch import load_model
-
-            load_model(model, str(self.out / "latest" / "model.safetensors"), device=str(device))
+        if self.resume_state is not None or self.init_from:  # weights before wrapping: FSDP shards what is loaded here
+            weights = self.out / "latest" / "model.safetensors" if self.resume_state is not None else self.init_from["weights"]
+            load_model(model, str(weights), device=str(device))
         parallel = Parallel(model, ctx, self.strategy, cfg.compile)  # type: ignore[arg-type]
-        train_model = parallel.forward
         optimizer = make_optimizer(model, cfg, device)
         step, tokens, elapsed, planned = 0, 0, 0.0, None
         if self.resume_state is not None:
@@ -221,11 +245,18 @@ class Trainer:
             torch.set_rng_state(self.resume_tensors["rng.torch"])
             step, tokens = self.resume_state["step"], self.resume_state["tokens"]
             elapsed, planned = self.resume_state["elapsed"], self.resume_state.get("planned_steps")
-            if ctx.is_main:
-                self._truncate_log(step)
-        elif ctx.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "log.jsonl").write_text("")
+            self.init_from = self.resume_state.get("init_from")
+        loggers = self._start_logging(step)
+        try:
+            return self._loop(model, parallel, optimizer, step, tokens, elapsed, planned, loggers)
+        finally:
+            if loggers is not None:
+                loggers.close()
+
+    def _loop(self, model, parallel, optimizer, step, tokens, elapsed, planned, loggers: Loggers | None) -> RunInfo:
+        """The training loop proper, from `step` on; `loggers` on the main process only."""
+        cfg, device, ctx = self.train_cfg, self.device, self.dist
+        train_model = parallel.forward
         saved_step = step  # a resumed run's checkpoint of this step already exists
         planned = self._planned_steps(None) if self.train_cfg.max_steps or self.train_cfg.max_tokens else planned
         model.train()
@@ -240,6 +271,7 @@ class Trainer:
                 "train_config": dataclasses.asdict(cfg),  # grad_accum is per process: global = grad_accum * world_size
                 "world_size": ctx.world_size,
                 "strategy": self.strategy,
+                "init_from": self.init_from and {k: self.init_from[k] for k in ("path", "step")},
             }
 
         def save() -> None:
@@ -248,6 +280,10 @@ class Trainer:
             if ctx.is_main:
                 save_checkpoint(self.out, step, full_model, self.tokenizer, full_optimizer, state(), keep=cfg.keep_checkpoints)
             saved_step = step
+
+        def log(record: dict[str, Any]) -> None:
+            if loggers is not None:
+                loggers.log(record)
 
         bar = tqdm(total=planned, initial=step, desc=f"train {self.model_cfg.model_type}", unit="step", disable=not self.progress, dynamic_ncols=True)
         last_val: dict[str, Any] | None = None
@@ -289,7 +325,7 @@ class Trainer:
                     planned = step + self._planned_steps(seconds_per_step, cfg.time_budget - elapsed)
                     bar.total = planned
             if step % cfg.log_interval == 0 or step == 1:
-                self._log({
+                log({
                     "step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed": round(elapsed, 3),
                     "tokens_per_s": round(self.tokens_per_step / step_time, 1),
                     "grad_norm": None if grad_norm is None else float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
@@ -299,7 +335,7 @@ class Trainer:
             done = (planned is not None and step >= planned) or (cfg.time_budget is not None and elapsed >= cfg.time_budget)
             if (step % cfg.eval_interval == 0 or done) and (ctx.is_main or parallel.all_ranks_forward):
                 last_val = evaluate(model, self.data, cfg.batch_size, cfg.eval_iters, cfg.dtype)
-                self._log({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "val": last_val})
+                log({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "val": last_val})
                 if ctx.is_main:
                     bar.write(f"step {step}: val ppl {last_val['ppl']:.2f}")
             if step % cfg.save_interval == 0 or done:
@@ -310,7 +346,7 @@ class Trainer:
         if saved_step != step:
             save()
         ctx.barrier()  # nobody leaves while rank 0 still writes
-        return RunInfo(self.out, step, tokens, elapsed, last_val if ctx.is_main else None)
+        return RunInfo(self.out, self.model_cfg.model_type, step, tokens, elapsed, last_val if ctx.is_main else None)
 
 
 def read_log(run: str | Path) -> list[dict[str, Any]]:

@@ -25,6 +25,22 @@ SuiteFn = Callable[["EvalContext"], dict[str, Any]]
 SUITES: dict[str, SuiteFn] = {}
 SUITE_MODULES = ("ppl", "smoothness", "coherence", "classify", "coding", "retrieval")
 PAPER_SUITES = ("ppl", "smoothness", "coherence", "classify", "coding")  # what `--suite all` runs
+# Every option a suite reads (`ftplm eval --set NAME=VALUE`, eval config files): the one list that checks them.
+OPTIONS: dict[str, str] = {
+    "ppl_batches": "8-window batches of val perplexity (ppl)",
+    "ppl_split": "split the ppl suite scores: val or test",
+    "layer": "smoothness and classify read the vectors after the first L trunk blocks (default: the top)",
+    "smoothness_docs": "held-out documents of the smoothness suite",
+    "smoothness_split": "split the smoothness suite reads: val or test",
+    "coherence_prompts": "prompts of the coherence suite",
+    "coherence_samples": "continuations per prompt (at least 3)",
+    "coherence_new_tokens": "tokens per continuation",
+    "classify_docs": "documents per corpus of the classify suite",
+    "coding_problems": "problems of the coding suite",
+    "coding_new_tokens": "tokens generated per coding problem",
+    "coding_workers": "processes that run the coding answers",
+    "retrieval_docs": "held-out articles of the retrieval suite",
+}
 
 
 @dataclass
@@ -119,10 +135,6 @@ def provenance(run: Path) -> dict[str, Any]:
     return info
 
 
-def _same_tokenizer(a: "TextModel", b: "TextModel") -> bool:
-    return a.tokenizer.get_vocab() == b.tokenizer.get_vocab()
-
-
 def _label(run: Path, taken: set[str]) -> str:
     label = Path(run).name or str(run)
     while label in taken:
@@ -151,20 +163,23 @@ def run_suites(
     from ftplm.checkpoint import run_data_dir
     from ftplm.errors import FtplmError
     from ftplm.eval.stats import paired_diff
-    from ftplm.tokenizer import load_tokenizer
+    from ftplm.tokenizer import load_tokenizer, same_tokenizer
 
     names = suite_names(suites)
+    unknown = sorted(set(options or {}) - set(OPTIONS))
+    if unknown:
+        raise FtplmError(f"unknown eval option {unknown[0]!r}; choose from: {', '.join(OPTIONS)}")
     if "coherence" in names:
         from ftplm.eval.coherence import require_judge
 
         require_judge()  # before any model work
     paths = [Path(run)] + ([Path(against)] if against is not None else [])
     models = [load(p) for p in paths]  # errors (no checkpoint, corrupt files) come out as one line
-    if against is not None and not _same_tokenizer(models[0], models[1]):
+    if against is not None and not same_tokenizer(models[0].tokenizer, models[1].tokenizer):
         raise FtplmError(f"{paths[0]} and {paths[1]} use different tokenizers: they cannot be evaluated on identical data")
     data = Path(data_dir) if data_dir is not None else run_data_dir(paths[0])
     if data is not None and (data / "tokenizer.json").is_file():
-        if load_tokenizer(data / "tokenizer.json").get_vocab() != models[0].tokenizer.get_vocab():
+        if not same_tokenizer(load_tokenizer(data / "tokenizer.json"), models[0].tokenizer):
             raise FtplmError(f"the data in {data} was tokenized with another tokenizer than {paths[0]}'s")
     out: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
