@@ -241,6 +241,22 @@ def generate(
 
 
 @command
+def export(run: str, out: str, *, format: Literal["hf"] = "hf") -> None:  # noqa: A002 - the option is called --format
+    """Export a trained model for other tools: a Hugging Face transformers directory (model, config, tokenizer).
+
+    Args:
+        run: run directory or saved model
+        out: directory to write (must not exist, or be empty); written atomically
+        format: hf = GPT runs as plain GPT-2, FTP runs with their modeling code (load with trust_remote_code=True)
+    """
+    from ftplm.hf.export import export_hf
+
+    exported = export_hf(run, out)
+    remote = ", trust_remote_code=True" if exported.model_type == "ftp" else ""
+    print(f'exported {run} ({exported.model_type}) to {out}: AutoModelForCausalLM.from_pretrained("{out}"{remote})')
+
+
+@command
 def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = "mean") -> None:  # noqa: A002
     """Embed texts with a trained model's state vectors and save them as a (n_texts, n_embd) .npy array.
 
@@ -539,6 +555,41 @@ def bench_decode(
                     batch_size), json)
 
 
+@command(name="lm-eval")
+def lm_eval_(*args: str) -> None:
+    """lm-evaluation-harness with the `ftplm` model registered: `ftplm lm-eval --model ftplm --model_args pretrained=RUN --tasks ...`.
+
+    Args:
+        args: lm-eval's own arguments, passed on verbatim (`ftplm lm-eval --help` lists them); local tasks over
+            held-out documents: `ftplm lm-eval-tasks`, then --tasks ftplm_heldout --include_path DIR
+    """
+    try:
+        from ftplm.lmeval import run_cli
+    except ImportError as e:
+        raise FtplmError(str(e)) from None
+    run_cli(list(args))
+
+
+@command(name="lm-eval-tasks")
+def lm_eval_tasks(*, data: str, out: str, docs: int = 200, split: Literal["test", "val"] = "test", seed: int = 0) -> None:
+    """Write lm-eval tasks (JSONL + YAML) over a data directory's held-out documents, for `ftplm lm-eval --include_path OUT`.
+
+    Args:
+        data: data directory from `ftplm prepare`
+        out: directory for the tasks: ftplm_heldout_ppl (perplexity), ftplm_heldout_continuation and
+            ftplm_heldout_topic (multiple choice), ftplm_heldout_next_word (generation); tag ftplm_heldout = all of them
+        docs: held-out documents to use (the first ones)
+        split: held-out split to read
+        seed: seed of the multiple-choice distractors and their order
+    """
+    try:
+        from ftplm.lmeval import write_tasks
+    except ImportError as e:
+        raise FtplmError(str(e)) from None
+    names = write_tasks(data, out, docs, split, seed)
+    print(f"wrote {len(names)} tasks to {out}: {', '.join(names)} (tag: ftplm_heldout)")
+
+
 def _emit(result: dict[str, Any], json_path: str | None) -> None:
     """Write a benchmark's figures to --json (atomically) when asked; the benchmark prints its own table."""
     if json_path:
@@ -594,6 +645,9 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any], suppres
             kwargs["action"] = "store_true"
         else:
             kwargs["type"] = tp
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:  # the rest of the line, verbatim: main passes it on
+            parser.add_argument(name, nargs=argparse.REMAINDER, help=kwargs["help"])
+            continue
         if param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
             if param.default is not inspect.Parameter.empty:
                 kwargs.update(nargs="?", default=param.default)
@@ -691,7 +745,33 @@ def _config_value(value: Any, tp: Any, where: str) -> Any:
     return tp(value) if tp in (float, str) else value
 
 
+def _call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
+    """Run a command: its own errors are one line and exit 2, never a traceback."""
+    try:
+        fn(*args, **kwargs)
+    except FtplmError as e:
+        print(f"ftplm {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ftplm {name}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except SystemExit as e:  # a wrapped command line's own exit (`ftplm lm-eval --help`, its usage errors)
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    return 0
+
+
+def _takes_rest(name: str) -> bool:
+    """Whether a command takes the rest of the line verbatim (*args: `ftplm lm-eval`), --help included."""
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(COMMANDS[name]).parameters.values())
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in COMMANDS and _takes_rest(argv[0]):
+        return _call(argv[0], COMMANDS[argv[0]], *argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_fn", None):
@@ -699,20 +779,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     kwargs = {k: v for k, v in vars(args).items() if k not in ("_fn", "command", "subcommand")}
     name = " ".join(filter(None, (args.command, getattr(args, "subcommand", None))))
-    try:
-        if kwargs.get("config"):
-            kwargs = _with_config_file(name, kwargs, argv)
-        args._fn(**kwargs)
-    except FtplmError as e:
-        print(f"ftplm {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"ftplm {args.command}: interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    return 0
+
+    def run() -> None:
+        args._fn(**(_with_config_file(name, kwargs, argv) if kwargs.get("config") else kwargs))
+
+    return _call(args.command, run)
 
 
 if __name__ == "__main__":
