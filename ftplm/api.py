@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import Any, Literal
@@ -12,9 +11,8 @@ import torch
 from tokenizers import Tokenizer
 
 from ftplm.checkpoint import load_pretrained, save_pretrained
-from ftplm.drafters import Drafter, auto_drafter
 from ftplm.errors import FtplmError
-from ftplm.generate import Sampling, generate, generate_batch
+from ftplm.generate import DecodeSession, GenerationConfig, as_config, generate_batch
 from ftplm.model import LanguageModel
 from ftplm.tokenizer import EOS
 
@@ -44,77 +42,47 @@ class TextModel:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, *args: Any, **options: Any) -> str:
-        """The continuation of `prompt` (text, or token ids) as text, without the prompt (nor the final EOS).
+    def generate(self, prompt: str | list[int], config: GenerationConfig | int | None = None, **options: Any) -> str:
+        """The continuation of `prompt` (text, or token ids) as text, without the prompt, the final EOS and anything
+        from the first stop string on. `config`: a GenerationConfig, or max_new_tokens; options: any of its fields
+        (temperature, top_k, top_p, seed, stop_at_eos, stop, speculative, draft_len, tree, adaptive)."""
+        config = as_config(config, None, options)
+        return self.text(self.generate_ids(prompt, config), config)
 
-        Takes generate_ids' arguments (temperature, top_k, top_p, seed, stop_at_eos, speculative, draft_len, tree,
-        adaptive).
-        """
-        call = inspect.signature(self.generate_ids).bind(prompt, max_new_tokens, *args, **options)
-        call.apply_defaults()
-        ids = self.generate_ids(*call.args, **call.kwargs)
-        if call.arguments["stop_at_eos"] and self.eos_id in ids:
-            ids = ids[: ids.index(self.eos_id)]
-        return self.decode(ids)
-
-    def generate_ids(
-        self,
-        prompt: str | list[int],
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop_at_eos: bool = True,
-        speculative: "str | Drafter | None" = None,
-        draft_len: int | None = None,
-        tree: bool | None = None,
-        adaptive: bool = False,
-    ) -> list[int]:
+    def generate_ids(self, prompt: str | list[int], config: GenerationConfig | int | None = None, **options: Any) -> list[int]:
         """New token ids only (including a final EOS when one was produced).
 
         speculative = "ftp" (FTP models: the decoder drafts for itself; "ftp-recycling" and "ftp-lookup" combine it
         with the train-free drafters), "recycling" or "lookup" (any model; ftplm.drafters lists them all), or
         "auto" (`ftplm.drafters.auto_drafter`: the fastest on our models for this temperature) gives the same tokens
-        as plain decoding (greedy) or the same distribution (sampling), in fewer trunk passes;
-        draft_len = tokens drafted per step, tree = verify a tree of candidates instead of a chain, adaptive =
-        choose each step's draft length (up to draft_len) from how many drafts were accepted so far.
+        as plain decoding (greedy) or the same distribution (sampling), in fewer trunk passes.
         """
-        sampling, speculative, adaptive, eos = self._decoding(temperature, top_k, top_p, speculative, adaptive,
-                                                              stop_at_eos)
-        ids = self._ids(prompt)
-        idx = torch.tensor([ids], dtype=torch.long, device=self.device)
-        out = generate(self.model, idx, max_new_tokens, sampling, seed, eos, speculative, draft_len, tree, adaptive=adaptive)
-        return out[0, len(ids) :].tolist()
+        return self._generate([self._ids(prompt)], as_config(config, None, options))[0]
 
-    def generate_batch(self, prompts: list[str] | list[list[int]], max_new_tokens: int = 64, *args: Any,
+    def generate_batch(self, prompts: list[str] | list[list[int]], config: GenerationConfig | int | None = None,
                        **options: Any) -> list[str]:
         """The continuations of several prompts (texts or token ids, of any lengths), generated together as one
-        batch, each up to max_new_tokens within the context left by the longest prompt (ftplm.generate.
-        generate_batch). Takes generate_ids' arguments and follows `generate`'s conventions."""
-        call = inspect.signature(self.generate_ids).bind(None, max_new_tokens, *args, **options)
-        call.apply_defaults()
-        a = call.arguments
-        sampling, speculative, adaptive, eos = self._decoding(a["temperature"], a["top_k"], a["top_p"],
-                                                              a["speculative"], a["adaptive"], a["stop_at_eos"])
-        rows = generate_batch(self.model, [self._ids(p) for p in prompts], max_new_tokens, sampling, a["seed"], eos,
-                              speculative, a["draft_len"], a["tree"], adaptive=adaptive)
-        return [self.decode(row[:-1] if eos is not None and row and row[-1] == eos else row) for row in rows]
+        batch, each up to max_new_tokens within the context (`generate`'s options and conventions)."""
+        config = as_config(config, None, options)
+        return [self.text(ids, config) for ids in self._generate([self._ids(p) for p in prompts], config)]
+
+    def text(self, ids: list[int], config: GenerationConfig) -> str:
+        """Generated ids as text: cut at EOS (when stopping there) and before the first stop string."""
+        if config.stop_at_eos and self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        text = self.decode(ids)
+        cut = [i for i in (text.find(s) for s in config.stop) if i >= 0]
+        return text[: min(cut)] if cut else text
+
+    def session(self) -> DecodeSession:
+        """A decoding session on this model (rows added and stepped at will: ftplm.generate.DecodeSession)."""
+        return DecodeSession(self.model, self.eos_id)
+
+    def _generate(self, prompts: list[list[int]], config: GenerationConfig) -> list[list[int]]:
+        return generate_batch(self.model, prompts, config, eos_id=self.eos_id)
 
     def _ids(self, prompt: str | list[int]) -> list[int]:
         return self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-
-    def _decoding(
-        self, temperature: float, top_k: int | None, top_p: float | None, speculative: "str | Drafter | None",
-        adaptive: bool, stop_at_eos: bool,
-    ) -> tuple[Sampling, "str | Drafter | None", bool, int | None]:
-        """generate_ids' options as ftplm.generate takes them: the sampling, the drafter (speculative="auto" ->
-        the one `auto_drafter` picks for this model and sampling; adaptive only with one) and the EOS id to stop at."""
-        sampling = Sampling(temperature, top_k, top_p)
-        if speculative == "auto":
-            speculative = auto_drafter(self.config.model_type, sampling.greedy)
-            adaptive = adaptive and speculative is not None
-        return sampling, speculative, adaptive, self.eos_id if stop_at_eos else None
 
     @torch.no_grad()
     def state_vectors(self, text: str) -> np.ndarray:

@@ -225,19 +225,13 @@ def generate(
         adaptive: choose each step's draft length (up to draft_len) from the acceptances so far
     """
     from ftplm.api import load
-    from ftplm.generate import Sampling
+    from ftplm.generate import GenerationConfig
 
-    Sampling(temperature, top_k, top_p)  # validate before loading anything
     if not prompt:
         raise FtplmError("the prompt is empty")
-    if draft_len is not None and draft_len <= 0:
-        raise FtplmError(f"draft_len must be a positive integer, got {draft_len}")
-    if adaptive and speculative == "none":
-        raise FtplmError("--adaptive needs --speculative (ftp, ftp-recycling, recycling or lookup)")
-    model = load(run)
-    spec = None if speculative == "none" else speculative
-    print(model.generate(prompt, max_new_tokens, temperature, top_k, top_p, seed, speculative=spec,
-                         draft_len=draft_len, tree=tree or None, adaptive=adaptive))
+    config = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, speculative=speculative,
+                              draft_len=draft_len, tree=tree or None, adaptive=adaptive)  # checked before loading
+    print(load(run).generate(prompt, config))
 
 
 @command

@@ -1,34 +1,52 @@
-"""Sampling, plain autoregressive generation with a KV cache, and lossless speculative generation.
+"""The decoding engine: every option in one `GenerationConfig`, one `DecodeSession` that advances rows by steps.
 
-FTP's p(x_{t+1} | x_<=t) is its decoder's first output: the trunk runs incrementally with its KV cache, and each new
-state vector h_t is decoded for one token. `--temperature 0` means greedy everywhere.
+A session owns the trunk's KV cache, each row's state and the drafters. Each `step()` runs ONE trunk forward for
+every active row: the row's last accepted token (the root) plus whatever its drafter proposed (ftplm.drafters: a
+token tree; none for plain decoding). Rows may join (their prompts are prefilled together at the next step) and
+leave between steps; new tokens stream out of every step. Plain and speculative decoding, batch 1 and batch > 1,
+are this one loop; `generate`, `generate_batch`, `TextModel`, the CLI, `bench decode` and the server call it.
 
-Speculative generation (`speculative_generate`, or `generate(..., speculative=NAME)`): a drafter (ftplm.drafters)
-proposes a token tree after the last accepted token; ONE trunk forward verifies the root and every draft node
-through the KV cache (a tree attention mask and depth-based positions for trees); the target distribution at each
-node is model.next_token_logits there. Greedy: the longest path whose tokens equal the argmax at their parent;
-sampling: the speculative-sampling rule (accept x ~ q with prob min(1, p/q), else continue from the residual
-norm(max(0, p - q))), then a bonus token from the last node's (residual) distribution, so the output is exactly
-distributed as plain sampling. The cache is cut back to the accepted path (copied into contiguous slots for trees).
-A batch is verified together, one trunk forward per round, each row accepting its own number of drafts
-(`_speculative_batch`: holes in a shared cache, masked); batch 1 runs without masks (`_speculative_row`).
+Verification: the target distribution at each node is model.next_token_logits there (FTP: its decoder's first
+step; `--temperature 0` = greedy). Greedy: the longest path whose tokens equal the argmax at their parent;
+sampling: accept x ~ q with probability min(1, p/q), else continue from the residual norm(max(0, p - q)), then a
+bonus token, so the output is exactly distributed as plain sampling. Each row samples with its own generator (its
+seed), so a row's output does not depend on which other rows share its steps.
+
+The cache is shared by the batch: every step writes all rows' inputs at the same slots. A row's accepted nodes are
+moved to the front of its new slots, and the write position falls back to the longest accepted path, so a row
+that accepted less has holes there, masked out of attention, and counts positions over its own tokens only. A
+single row (or rows that stay in step) never has holes and runs without any mask. When the slots run out, every
+row's tokens are moved to the front (`_compact`).
+
+Drafter state belongs to the row: each row gets its own drafter from its config, so what it learns (Token
+Recycling's matrix, ftp-lookup's scores, adaptive draft lengths) is its own, and a seeded sampled row gives the
+same tokens whatever rows share its steps. Rows whose drafters keep no state that matters to others (FTP chains:
+`Drafter.batch_key`) are still drafted together, one decoder step per depth for all of them. A Drafter passed in
+by the caller is shared explicitly, by every row (and call) it is given to: Token Recycling's matrix then carries
+over between generations, as in the paper (`ftplm bench decode` does this).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
+from ftplm.drafters import DRAFTERS, AdaptiveDepth, Draft, DraftContext, Drafter, auto_drafter, check_template, get_drafter
 from ftplm.errors import FtplmError
-from ftplm.model import KVCache, LanguageModel
+from ftplm.model import DecoderStart, KVCache, LanguageModel
 
-if TYPE_CHECKING:
-    from ftplm.drafters import Draft, Drafter, Template
+MAX_LOGPROBS = 20
+MAX_STOP = 4
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -43,7 +61,7 @@ class Sampling:
         t = self.temperature
         if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t < 0:
             raise FtplmError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise FtplmError(f"top_k must be a positive integer, got {self.top_k!r}")
         p = self.top_p
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1):
@@ -71,12 +89,6 @@ class Sampling:
             probs = probs / probs.sum(-1, keepdim=True)
         return probs
 
-    def sample(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """One token per row of logits (B, V) -> (B,)."""
-        if self.greedy:
-            return logits.argmax(-1)
-        return self.draw(self.probs(logits), generator)[..., 0]
-
     @staticmethod
     def draw(probs: torch.Tensor, generator: torch.Generator | None = None, n: int = 1) -> torch.Tensor:
         """n independent draws (with replacement) from each row of probs (V,) or (B, V) -> (n,) or (B, n).
@@ -85,6 +97,75 @@ class Sampling:
         on our CPU, a tenth of a decode step); with replacement and two or more draws it inverts the CDF (7 us). So a
         single draw is the first of two: the same distribution, 30x faster."""
         return torch.multinomial(probs, max(n, 2), replacement=True, generator=generator)[..., :n]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Every decoding option, validated once: the Python API, the CLI flags and the server's requests map onto it.
+
+    speculative: a drafter name (ftplm.drafters), "auto" (`auto_drafter`: the fastest on our models for the model
+    type and temperature) or None; the output is the same either way (greedy) or has the same distribution
+    (sampling). draft_len: tokens drafted per step; tree: verify a tree of candidates (True, or a template of rank
+    paths); adaptive: choose each step's draft length from the acceptances so far. stop: strings that end a text
+    completion (applied to decoded text by TextModel and the server). logprobs: also return each new token's
+    log-probability and the top `logprobs` alternatives; echo: also the prompt's tokens' (the first has none).
+    """
+
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop_at_eos: bool = True
+    stop: tuple[str, ...] = ()
+    speculative: str | None = None
+    draft_len: int | None = None
+    tree: bool | tuple[tuple[int, ...], ...] | None = None
+    adaptive: bool = False
+    logprobs: int | None = None
+    echo: bool = False
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 - frozen: normalise in place
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise FtplmError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        self.sampling  # noqa: B018 - validates temperature, top_k, top_p
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise FtplmError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (tuple, list)) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+            raise FtplmError(f"stop takes up to {MAX_STOP} non-empty strings, got {self.stop!r}")
+        set_("stop", tuple(stop))
+        if self.speculative == "none":
+            set_("speculative", None)
+        if self.speculative is not None and self.speculative != "auto" and self.speculative not in DRAFTERS:
+            raise FtplmError(f"unknown speculative drafter {self.speculative!r}; choose one of: auto, "
+                             f"{', '.join(sorted(DRAFTERS))} (or None)")
+        if self.draft_len is not None and (not _is_int(self.draft_len) or self.draft_len <= 0):
+            raise FtplmError(f"draft_len must be a positive integer, got {self.draft_len!r}")
+        if self.tree is not None and not isinstance(self.tree, bool):
+            set_("tree", tuple(check_template(self.tree)))
+        if self.adaptive and self.speculative is None:
+            raise FtplmError("adaptive draft length needs a speculative drafter (speculative='ftp', 'recycling', ...)")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise FtplmError(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
+        for name in ("stop_at_eos", "adaptive", "echo"):
+            if not isinstance(getattr(self, name), bool):
+                raise FtplmError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def sampling(self) -> Sampling:
+        return Sampling(self.temperature, self.top_k, None if self.top_p == 1 else self.top_p)
+
+    def replace(self, **changes: Any) -> GenerationConfig:
+        return dataclasses.replace(self, **changes)
+
+    def resolved(self, model_type: str) -> GenerationConfig:
+        """speculative="auto" replaced by the drafter it stands for here (adaptive dropped if that is none)."""
+        if self.speculative != "auto":
+            return self
+        name = auto_drafter(model_type, self.sampling.greedy)
+        return self.replace(speculative=name, adaptive=self.adaptive and name is not None)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -98,7 +179,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 def check_budget(model: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
     """Validate lengths; returns how many tokens can actually be generated within the context."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
         raise FtplmError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if prompt_len == 0:
         raise FtplmError("the prompt is empty")
@@ -108,111 +189,10 @@ def check_budget(model: LanguageModel, prompt_len: int, max_new_tokens: int) -> 
     return min(max_new_tokens, block - prompt_len)
 
 
-class _Clock:
-    """Splits verification time into the trunk's forwards and the target logits (perf_counter: host time; on CUDA
-    the split is only exact with CUDA_LAUNCH_BLOCKING=1, since kernels run asynchronously)."""
-
-    def __init__(self) -> None:
-        self.trunk_time = self.target_time = 0.0
-
-    def _timed(self, part: str, fn: Callable[..., Any], *args: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn(*args)
-        setattr(self, part, getattr(self, part) + time.perf_counter() - t0)
-        return out
-
-    def trunk(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._timed("trunk_time", fn, *args)
-
-    def targets(self, fn: Callable[..., Any], *args: Any) -> Any:
-        return self._timed("target_time", fn, *args)
-
-    def settle(self, stats: SpecStats, new_tokens: int, forwards: int, draft_time: float, started: float) -> None:
-        """Add a generation's counts and times (since `started`) to stats."""
-        total = time.perf_counter() - started
-        stats.new_tokens += new_tokens
-        stats.target_forwards += forwards
-        stats.draft_time += draft_time
-        stats.verify_time += total - draft_time
-        stats.total_time += total
-        stats.trunk_time += self.trunk_time
-        stats.target_time += self.target_time
-
-
-def _targets(model: LanguageModel, drafter: "Drafter", clock: _Clock) -> Callable[..., tuple[torch.Tensor, Any]]:
-    """h (B, T, C), x (B, T) -> next-token logits (B, T, V) at the fed positions, and, for drafters that continue
-    from it, the FTP decoder's state after that first step (else None)."""
-    if drafter.wants_decoder_start and hasattr(model, "first_decoder_step"):
-        return lambda h, x: clock.targets(model.first_decoder_step, h, x)
-    return lambda h, x: (clock.targets(model.next_token_logits, h, x), None)
-
-
-@torch.inference_mode()
-def generate(
-    model: LanguageModel,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    sampling: Sampling = Sampling(),
-    seed: int | None = None,
-    eos_id: int | None = None,
-    speculative: "str | Drafter | None" = None,
-    draft_len: int | None = None,
-    tree: "bool | Template | None" = None,
-    stats: "SpecStats | None" = None,
-    adaptive: bool = False,
-) -> torch.Tensor:
-    """KV-cache generation. idx (B, T) -> (B, T + n) with n <= max_new_tokens.
-
-    Generation stops at the context length (no sliding window: positions are learned) and, when eos_id is given,
-    once every row has produced it (finished rows are padded with eos_id). speculative = a drafter name ("ftp",
-    "ftp-lookup", "recycling", ...: ftplm.drafters) or a Drafter gives the same tokens (greedy) / the same
-    distribution (sampling), faster; adaptive = pick each round's draft length from the acceptances so far; `stats`
-    collects τ, target forwards and timings.
-    """
-    if speculative not in (None, "none"):
-        return speculative_generate(
-            model, idx, max_new_tokens, sampling, seed, eos_id, speculative, draft_len, tree, stats, adaptive
-        )
-    if adaptive:
-        raise FtplmError("adaptive draft length needs a speculative drafter (speculative='ftp', 'recycling', ...)")
-    if draft_len is not None and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len <= 0):
-        raise FtplmError(f"draft_len must be a positive integer, got {draft_len!r}")
-    if idx.dim() != 2:
-        raise FtplmError("idx must be a (batch, time) tensor of token ids")
-    n_new = check_budget(model, idx.size(1), max_new_tokens)
-    started = time.perf_counter()
-    model.eval()
-    generator = make_generator(seed, idx.device)
-    cache = model.new_cache()
-    clock = _Clock()
-    h = clock.trunk(model.state_vectors, idx, cache)
-    logits = clock.targets(model.next_token_logits, h[:, -1:], idx[:, -1:])[:, -1]
-    finished = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-    out = [idx]
-    for i in range(n_new):
-        nxt = sampling.sample(logits, generator)
-        if eos_id is not None:
-            nxt = nxt.masked_fill(finished, eos_id)
-            finished |= nxt == eos_id
-        out.append(nxt[:, None])
-        if i == n_new - 1 or (eos_id is not None and bool(finished.all())):
-            break
-        h = clock.trunk(model.state_vectors, nxt[:, None], cache)
-        logits = clock.targets(model.next_token_logits, h, nxt[:, None])[:, -1]
-    tokens = torch.cat(out, dim=1)
-    if stats is not None:
-        new_tokens, forwards = (tokens.size(1) - idx.size(1)) * idx.size(0), max(len(out) - 1, 0) * idx.size(0)
-        clock.settle(stats, new_tokens, forwards, 0.0, started)
-    return tokens
-
-
-# ------------------------------------------------------------------------------------------------------
-# speculative generation
-# ------------------------------------------------------------------------------------------------------
 @dataclass
 class SpecStats:
     """Bookkeeping of generations (summed over rows and calls). τ = new tokens per target forward, bonus included,
-    prefill included (plain decoding has τ = 1.00), as in Spec-Bench."""
+    prefill included (plain decoding has τ = 1.00), as in Spec-Bench; a forward of B rows counts B."""
 
     new_tokens: int = 0
     target_forwards: int = 0
@@ -259,7 +239,7 @@ def speculative_accept(p: torch.Tensor, token: int, q: torch.Tensor | None, u: f
     return False, residual / total
 
 
-def _draft_mask(draft: "Draft", width: int) -> torch.Tensor:
+def _draft_mask(draft: Draft, width: int) -> torch.Tensor:
     """(width, width) attention among root + draft nodes: each sees its ancestors and itself; padding up to width
     sees only itself (a query that sees nothing would give NaN) and nobody sees padding."""
     mask = torch.eye(width, dtype=torch.bool)
@@ -271,20 +251,11 @@ def _draft_mask(draft: "Draft", width: int) -> torch.Tensor:
     return mask
 
 
-def _tree_inputs(draft: "Draft", start: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions (start + depth) and the attention mask (T, start + T) of root + draft nodes: each node sees the
-    cache and its own ancestors."""
-    positions = torch.tensor([start + d for d in [0] + draft.depths()], device=device)
-    T = len(positions)
-    mask = torch.cat([torch.ones(T, start, dtype=torch.bool), _draft_mask(draft, T)], dim=1)
-    return positions, mask.to(device)
-
-
 def _accept_path(
-    inputs: list[int], logits: torch.Tensor, draft: "Draft", sampling: Sampling, generator: torch.Generator
+    inputs: list[int], logits: torch.Tensor, draft: Draft, sampling: Sampling, generator: torch.Generator
 ) -> tuple[list[int], list[int]]:
     """Walk the verified tree from the root: (indices into inputs of the accepted path incl. root 0, new tokens
-    = accepted draft tokens + the bonus token)."""
+    = accepted draft tokens + the bonus token). With no draft: one plain decoding step."""
     children: list[list[int]] = [[] for _ in inputs]
     for i, parent in enumerate(draft.parents, start=1):
         children[parent + 1].append(i)
@@ -313,76 +284,6 @@ def _accept_path(
         new.append(inputs[node])
 
 
-def _keep_path(cache: KVCache, start: int, path: list[int]) -> None:
-    """Roll the cache back to the accepted path: its entries (slots start + path) become slots start.. contiguous."""
-    n = len(path)
-    if path != list(range(n)) and cache.k is not None:
-        src = torch.tensor(path, device=cache.k.device) + start
-        cache.k[:, :, :, start : start + n] = cache.k[:, :, :, src]
-        cache.v[:, :, :, start : start + n] = cache.v[:, :, :, src]
-    cache.length = start + n
-
-
-def _speculative_row(
-    model: LanguageModel, prompt: list[int], n_new: int, sampling: Sampling, generator: torch.Generator,
-    eos_id: int | None, drafter: "Drafter", stats: SpecStats,
-) -> list[int]:
-    """New tokens for one prompt. Invariant: the cache holds every token but the last accepted one (the root)."""
-    from ftplm.drafters import DraftContext
-
-    if n_new == 0:
-        return []
-    started = time.perf_counter()
-    device, block = model.device, model.cfg.block_size
-    clock = _Clock()
-    targets = _targets(model, drafter, clock)
-
-    cache = model.new_cache()
-    x = torch.tensor([prompt], device=device)
-    h = clock.trunk(model.state_vectors, x, cache)
-    logits, decoder = targets(h[:, -1:], x[:, -1:])
-    logits = logits[0]
-    drafter.observe(prompt[-1:], logits, [0])
-    out = [int(sampling.sample(logits, generator)[0])]
-    h_prev, decoder_start = h[0, -1], decoder.row(0) if decoder else None
-    forwards = 1
-    draft_time = 0.0
-    while len(out) < n_new and out[-1] != eos_id:
-        tokens = prompt + out
-        t0 = time.perf_counter()
-        max_depth, max_nodes = n_new - len(out) - 1, block - len(tokens)
-        if drafter.adaptive is not None:
-            max_depth = min(max_depth, drafter.adaptive.depth())
-        ctx = DraftContext(tokens, h_prev, max_depth, max_nodes, sampling, generator, decoder_start)
-        draft = drafter.propose(ctx).truncated(max_depth, max_nodes)
-        draft_time += time.perf_counter() - t0
-        start = cache.length  # == len(tokens) - 1
-        inputs = [tokens[-1]] + draft.tokens
-        x = torch.tensor([inputs], device=device)
-        if draft.is_chain():
-            h = clock.trunk(model.state_vectors, x, cache)
-        else:
-            positions, mask = _tree_inputs(draft, start, device)
-            h = clock.trunk(model.state_vectors, x, cache, positions, mask)
-        logits, decoder = targets(h, x)
-        logits = logits[0]
-        path, new = _accept_path(inputs, logits, draft, sampling, generator)
-        _keep_path(cache, start, path)
-        drafter.observe(inputs, logits, path)
-        if drafter.adaptive is not None:
-            drafter.adaptive.update(draft, len(path) - 1)
-        h_prev, decoder_start = h[0, path[-1]], decoder.row(path[-1]) if decoder else None
-        forwards += 1
-        stats.draft_tokens += len(draft)
-        stats.accepted_tokens += len(path) - 1
-        if eos_id is not None and eos_id in new:
-            new = new[: new.index(eos_id) + 1]
-        out.extend(new)
-    out = out[:n_new]
-    clock.settle(stats, len(out), forwards, draft_time, started)
-    return out
-
-
 def _compact(cache: KVCache, valid: torch.Tensor, lengths: list[int]) -> None:
     """Move each row's valid cache slots to the front (in order), so that the shared write position starts again
     after the longest row."""
@@ -395,191 +296,409 @@ def _compact(cache: KVCache, valid: torch.Tensor, lengths: list[int]) -> None:
     cache.length = max(lengths)
 
 
-def _speculative_batch(
-    model: LanguageModel, prompts: list[list[int]], n_new: int, sampling: Sampling, generator: torch.Generator,
-    eos_id: int | None, drafter: "Drafter", stats: SpecStats,
-) -> list[list[int]]:
-    """New tokens for several prompts (of any lengths), verified together: one trunk forward per round for the batch.
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model (before temperature and filtering) and the most likely ones."""
 
-    Rows accept different numbers of drafts, so rather than keeping each row's cache contiguous, every round writes
-    all rows' inputs at the same cache slots and each row keeps a mask of the slots it accepted (its positions count
-    only those): rejected drafts and padding are holes that attention never sees. When the shared slots run out,
-    each row's accepted slots are moved to the front (`_compact`). Finished rows leave the batch. Shorter prompts
-    are padded on the left at the prefill, the padding being holes like the others. Drafts are proposed per row
-    (`Drafter.propose_batch`: the FTP chain drafts every row in one decoder step per depth).
-    Invariant, as for one row: the cache holds every token of a row but its last accepted one (the root)."""
-    from ftplm.drafters import DraftContext
+    token: int
+    logprob: float | None  # None: the first prompt token (nothing before it)
+    top: list[tuple[int, float]] = field(default_factory=list)
 
-    started = time.perf_counter()
-    device, block = model.device, model.cfg.block_size
-    clock = _Clock()
-    targets = _targets(model, drafter, clock)
 
-    capacity = 2 * block  # room for holes: compaction happens at most every block tokens of writes
-    cache = KVCache(model.cfg.n_layer, capacity)
-    width = max(len(p) for p in prompts)
-    pads = [width - len(p) for p in prompts]  # prompts of different lengths are padded on the left
-    x = torch.tensor([p[:1] * pad + p for p, pad in zip(prompts, pads)], device=device)
-    valid = torch.zeros(len(prompts), capacity, dtype=torch.bool, device=device)
-    for r, pad in enumerate(pads):
-        valid[r, pad:width] = True
-    if any(pads):
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        mask = (causal & valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
-        positions = (torch.arange(width, device=device) - torch.tensor(pads, device=device)[:, None]).clamp(min=0)
-        h = clock.trunk(model.state_vectors, x, cache, positions, mask[:, None])
-    else:
-        h = clock.trunk(model.state_vectors, x, cache)
-    logits, decoder = targets(h[:, -1:], x[:, -1:])
-    first = sampling.sample(logits[:, 0], generator).tolist()
-    for r, prompt in enumerate(prompts):
-        drafter.observe(prompt[-1:], logits[r], [0])
-    rows = list(range(len(prompts)))  # the batch's rows, as indices into prompts
-    outs: list[list[int]] = [[t] for t in first]
-    lengths = [len(p) for p in prompts]  # tokens in the cache per row
-    h_prev = [h[r, -1] for r in rows]
-    starts = [decoder.row(r) if decoder else None for r in rows]
-    forwards, draft_time = len(prompts), 0.0
+@dataclass
+class Row:
+    """One generation in a session. `out` grows by each step's new tokens; `finish_reason` is set when it ends:
+    "stop" (EOS), "length" (max_new_tokens or the context) or "cancelled"."""
 
-    def done(r: int) -> bool:
-        return len(outs[r]) >= n_new or outs[r][-1] == eos_id
+    prompt: list[int]
+    config: GenerationConfig
+    budget: int  # new tokens it may produce (max_new_tokens cut to the context)
+    sampling: Sampling
+    generator: torch.Generator
+    drafter: Drafter | None
+    adaptive: AdaptiveDepth | None
+    out: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    length: int = 0  # its tokens in the session's cache
+    h_prev: torch.Tensor | None = None  # state vector before the root (what drafters continue from)
+    decoder_start: DecoderStart | None = None
 
-    while True:
-        active = [i for i, r in enumerate(rows) if not done(r)]
-        if not active:
-            break
-        if len(active) < len(rows):  # finished rows leave the batch
-            index = torch.tensor(active, device=device)
-            cache, valid = cache.select(index), valid[index]
-            rows, lengths = [rows[i] for i in active], [lengths[i] for i in active]
-            h_prev, starts = [h_prev[i] for i in active], [starts[i] for i in active]
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class DecodeSession:
+    """Rows decoded together, step by step: `add` rows at any time, `step()` for every active row's new tokens,
+    `cancel` a row to drop it at the next step. One session per model and thread; not thread-safe."""
+
+    # cache slots per context length: room for holes, so that compaction (`_compact`) is needed at most every
+    # (CAPACITY - 1) x block_size tokens written
+    CAPACITY = 2.0
+
+    def __init__(self, model: LanguageModel, eos_id: int | None = None, stats: SpecStats | None = None) -> None:
+        self.model, self.eos_id = model, eos_id
+        self.stats = stats if stats is not None else SpecStats()
+        self.block = model.cfg.block_size
+        self.capacity = int(self.CAPACITY * self.block)
+        self.rows: list[Row] = []  # active, in cache order
+        self.joining: list[Row] = []
+        # the cache of every row, grown as rows join; active rows are its first len(rows) rows (self.cache and
+        # self.valid are views of them): (layers, rows, heads, slots, head dim) keys/values, (rows, slots) masks
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+        self._valid: torch.Tensor | None = None
+        self.cache: KVCache | None = None
+        self.valid: torch.Tensor | None = None  # the slots each active row's tokens are in
+        self._trunk_time = self._target_time = 0.0
+
+    # --- rows in and out ------------------------------------------------------------------------------
+    def add(self, prompt: Sequence[int], config: GenerationConfig | None = None, drafter: Drafter | None = None,
+            adaptive: bool | None = None) -> Row:
+        """A new row, prefilled at the next step. drafter: an instance to use (shared) instead of the config's, with
+        adaptive draft lengths or not (default: the config's)."""
+        config = (config or GenerationConfig()).resolved(self.model.cfg.model_type)
+        prompt = list(prompt)
+        if not all(_is_int(t) and 0 <= t < self.model.cfg.vocab_size for t in prompt):
+            raise FtplmError(f"token ids must be integers in [0, {self.model.cfg.vocab_size})")
+        budget = check_budget(self.model, len(prompt), config.max_new_tokens)
+        if drafter is None and config.speculative is not None:
+            drafter = get_drafter(config.speculative, self.model, config.draft_len, config.tree)
+        if drafter is not None:
+            drafter.begin()
+        adaptive = config.adaptive if adaptive is None else adaptive
+        depth = AdaptiveDepth(drafter.draft_len, drafter.node_cost, drafter.fixed_cost) if drafter and adaptive else None
+        row = Row(prompt, config, budget, config.sampling, make_generator(config.seed, self.model.device), drafter,
+                  depth)
+        if budget == 0 and not config.echo:
+            row.finish_reason = "length"
+        else:
+            self.joining.append(row)
+        return row
+
+    def cancel(self, row: Row) -> None:
+        if not row.finished:
+            row.finish_reason = "cancelled"
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rows or self.joining)
+
+    # --- stepping -------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[tuple[Row, list[int]]]:
+        """One verification forward for the active rows, then the prefill of the rows that joined: each row that
+        produced tokens, with them. Rows that finished (or were cancelled) have left the session afterwards."""
+        started = time.perf_counter()
+        self._trunk_time = self._target_time = 0.0
+        self.model.eval()
+        self._leave()
+        events: list[tuple[Row, list[int]]] = []
+        draft_time = 0.0
+        if self.rows:
+            draft_time = self._verify(events)
+        if self.joining:
+            self._prefill(events)
+        self._leave()
+        s = self.stats
+        total = time.perf_counter() - started
+        s.draft_time += draft_time
+        s.verify_time += total - draft_time
+        s.total_time += total
+        s.trunk_time += self._trunk_time
+        s.target_time += self._target_time
+        return events
+
+    def run(self) -> Iterator[tuple[Row, list[int]]]:
+        """Step until every row has finished, yielding each step's new tokens per row."""
+        while self.active:
+            yield from self.step()
+
+    def _leave(self) -> None:
+        """Finished and cancelled rows leave the batch: the last row takes each one's place in the cache (one row
+        copied, not the batch)."""
+        self.joining = [r for r in self.joining if not r.finished]
+        dead = [i for i, r in enumerate(self.rows) if r.finished]
+        if not dead:
+            return
+        length = self.cache.length  # type: ignore[union-attr]
+        for i in reversed(dead):
+            last = len(self.rows) - 1
+            if i != last:
+                for pool in (self._k, self._v):
+                    pool[:, i, :, :length] = pool[:, last, :, :length]  # type: ignore[index]
+                self._valid[i] = self._valid[last]  # type: ignore[index]
+                self.rows[i] = self.rows[last]
+            self.rows.pop()
+        self._view(length if self.rows else 0)
+
+    def _view(self, length: int) -> None:
+        """The cache and slot masks of the active rows: views of the first len(rows) rows of the pool."""
+        n = len(self.rows)
+        self.cache = KVCache(self.model.cfg.n_layer, self.capacity)
+        self.cache.k, self.cache.v, self.cache.length = self._k[:, :n], self._v[:, :n], length  # type: ignore[index]
+        self.valid = self._valid[:n]  # type: ignore[index]
+
+    def _trunk(self, *args: Any) -> torch.Tensor:
         t0 = time.perf_counter()
-        ctxs = []
-        for i, r in enumerate(rows):
-            tokens = prompts[r] + outs[r]
-            max_depth, max_nodes = n_new - len(outs[r]) - 1, block - len(tokens)
-            if drafter.adaptive is not None:
-                max_depth = min(max_depth, drafter.adaptive.depth())
-            ctxs.append(DraftContext(tokens, h_prev[i], max_depth, max_nodes, sampling, generator, starts[i]))
-        drafts = [d.truncated(c.max_depth, c.max_nodes) for d, c in zip(drafter.propose_batch(ctxs), ctxs)]
-        draft_time += time.perf_counter() - t0
+        h = self.model.state_vectors(*args)
+        self._trunk_time += time.perf_counter() - t0
+        return h
+
+    def _targets(self, h: torch.Tensor, x: torch.Tensor, keep_decoder: bool) -> tuple[torch.Tensor, Any]:
+        """Next-token logits at the fed positions and, for FTP drafters, the decoder state after that first step."""
+        t0 = time.perf_counter()
+        if keep_decoder and hasattr(self.model, "first_decoder_step"):
+            logits, decoder = self.model.first_decoder_step(h, x)
+        else:
+            logits, decoder = self.model.next_token_logits(h, x), None
+        self._target_time += time.perf_counter() - t0
+        return logits, decoder
+
+    def _prefill(self, events: list[tuple[Row, list[int]]]) -> None:
+        """The joining rows' prompts in one forward (shorter ones left-padded, the padding a hole like the others),
+        their first tokens, and their caches appended to the session's."""
+        rows, self.joining = self.joining, []
+        device = self.model.device
+        width = max(len(r.prompt) for r in rows)
+        pads = [width - len(r.prompt) for r in rows]
+        x = torch.tensor([r.prompt[:1] * pad + r.prompt for r, pad in zip(rows, pads)], device=device)
+        cache = KVCache(self.model.cfg.n_layer, width)
+        valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
+        for i, pad in enumerate(pads):
+            valid[i, pad:width] = True
+        if any(pads):
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            mask = (causal & valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
+            positions = (torch.arange(width, device=device) - torch.tensor(pads, device=device)[:, None]).clamp(min=0)
+            h = self._trunk(x, cache, positions, mask[:, None])
+        else:
+            h = self._trunk(x, cache)
+        echo = [i for i, r in enumerate(rows) if r.config.echo and r.config.logprobs is not None]
+        keep_decoder = any(r.drafter is not None and r.drafter.wants_decoder_start for r in rows)
+        logits, decoder = self._targets(h[:, -1:], x[:, -1:], keep_decoder)
+        for i in echo:  # the prompt's own log-probabilities, from the same forward
+            row, pad = rows[i], pads[i]
+            prompt_logits = self.model.next_token_logits(h[i : i + 1, pad:-1], x[i : i + 1, pad:-1])[0]
+            row.prompt_logprobs = [TokenLogprob(row.prompt[0], None)] + _logprobs(
+                prompt_logits, row.prompt[1:], row.config.logprobs)  # type: ignore[arg-type]
+        self.stats.target_forwards += len(rows)
+        for i, row in enumerate(rows):
+            row.length, row.h_prev = len(row.prompt), h[i, -1]
+            row.decoder_start = decoder.row(i) if decoder is not None else None
+            if row.drafter is not None:
+                row.drafter.observe(row.prompt[-1:], logits[i], [0])
+            if row.budget == 0:  # echo only
+                row.finish_reason = "length"
+                events.append((row, []))
+                continue
+            token = int(_accept_path(row.prompt[-1:], logits[i], Draft(), row.sampling, row.generator)[1][0])
+            self._emit(row, [token], logits[i], [0], events)
+        self._append(rows, cache, valid)
+
+    def _append(self, rows: list[Row], cache: KVCache, valid: torch.Tensor) -> None:
+        """Rows prefilled into their own cache join the session's, their tokens ending where the others' do (so that
+        nobody's holes grow): one cache, verified together from the next step on."""
+        n, joining, width = len(self.rows), len(rows), cache.length
+        length = self.cache.length if n else 0  # type: ignore[union-attr]
+        new_length = max(length, width)
+        if cache.k is None:  # a model that keeps nothing in its cache (a test double): an empty one stands in
+            cache.k = cache.v = torch.zeros(1, joining, 1, width, 0, device=valid.device)
+        k = cache.k
+        if self._k is None or self._k.dtype != k.dtype or self._k.size(1) < n + joining:  # type: ignore[union-attr]
+            size = max(n + joining, 2 * (self._k.size(1) if self._k is not None else 4))
+            pools = [k.new_empty((k.size(0), size, *k.shape[2:3], self.capacity, k.size(-1))) for _ in range(2)]
+            valid_pool = torch.zeros(size, self.capacity, dtype=torch.bool, device=k.device)
+            if n:
+                pools[0][:, :n, :, :length], pools[1][:, :n, :, :length] = self.cache.k[..., :length, :], self.cache.v[..., :length, :]  # type: ignore[union-attr,index]
+                valid_pool[:n] = self._valid[:n]  # type: ignore[index]
+            self._k, self._v, self._valid = pools[0], pools[1], valid_pool
+        end = slice(new_length - width, new_length)
+        self._k[:, n : n + joining, :, end] = cache.k[:, :, :, :width]  # type: ignore[index]
+        self._v[:, n : n + joining, :, end] = cache.v[:, :, :, :width]  # type: ignore[index]
+        self._valid[n : n + joining] = False  # type: ignore[index]
+        self._valid[n : n + joining, end] = valid[:, :width]  # type: ignore[index]
+        self.rows = self.rows + rows
+        self._view(new_length)
+
+    def _propose(self) -> list[Draft]:
+        """Each active row's draft (empty without a drafter); rows sharing a drafter and greedy-or-not are drafted
+        together (`Drafter.propose_batch`), then observed in the same order."""
+        drafts = [Draft() for _ in self.rows]
+        groups: dict[tuple[object, bool], list[int]] = {}
+        for i, row in enumerate(self.rows):
+            if row.drafter is not None:
+                groups.setdefault((row.drafter.batch_key(), row.sampling.greedy), []).append(i)
+        for members in groups.values():
+            ctxs = []
+            for i in members:
+                row = self.rows[i]
+                tokens = row.prompt + row.out
+                max_depth, max_nodes = row.budget - len(row.out) - 1, self.block - len(tokens)
+                if row.adaptive is not None:
+                    max_depth = min(max_depth, row.adaptive.depth())
+                ctxs.append(DraftContext(tokens, row.h_prev, max_depth, max_nodes, row.sampling, row.generator,
+                                         row.decoder_start, row.drafter))
+            proposed = self.rows[members[0]].drafter.propose_batch(ctxs)  # type: ignore[union-attr]
+            for i, draft, ctx in zip(members, proposed, ctxs):
+                drafts[i] = draft.truncated(ctx.max_depth, ctx.max_nodes)
+        return drafts
+
+    def _verify(self, events: list[tuple[Row, list[int]]]) -> float:
+        """One forward over every active row's root and draft; returns the seconds spent drafting."""
+        t0 = time.perf_counter()
+        drafting = any(r.drafter is not None for r in self.rows)
+        drafts = self._propose() if drafting else [Draft() for _ in self.rows]
+        draft_time = time.perf_counter() - t0 if drafting else 0.0
+        rows, cache, valid, device = self.rows, self.cache, self.valid, self.model.device
+        assert cache is not None and valid is not None
         width = 1 + max(len(d) for d in drafts)
-        if cache.length + width > capacity:
-            _compact(cache, valid, lengths)
+        if cache.length + width > self.capacity:
+            _compact(cache, valid, [r.length for r in rows])
         start = cache.length
-        inputs = [[c.tokens[-1]] + d.tokens for c, d in zip(ctxs, drafts)]
+        inputs = [[(r.prompt + r.out)[-1]] + d.tokens for r, d in zip(rows, drafts)]
         x = torch.tensor([row + [row[0]] * (width - len(row)) for row in inputs], device=device)
-        positions = [[n + depth for depth in [0] + d.depths()] + [n] * (width - 1 - len(d))
-                     for d, n in zip(drafts, lengths)]
-        among = torch.stack([_draft_mask(d, width) for d in drafts]).to(device)
-        mask = torch.cat([valid[:, None, :start].expand(-1, width, -1), among], dim=2)
-        h = clock.trunk(model.state_vectors, x, cache, torch.tensor(positions, device=device), mask[:, None])
-        logits, decoder = targets(h, x)
-        for i, r in enumerate(rows):
+        holes = any(r.length != start for r in rows)
+        if holes or any(len(row) != width for row in inputs) or not all(d.is_chain() for d in drafts):
+            positions = torch.tensor([[r.length + depth for depth in [0] + d.depths()] + [r.length] * (width - 1 - len(d))
+                                      for r, d in zip(rows, drafts)], device=device)
+            among = torch.stack([_draft_mask(d, width) for d in drafts]).to(device)
+            mask = torch.cat([valid[:, None, :start].expand(-1, width, -1), among], dim=2)
+            h = self._trunk(x, cache, positions, mask[:, None])
+        else:  # every row contiguous, chains of one length: the plain causal path, no mask
+            h = self._trunk(x, cache)
+        logits, decoder = self._targets(h, x, any(r.drafter is not None and r.drafter.wants_decoder_start for r in rows))
+        longest = 0
+        for i, (row, draft) in enumerate(zip(rows, drafts)):
             n = len(inputs[i])
-            path, new = _accept_path(inputs[i], logits[i, :n], drafts[i], sampling, generator)
-            drafter.observe(inputs[i], logits[i, :n], path)
-            if drafter.adaptive is not None:
-                drafter.adaptive.update(drafts[i], len(path) - 1)
-            valid[i, [start + j for j in path]] = True
-            lengths[i] += len(path)
-            h_prev[i] = h[i, path[-1]]
-            starts[i] = decoder.row(i * width + path[-1]) if decoder else None
-            stats.draft_tokens += len(drafts[i])
-            stats.accepted_tokens += len(path) - 1
-            if eos_id is not None and eos_id in new:
-                new = new[: new.index(eos_id) + 1]
-            outs[r].extend(new)
-        forwards += len(rows)
-    outs = [out[:n_new] for out in outs]
-    clock.settle(stats, sum(len(out) for out in outs), forwards, draft_time, started)
-    return outs
+            path, new = _accept_path(inputs[i], logits[i, :n], draft, row.sampling, row.generator)
+            if row.drafter is not None:
+                row.drafter.observe(inputs[i], logits[i, :n], path)
+                if row.adaptive is not None:
+                    row.adaptive.update(draft, len(path) - 1)
+            self._keep(i, start, path)
+            longest = max(longest, len(path))
+            row.h_prev = h[i, path[-1]]
+            row.decoder_start = decoder.row(i * width + path[-1]) if decoder is not None else None
+            self.stats.draft_tokens += len(draft)
+            self.stats.accepted_tokens += len(path) - 1
+            self._emit(row, new, logits[i], path, events)
+        cache.length = start + longest
+        self.stats.target_forwards += len(rows)
+        return draft_time
+
+    def _keep(self, i: int, start: int, path: list[int]) -> None:
+        """Row i's accepted nodes (slots start + path) become its slots start.. in order; the rest are holes."""
+        cache, valid = self.cache, self.valid
+        n = len(path)
+        if path != list(range(n)):
+            src = torch.tensor(path, device=valid.device) + start  # type: ignore[union-attr]
+            cache.k[:, i, :, start : start + n] = cache.k[:, i, :, src]  # type: ignore[union-attr,index]
+            cache.v[:, i, :, start : start + n] = cache.v[:, i, :, src]  # type: ignore[union-attr,index]
+        valid[i, start : start + n] = True  # type: ignore[index]
+        self.rows[i].length += n
+
+    def _emit(self, row: Row, new: list[int], logits: torch.Tensor, path: list[int],
+              events: list[tuple[Row, list[int]]]) -> None:
+        """Add a step's new tokens to a row (cut at EOS and at its budget) and record whether it has finished."""
+        eos = self.eos_id if row.config.stop_at_eos else None
+        if eos is not None and eos in new:
+            new = new[: new.index(eos) + 1]
+        new = new[: row.budget - len(row.out)]
+        if row.config.logprobs is not None:
+            row.logprobs += _logprobs(logits[path[: len(new)]], new, row.config.logprobs)
+        row.out += new
+        self.stats.new_tokens += len(new)
+        if eos is not None and new and new[-1] == eos:
+            row.finish_reason = "stop"
+        elif len(row.out) >= row.budget:
+            row.finish_reason = "length"
+        events.append((row, new))
 
 
-def _as_drafter(
-    model: LanguageModel, drafter: "str | Drafter", draft_len: int | None, tree: "bool | Template | None",
-    adaptive: bool,
-) -> "Drafter":
-    """A drafter by name, or the one given (made adaptive if asked: its statistics then carry over between calls)."""
-    from ftplm.drafters import Drafter, get_drafter
+def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLogprob]:
+    """Each token's log-probability under logits (one row each) and the `top` most likely alternatives."""
+    logp = logits.float().log_softmax(-1)
+    chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
+    best = logp.topk(top, dim=-1) if top else None
+    out = []
+    for j, (token, lp) in enumerate(zip(tokens, chosen)):
+        alts = list(zip(best.indices[j].tolist(), best.values[j].tolist())) if best is not None else []
+        out.append(TokenLogprob(token, lp, alts))
+    return out
 
-    if not isinstance(drafter, Drafter):
-        return get_drafter(drafter, model, draft_len, tree, adaptive)
-    if adaptive and drafter.adaptive is None:
-        drafter.make_adaptive()
-    return drafter
+
+# ------------------------------------------------------------------------------------------------------
+# the session's usual callers
+# ------------------------------------------------------------------------------------------------------
+def as_config(config: GenerationConfig | int | None = None, sampling: Sampling | None = None,
+              options: dict[str, Any] | None = None) -> GenerationConfig:
+    """generate's arguments as one GenerationConfig: a config, or max_new_tokens [+ Sampling] [+ its fields]."""
+    options = dict(options or {})
+    if isinstance(config, GenerationConfig):
+        return config.replace(**options) if options else config
+    if sampling is not None:
+        options = {**asdict(sampling), **options}
+    if config is not None:
+        options["max_new_tokens"] = config
+    try:
+        return GenerationConfig(**options)
+    except TypeError as e:
+        raise FtplmError(str(e).replace("__init__()", "generate()")) from None
+
+
+def _row_seed(seed: int | None, r: int) -> int | None:
+    """Row r's seed in a batch generated with one seed (row 0 keeps it: batch 1 equals `generate`)."""
+    return None if seed is None else (seed + r * 0x9E3779B97F4A7C15) % 2**63
 
 
 @torch.inference_mode()
 def generate_batch(
-    model: LanguageModel,
-    prompts: list[list[int]],
-    max_new_tokens: int,
-    sampling: Sampling = Sampling(),
-    seed: int | None = None,
-    eos_id: int | None = None,
-    speculative: "str | Drafter | None" = None,
-    draft_len: int | None = None,
-    tree: "bool | Template | None" = None,
-    stats: SpecStats | None = None,
-    adaptive: bool = False,
+    model: LanguageModel, prompts: list[list[int]], config: GenerationConfig | int | None = None,
+    sampling: Sampling | None = None, *, eos_id: int | None = None, stats: SpecStats | None = None,
+    drafter: Drafter | None = None, session: DecodeSession | None = None, **options: Any,
 ) -> list[list[int]]:
-    """New token ids for prompts of any lengths, generated together (`generate`'s arguments): a list per prompt,
-    ending at its EOS when one was produced. Every row may generate up to max_new_tokens within the context of
-    the longest prompt. Without a drafter the rows decode one token per forward through the same masked path."""
-    from ftplm.drafters import Drafter, NoDrafts
-
+    """New token ids for prompts of any lengths, generated together: a list per prompt, ending at its EOS when one
+    was produced (eos_id). `config` is a GenerationConfig, or max_new_tokens with an optional Sampling and any
+    GenerationConfig field as a keyword (speculative="ftp", seed=0, ...); drafter = a Drafter instance to use (and
+    keep learning across calls); session = an idle session to run in. Row r samples with
+    its own seed derived from (seed, r)."""
     if not isinstance(prompts, list) or not prompts or not all(isinstance(p, list) for p in prompts):
         raise FtplmError("prompts must be a non-empty list of token-id lists")
     if any(not p for p in prompts):
         raise FtplmError("a prompt is empty")
-    if speculative in (None, "none"):
-        if adaptive:
-            raise FtplmError("adaptive draft length needs a speculative drafter (speculative='ftp', 'recycling', ...)")
-        drafter: Drafter = NoDrafts(model)
-    else:
-        drafter = _as_drafter(model, speculative, draft_len, tree, adaptive)  # type: ignore[arg-type]
-    n_new = check_budget(model, max(len(p) for p in prompts), max_new_tokens)
-    if n_new == 0:
-        return [[] for _ in prompts]
-    return _decode(model, prompts, n_new, sampling, seed, eos_id, drafter, stats)
-
-
-def _decode(
-    model: LanguageModel, prompts: list[list[int]], n_new: int, sampling: Sampling, seed: int | None,
-    eos_id: int | None, drafter: "Drafter", stats: SpecStats | None,
-) -> list[list[int]]:
-    """Each prompt's new tokens (ending at EOS): one prompt through the mask-free path, several together."""
-    model.eval()
-    generator = make_generator(seed, model.device)
-    stats = stats if stats is not None else SpecStats()
-    drafter.begin()
-    if len(prompts) == 1:
-        return [_speculative_row(model, prompts[0], n_new, sampling, generator, eos_id, drafter, stats)]
-    return _speculative_batch(model, prompts, n_new, sampling, generator, eos_id, drafter, stats)
+    if drafter is not None and isinstance(options.get("speculative"), Drafter):
+        raise FtplmError("give the drafter once")
+    if isinstance(options.get("speculative"), Drafter):  # a drafter instance for the name's place
+        drafter = options.pop("speculative")
+    adaptive = bool(options.pop("adaptive", False)) if drafter is not None else None  # the instance's, not a name's
+    config = as_config(config, sampling, options)
+    check_budget(model, max(len(p) for p in prompts), config.max_new_tokens)
+    if session is None:
+        session = DecodeSession(model, eos_id, stats)
+    elif session.active:
+        raise FtplmError("the session is busy with other rows")
+    rows = [session.add(p, config.replace(seed=_row_seed(config.seed, r)), drafter, adaptive)
+            for r, p in enumerate(prompts)]
+    for _ in session.run():
+        pass
+    return [row.out for row in rows]
 
 
 @torch.inference_mode()
-def speculative_generate(
-    model: LanguageModel,
-    idx: torch.Tensor,
-    max_new_tokens: int,
-    sampling: Sampling = Sampling(),
-    seed: int | None = None,
-    eos_id: int | None = None,
-    drafter: "str | Drafter" = "ftp",
-    draft_len: int | None = None,
-    tree: "bool | Template | None" = None,
-    stats: SpecStats | None = None,
-    adaptive: bool = False,
+def generate(
+    model: LanguageModel, idx: torch.Tensor, config: GenerationConfig | int | None = None,
+    sampling: Sampling | None = None, *, eos_id: int | None = None, stats: SpecStats | None = None,
+    drafter: Drafter | None = None, **options: Any,
 ) -> torch.Tensor:
-    """Lossless speculative generation, same contract as `generate`. A batch is verified in one trunk forward per
-    round (`_speculative_batch`), each row accepting its own number of drafts."""
-    drafter = _as_drafter(model, drafter, draft_len, tree, adaptive)
-    if idx.dim() != 2:
+    """idx (B, T) -> (B, T + n): `generate_batch` on a tensor. Rows that stop at EOS before the others are padded
+    with eos_id. Generation stops at the context length (no sliding window: positions are learned)."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
         raise FtplmError("idx must be a (batch, time) tensor of token ids")
-    n_new = check_budget(model, idx.size(1), max_new_tokens)
-    rows = _decode(model, idx.tolist(), n_new, sampling, seed, eos_id, drafter, stats)
+    rows = generate_batch(model, idx.tolist(), config, sampling, eos_id=eos_id, stats=stats, drafter=drafter,
+                          **options)
     width = max(len(r) for r in rows)
     pad = eos_id if eos_id is not None else 0  # rows only differ in length when they ended with EOS
     new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=idx.dtype, device=idx.device)

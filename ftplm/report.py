@@ -313,7 +313,7 @@ def quick_samples(runs: dict[str, Path | None], max_new_tokens: int = 48) -> dic
         if run is None or not (run / "config.json").exists():
             continue
         tm = load(run)
-        out[label] = [{"prompt": p, "continuation": tm.generate(p, max_new_tokens, 0.8, 50, None, 0)} for p in SAMPLE_PROMPTS]
+        out[label] = [{"prompt": p, "continuation": tm.generate(p, max_new_tokens, temperature=0.8, top_k=50, seed=0)} for p in SAMPLE_PROMPTS]
     return out
 
 

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import ftplm
 from ftplm.bench.serve import run_load
 from ftplm.cli import main
+from ftplm.generate import DecodeSession, GenerationConfig
 from ftplm.serve import ModelWorker, TextAssembler, create_app, running_server
 
 PROMPTS = ["The history of", "In mathematics, a", "Rome"]
@@ -236,7 +237,10 @@ BAD = [
     ("POST", "/v1/completions", {"prompt": [999999]}, 400),
     ("POST", "/v1/completions", {"prompt": "word " * 400}, 400),  # longer than the context
     ("POST", "/v1/completions", {"prompt": "x", "model": "not-this-one"}, 404),
-    ("POST", "/v1/completions", {"prompt": "x", "logprobs": 5}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "logprobs": 6}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "logprobs": -1}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "echo": "yes"}, 400),
+    ("POST", "/v1/completions", {"prompt": "x", "adaptive": 1}, 400),
     ("POST", "/v1/embeddings", {}, 400),
     ("POST", "/v1/embeddings", {"input": []}, 400),
     ("POST", "/v1/embeddings", {"input": [""]}, 400),
@@ -312,57 +316,78 @@ def test_slow_client_does_not_block_others(ftp_server):
         assert time.perf_counter() - t0 < 20
 
 
-def test_worker_round_robin():
-    """A long job does not make a short one wait for all of it: the worker takes turns, one step each."""
-    worker = ModelWorker()
-    order: list[str] = []
-    short_submitted = threading.Event()
+def _complete(worker, prompt, **options):
+    """A completion through the worker, as the server submits it: its chunks, once it has finished."""
+    async def go():
+        return [chunk async for chunk in worker.complete(prompt, GenerationConfig(**options))]
+    return asyncio.run(go())
 
-    def steps(name: str, n: int):
-        for i in range(n):
-            if name == "L" and i == 0:
-                assert short_submitted.wait(10)  # the short job arrives while the long one is running
-            order.append(f"{name}{i}")
-            yield i
+
+def _spy_steps(mp, widths: list[int]) -> None:
+    """Record how many rows each session step advances (active and joining)."""
+    step = DecodeSession.step
+
+    def spy(session):
+        widths.append(len(session.rows) + len(session.joining))
+        return step(session)
+
+    mp.setattr(DecodeSession, "step", spy)
+
+
+def test_worker_batches_completions_continuously(tiny_ftp_run):
+    """Requests that arrive while others run join them at the next step: one forward advances every active row,
+    short requests finish long before a long one, and each row's tokens equal its own generation."""
+    tm = ftplm.load(tiny_ftp_run)
+    worker = ModelWorker(tm)
+    prompts = [tm.encode(p) for p in PROMPTS]
+    widths: list[int] = []
 
     async def go():
-        long = worker.submit(steps("L", 6))
-        short = worker.submit(steps("S", 2))
-        short_submitted.set()
-        return [x async for x in long], [x async for x in short]
+        long = worker.complete(prompts[0], GenerationConfig(40, temperature=0, stop_at_eos=False)).__aiter__()
+        first = await long.__anext__()
+        short = [worker.complete(p, GenerationConfig(3, temperature=0, stop_at_eos=False)) for p in prompts[1:]]
+        done_short = [[c async for c in job] for job in short]
+        return [first, *[c async for c in long]], done_short
 
     try:
-        assert asyncio.run(go()) == ([0, 1, 2, 3, 4, 5], [0, 1])
+        with pytest.MonkeyPatch.context() as mp:
+            _spy_steps(mp, widths)
+            long_chunks, short_chunks = asyncio.run(go())
     finally:
         worker.stop()
-    assert order.index("S1") < order.index("L5")
+    assert max(widths) == 3  # the short ones joined the long one's steps
+    assert len(long_chunks) == 40 and all(len(c.tokens) == 1 for c in long_chunks)  # plain decoding: a token a step
+    assert [t for c in long_chunks for t in c.tokens] == tm.generate_ids(prompts[0], 40, temperature=0, stop_at_eos=False)
+    for p, chunks in zip(prompts[1:], short_chunks):
+        assert [t for c in chunks for t in c.tokens] == tm.generate_ids(p, 3, temperature=0, stop_at_eos=False)
     assert worker.pending == 0
 
 
-def test_worker_drops_cancelled_jobs():
-    """A job whose client went away (cancelled) is not advanced again: no model time for nobody."""
-    worker = ModelWorker()
-    advanced: list[int] = []
-
-    def steps():
-        for i in range(1000):  # 10 s of "model work" unless dropped
-            advanced.append(i)
-            time.sleep(0.01)
-            yield i
+def test_worker_drops_cancelled_rows(tiny_ftp_run):
+    """A completion whose client went away (cancelled) leaves the batch at the next step: no model time for nobody,
+    and the worker goes on serving."""
+    tm = ftplm.load(tiny_ftp_run)
+    worker = ModelWorker(tm)
+    widths: list[int] = []
 
     async def go():
-        job = worker.submit(steps())
-        async for i in job:
-            if i == 2:
+        job = worker.complete(tm.encode("Rome"), GenerationConfig(60, temperature=0, stop_at_eos=False))
+        n = 0
+        async for _ in job:
+            n += 1
+            if n == 2:
                 job.cancel()
                 break
         await asyncio.sleep(0.2)
 
     try:
-        asyncio.run(go())
+        with pytest.MonkeyPatch.context() as mp:
+            _spy_steps(mp, widths)
+            asyncio.run(go())
+            assert _complete(worker, tm.encode("The"), max_new_tokens=2, temperature=0)
     finally:
         worker.stop()
-    assert len(advanced) < 100 and worker.pending == 0
+    assert len(widths) < 20 and worker.pending == 0
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -459,24 +484,23 @@ def test_auto_serves_gpt_greedy_requests_with_lookup_and_sampled_ones_plainly(ti
     prompt, expected = "The history of", {t: tm.generate("The history of", 6, temperature=t, seed=3) for t in (0, 0.8)}
     long_text = tm.generate(prompt, 30, temperature=0)
     used = []
-    generate_ids = tm.generate_ids
+    add = DecodeSession.add
 
-    def spy(*args, **kwargs):
-        used.append(kwargs.get("speculative"))  # the request's drafter
-        return generate_ids(*args, **kwargs)
+    def spy(session, prompt, config, *args):
+        row = add(session, prompt, config, *args)
+        used.append(row.drafter)  # the request's drafter
+        return row
 
-    monkeypatch.setattr(tm, "generate_ids", spy)
+    monkeypatch.setattr(DecodeSession, "add", spy)
     with running_server(app) as url:
         assert httpx.get(f"{url}/health").json()["speculative"] == {"greedy": "lookup", "sampled": None}
         for temperature, text in expected.items():
             body = {"prompt": prompt, "max_tokens": 6, "temperature": temperature, "seed": 3}
             assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == text
         assert [getattr(d, "name", None) for d in used] == ["lookup", None]
-        # a longer request runs in chunks (8, 16, 6 tokens): one drafter for all of them, so what it learns carries over
-        used.clear()
         body = {"prompt": prompt, "max_tokens": 30, "temperature": 0}
         text = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
-        assert text == long_text and len(used) == 3 and len({id(d) for d in used}) == 1
+        assert text == long_text
 
 
 def test_help_texts(capsys):

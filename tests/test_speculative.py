@@ -102,10 +102,9 @@ def test_ragged_batches_equal_row_by_row_generation(model_type, data):
     prompts = [data.draw(st.lists(st.integers(0, alphabet - 1), min_size=n, max_size=n), label="prompt") for n in lengths]
     max_new = data.draw(st.integers(0, 10), label="max_new_tokens")
     eos = data.draw(st.one_of(st.none(), st.integers(0, VOCAB - 1)), label="eos")
-    n_new = min(max_new, BLOCK - max(lengths))
     expected = []
-    for p in prompts:
-        row = generate(model, torch.tensor([p]), n_new, Sampling(0), eos_id=eos)[0, len(p):].tolist()
+    for p in prompts:  # each row up to max_new within its own room in the context
+        row = generate(model, torch.tensor([p]), min(max_new, BLOCK - len(p)), Sampling(0), eos_id=eos)[0, len(p):].tolist()
         expected.append(row[: row.index(eos) + 1] if eos in row else row)
     for drafter in (None, *DRAFTERS_FOR[model_type]):
         tree = data.draw(st.booleans(), label="tree")
@@ -155,6 +154,7 @@ def test_batched_verification_compacts_its_cache_and_drops_finished_rows(monkeyp
     compactions = []
     compact = gen._compact
     monkeypatch.setattr(gen, "_compact", lambda *args: compactions.append(args[2][:]) or compact(*args))
+    monkeypatch.setattr(gen.DecodeSession, "CAPACITY", 1.25)  # 40 slots: the 23-node trees fill them quickly
     model = MODELS["gpt"]
     idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2], [4, 5, 6, 7, 4, 5, 6, 7], [0, 9, 8, 11, 10, 9, 8, 0]])
     ends = set()
@@ -165,7 +165,7 @@ def test_batched_verification_compacts_its_cache_and_drops_finished_rows(monkeyp
         assert fast.tolist() == plain and stats.accepted_tokens > 0
         ends.add(tuple(row[8:].index(eos) if eos in row[8:] else None for row in plain))
     assert (None, None, 2) in ends and (13, None, 11) in ends  # rows that end early leave the batch
-    # 64 slots (twice the context), 4 + 24 + ... written by the 23-node trees: full before 28 tokens are generated
+    # 40 slots, 4 + 24 + ... written by the 23-node trees: full before 28 tokens are generated
     short = idx[:, :4]
     assert generate(model, short, 28, Sampling(0), speculative="recycling").tolist() == generate(
         model, short, 28, Sampling(0)).tolist()
@@ -583,7 +583,7 @@ def test_cli_generate_speculative(tiny_ftp_run, tiny_gpt_run):
     assert fast.returncode == 0 and fast.stdout == plain.stdout
     for args, message in [(("--speculative", "ftp", "--draft-len", "0"), "draft_len"),
                           (("--speculative", "medusa"), "invalid choice"),
-                          (("--adaptive",), "--adaptive needs --speculative")]:
+                          (("--adaptive",), "adaptive draft length needs a speculative drafter")]:
         bad = run(str(tiny_ftp_run), "--prompt", "The", *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
     bad = run(str(tiny_gpt_run), "--prompt", "The", "--speculative", "ftp")

@@ -188,13 +188,14 @@ def bench_decode(
         if method not in available:  # oracle-K: built below, once plain greedy decoding has given its answers
             continue
         name, tree, adaptive = available[method]
-        drafters[method] = get_drafter(name, model, tree=tree, adaptive=adaptive) if name else None
+        drafters[method] = get_drafter(name, model, tree=tree) if name else None
 
     def one(method: str, rows: list[int], n: int, sampling: Sampling, seed: int) -> dict[str, Any]:
         stats = SpecStats()
         idx = torch.tensor([texts[i] for i in rows])
         t0 = time.perf_counter()
-        out = generate(model, idx, n, sampling, seed=seed, speculative=drafters[method], stats=stats)
+        adaptive = method in available and available[method][2]
+        out = generate(model, idx, n, sampling, seed=seed, speculative=drafters[method], adaptive=adaptive, stats=stats)
         seconds = time.perf_counter() - t0
         return {"seconds": seconds, "new_tokens": stats.new_tokens, "target_forwards": stats.target_forwards,
                 "draft_time": stats.draft_time, "trunk_time": stats.trunk_time, "target_time": stats.target_time,

@@ -9,8 +9,11 @@ finish_reason and `data: [DONE]`. Nothing leaves the machine and the run stops b
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import multiprocessing
 import platform
+import sys
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -37,6 +40,8 @@ async def _one(client: Any, i: int, max_tokens: int) -> dict[str, Any]:
                 data = r.json()
                 rec["complete"] = data["choices"][0]["finish_reason"] in ("stop", "length")
                 rec["tokens"] = data["usage"]["completion_tokens"]
+                if body["temperature"] == 0:
+                    rec["greedy"] = (body["prompt"], data["choices"][0]["text"])
         else:
             body["stream_options"] = {"include_usage": True}
             async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -94,7 +99,12 @@ async def run_load(url: str, clients: int = 50, requests: int = 500, max_tokens:
         "ttft_ms_p50": float(np.percentile(ttft, 50)) if len(ttft) else None,
         "wall_s": wall, "requests_per_s": len(records) / wall,
         "completion_tokens_per_s": sum(r["tokens"] for r in records) / wall,
+        "records": records,
     }
+
+
+def _load(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, Any]:
+    return asyncio.run(run_load(url, clients, requests, max_tokens))
 
 
 def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: int = 8,
@@ -105,12 +115,19 @@ def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: in
     from ftplm.serve import create_app, describe_drafters, running_server, set_cpu_threads
 
     threads = set_cpu_threads(threads)
+    sys.setswitchinterval(0.001)  # as `ftplm serve`
     app = create_app(run, speculative=speculative)
-    with running_server(app) as url:
+    # the clients run in a process of their own, as they would elsewhere: not in the server's interpreter (GIL)
+    spawn = multiprocessing.get_context("spawn")
+    with running_server(app) as url, concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as clients_process:
         for prompt in ("Warm", "up"):
             httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens}, timeout=60)
-        figures = asyncio.run(run_load(url, clients, requests, max_tokens))
+        figures = clients_process.submit(_load, url, clients, requests, max_tokens).result()
     tm = app.state.text_model
+    greedy = [r["greedy"] for r in figures.pop("records") if "greedy" in r]
+    expected = {p: tm.generate(p, max_tokens, temperature=0) for p in {p for p, _ in greedy}}
+    figures["greedy_checked"] = len(greedy)
+    figures["greedy_mismatches"] = sum(text != expected[p] for p, text in greedy)
     figures.update(
         run=str(run), model_type=tm.config.model_type, speculative=describe_drafters(app.state.drafters),
         machine=f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch threads {threads}",
@@ -128,4 +145,5 @@ def _print(f: dict[str, Any]) -> None:
     print(f"throughput {f['requests_per_s']:.1f} req/s, {f['completion_tokens_per_s']:.0f} completion tokens/s "
           f"({f['wall_s']:.1f} s)")
     print(f"ok {f['ok']}/{f['requests']}; 4xx {f['errors_4xx']}, 5xx {f['errors_5xx']}, transport errors "
-          f"{f['transport_errors']}, incomplete {f['incomplete']}")
+          f"{f['transport_errors']}, incomplete {f['incomplete']}; greedy completions unlike generate(): "
+          f"{f['greedy_mismatches']} of {f['greedy_checked']}")

@@ -79,6 +79,7 @@ class DraftContext:
     generator: torch.Generator
     # for drafters with `wants_decoder_start`: the FTP decoder after its first step at h_prev (ftplm.model.DecoderStart)
     decoder_start: object | None = None
+    drafter: "Drafter | None" = None  # the row's own drafter (its state), when rows of several are drafted together
 
 
 def round_cost(nodes: int, node_cost: float, fixed_cost: float) -> float:
@@ -154,11 +155,6 @@ class Drafter:
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         self.model = model
         self.draft_len = self.default_draft_len if draft_len is None else draft_len
-        self.adaptive: AdaptiveDepth | None = None  # set by make_adaptive()
-
-    def make_adaptive(self) -> None:
-        """Choose each round's draft depth (up to draft_len) from the acceptances so far."""
-        self.adaptive = AdaptiveDepth(self.draft_len, self.node_cost, self.fixed_cost)
 
     def begin(self) -> None:
         """Called when a generation starts (a drafter may outlive several): drop per-round state left over from one
@@ -171,15 +167,13 @@ class Drafter:
         """A draft for each row of a batch (rows verified together). Drafters that run a model batch it."""
         return [self.propose(ctx) for ctx in ctxs]
 
+    def batch_key(self) -> object:
+        """Rows whose drafters have equal keys are drafted together by one of them (`propose_batch`, each row's own
+        drafter in ctx.drafter). By default a drafter drafts only its own rows: its state is theirs."""
+        return id(self)
+
     def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:
         """Called after each target forward: tokens (T,) fed, their next-token logits (T, V), accepted node indices."""
-
-
-class NoDrafts(Drafter):
-    """Never drafts (not registered): plain decoding through the batched, masked path of `generate_batch`."""
-
-    def propose(self, ctx: DraftContext) -> Draft:
-        return Draft()
 
 
 DRAFTERS: dict[str, type[Drafter]] = {}
@@ -219,22 +213,13 @@ def check_template(tree: object) -> Template:
     return paths
 
 
-def get_drafter(
-    name: str, model, draft_len: int | None = None, tree: bool | Template | None = None, adaptive: bool = False
-) -> Drafter:
-    """A drafter by name for this model; bad names and arguments raise FtplmError with one clear line.
-
-    adaptive: choose each round's draft depth (up to draft_len) from the acceptances so far (AdaptiveDepth)."""
-    from ftplm.drafters import ftp, ftp_lookup, ftp_recycling, lookup, recycling  # noqa: F401  (registers them)
-
+def get_drafter(name: str, model, draft_len: int | None = None, tree: bool | Template | None = None) -> Drafter:
+    """A drafter by name for this model; bad names and arguments raise FtplmError with one clear line."""
     if name not in DRAFTERS:
         raise FtplmError(f"unknown speculative drafter {name!r}; choose one of: {', '.join(sorted(DRAFTERS))} (or None)")
     if draft_len is not None and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len <= 0):
         raise FtplmError(f"draft_len must be a positive integer, got {draft_len!r}")
-    chosen = DRAFTERS[name](model, draft_len, tree)
-    if adaptive:
-        chosen.make_adaptive()
-    return chosen
+    return DRAFTERS[name](model, draft_len, tree)
 
 
 def auto_drafter(model_type: str, greedy: bool) -> str | None:
@@ -246,3 +231,7 @@ def auto_drafter(model_type: str, greedy: bool) -> str | None:
     if model_type == "ftp":
         return "ftp-lookup"
     return "lookup" if greedy else None
+
+
+# the drafters register themselves on import: DRAFTERS is the one list of them (CLI choices, bench methods, docs)
+from ftplm.drafters import ftp, ftp_lookup, ftp_recycling, lookup, recycling  # noqa: E402, F401

@@ -186,8 +186,12 @@ class FTPDrafter(Drafter):
         for token in inputs:  # the last step's logits: q of draft 1
             logits = decoder.step(state, torch.tensor([token], device=ctx.h_prev.device), ctx.sampling.greedy)
         if self.template is None:
-            return self._chains(state, logits, [min(depth, ctx.max_nodes)], ctx.sampling, ctx.generator)[0]
+            return self._chains(state, logits, [min(depth, ctx.max_nodes)], [ctx])[0]
         return self._tree(decoder, ctx, depth, state, logits, draft)
+
+    def batch_key(self) -> object:
+        """FTP drafts keep no state: every row with the same settings can be drafted by any of them."""
+        return ("ftp", self.draft_len, None if self.template is None else tuple(self.template), id(self.decoder))
 
     @torch.inference_mode()
     def propose_batch(self, ctxs: list[DraftContext]) -> list[Draft]:
@@ -203,28 +207,29 @@ class FTPDrafter(Drafter):
         state = DecoderStart.cat([ctxs[i].decoder_start for i in live])  # type: ignore[misc]
         tokens = torch.tensor([ctxs[i].tokens[-1] for i in live], device=device)
         logits = self.decoder.step(state, tokens, ctxs[0].sampling.greedy)
-        chains = self._chains(state, logits, [depths[i] for i in live], ctxs[0].sampling, ctxs[0].generator)
+        chains = self._chains(state, logits, [depths[i] for i in live], [ctxs[i] for i in live])
         for i, chain in zip(live, chains):
             drafts[i] = chain
         return drafts
 
-    def _chains(self, state: DecoderStart, logits: torch.Tensor, depths: list[int], sampling,
-                generator: torch.Generator) -> list[Draft]:
+    def _chains(self, state: DecoderStart, logits: torch.Tensor, depths: list[int], ctxs: list[DraftContext]) -> list[Draft]:
         """Chains for the M rows of `state` (logits (M, V): q of each row's first draft), one decoder step per depth
-        for all rows; row j takes depths[j] tokens. Greedy: argmax; sampling: a draw from q, recorded with it."""
+        for all rows; row j takes depths[j] tokens. Greedy (all rows or none): argmax; sampling: a draw from each
+        row's q (its own sampling and generator), recorded with it."""
         drafts = [Draft() for _ in depths]
         deepest = max(depths)
+        greedy = ctxs[0].sampling.greedy
         for level in range(deepest):
-            if sampling.greedy:
+            if greedy:
                 tokens, q = logits.argmax(-1), None
             else:
-                q = sampling.probs(logits)
-                tokens = sampling.draw(q, generator)[:, 0]
+                q = torch.stack([c.sampling.probs(row) for c, row in zip(ctxs, logits)])
+                tokens = torch.cat([c.sampling.draw(qj, c.generator) for c, qj in zip(ctxs, q)])
             for j, depth in enumerate(depths):
                 if level < depth:
                     drafts[j].add(int(tokens[j]), level - 1, None if q is None else q[j])
             if level + 1 < deepest:
-                logits = self.decoder.step(state, tokens, sampling.greedy)
+                logits = self.decoder.step(state, tokens, greedy)
         return drafts
 
     def _tree(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor,

@@ -87,28 +87,34 @@ class FTPLookupDrafter(Drafter):
     def propose(self, ctx: DraftContext) -> Draft:
         return self.propose_batch([ctx])[0]
 
+    def batch_key(self) -> object:
+        return ("ftp-lookup", self.ftp.batch_key(), self.lookup.draft_len, self.lookup.branches)
+
     @torch.inference_mode()
     def propose_batch(self, ctxs: list[DraftContext]) -> list[Draft]:
-        """Per row, lookup's copy or FTP's draft; the rows that ask FTP are drafted together."""
+        """Per row, lookup's copy or FTP's draft, chosen by the row's own drafter (`ctx.drafter`, else this one);
+        the rows that ask FTP are drafted together."""
         drafts: list[Draft | None] = []
         ask_ftp = []
-        for ctx in ctxs:
-            self._score_shadow(ctx.tokens)
-            copies = self.lookup.copies(ctx)
+        owners = [c.drafter if isinstance(c.drafter, FTPLookupDrafter) else self for c in ctxs]
+        for ctx, me in zip(ctxs, owners):
+            me._score_shadow(ctx.tokens)
+            copies = me.lookup.copies(ctx)
             copied = trie(copies, ctx)
-            if len(copied) and self.value[self.lookup] >= self.value[self.ftp]:
+            if len(copied) and me.value[me.lookup] >= me.value[me.ftp]:
                 drafts.append(copied)
                 continue
             drafts.append(None)
             ask_ftp.append(len(drafts) - 1)
             if len(copied):
-                self.shadow.append((len(ctx.tokens), ctx.tokens[-ANCHOR:], copies, len(copied), self.round))
+                me.shadow.append((len(ctx.tokens), ctx.tokens[-ANCHOR:], copies, len(copied), me.round))
         for i, draft in zip(ask_ftp, self.ftp.propose_batch([ctxs[i] for i in ask_ftp])):
             drafts[i] = draft
-        for i, (ctx, draft) in enumerate(zip(ctxs, drafts)):
-            source = self.ftp if i in ask_ftp else self.lookup
-            self.chosen.append((source, len(draft.truncated(ctx.max_depth, ctx.max_nodes))))  # type: ignore[union-attr]
-        self.round += 1
+        for i, (ctx, draft, me) in enumerate(zip(ctxs, drafts, owners)):
+            source = me.ftp if i in ask_ftp else me.lookup
+            me.chosen.append((source, len(draft.truncated(ctx.max_depth, ctx.max_nodes))))  # type: ignore[union-attr]
+        for me in {id(me): me for me in owners}.values():
+            me.round += 1
         return drafts  # type: ignore[return-value]
 
     def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:

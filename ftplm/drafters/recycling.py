@@ -3,13 +3,12 @@
 An adjacency matrix M[V, k] holds, for every token, the top-k next-token candidates the target model produced the
 last time that token was verified. Each verification updates the rows of every token it fed (accepted or not:
 the "trash" is recycled). A draft is a tree grown breadth-first from the root token along a static template of
-rank paths: node (r1, ..., rd) is M[token of its parent][rd]. The matrix lives as long as the model (it is shared
-by all generations with it, as in the paper, where it carries over between queries).
+rank paths: node (r1, ..., rd) is M[token of its parent][rd]. The matrix lives as long as the drafter: a decoding
+session shares one drafter among its rows, and a drafter passed to several generations carries it over between
+queries, as in the paper.
 """
 
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -27,9 +26,6 @@ DEFAULT_TREE: Template = [
     (0, 0, 0, 0, 0, 0),
 ]  # fmt: skip
 
-_MATRICES: "weakref.WeakKeyDictionary[object, list[list[int]]]" = weakref.WeakKeyDictionary()
-
-
 @drafter("recycling")
 class RecyclingDrafter(Drafter):
     default_draft_len = 6
@@ -41,12 +37,8 @@ class RecyclingDrafter(Drafter):
             DEFAULT_TREE if tree in (None, True) else check_template(tree)
         )
         self.k = max(TOP_K, max(max(p) for p in self.template) + 1)
-        vocab = model.cfg.vocab_size
-        matrix = _MATRICES.get(model)
-        if matrix is None or len(matrix[0]) < self.k:
-            matrix = [list(range(self.k)) for _ in range(vocab)]  # before any evidence: arbitrary distinct tokens
-            _MATRICES[model] = matrix
-        self.matrix = matrix
+        # before any evidence: arbitrary distinct tokens
+        self.matrix = [list(range(self.k)) for _ in range(model.cfg.vocab_size)]
 
     def propose(self, ctx: DraftContext) -> Draft:
         paths, parents = build_template_tree(self.template, min(self.draft_len, ctx.max_depth), ctx.max_nodes)

@@ -87,7 +87,7 @@ def sample_continuations(
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
             idx = torch.tensor([prompts[p] for p, _ in chunk], dtype=torch.long, device=model.device)
-            new = generate(model.model, idx, max_new_tokens, sampling, seed * 1_000_003 + chunk_no, model.eos_id)[:, length:]
+            new = generate(model.model, idx, max_new_tokens, sampling, seed=seed * 1_000_003 + chunk_no, eos_id=model.eos_id)[:, length:]
             chunk_no += 1
             for (p, s), ids in zip(chunk, new.tolist()):
                 out[p][s] = ids[: ids.index(model.eos_id)] if model.eos_id in ids else ids
