@@ -136,6 +136,8 @@ class GenerationConfig:
         if not isinstance(stop, (tuple, list)) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
             raise FtplmError(f"stop takes up to {MAX_STOP} non-empty strings, got {self.stop!r}")
         set_("stop", tuple(stop))
+        if self.speculative is not None and not isinstance(self.speculative, str):
+            raise FtplmError(f"speculative must be a drafter name, 'auto' or None, got {self.speculative!r}")
         if self.speculative == "none":
             set_("speculative", None)
         if self.speculative is not None and self.speculative != "auto" and self.speculative not in DRAFTERS:
@@ -339,7 +341,7 @@ class DecodeSession:
     CAPACITY = 2.0
 
     def __init__(self, model: LanguageModel, eos_id: int | None = None, stats: SpecStats | None = None) -> None:
-        self.model, self.eos_id = model, eos_id
+        self.model, self.eos_id = model.eval(), eos_id
         self.stats = stats if stats is not None else SpecStats()
         self.block = model.cfg.block_size
         self.capacity = int(self.CAPACITY * self.block)
@@ -364,12 +366,16 @@ class DecodeSession:
         if not all(_is_int(t) and 0 <= t < self.model.cfg.vocab_size for t in prompt):
             raise FtplmError(f"token ids must be integers in [0, {self.model.cfg.vocab_size})")
         budget = check_budget(self.model, len(prompt), config.max_new_tokens)
+        shared = drafter is not None
         if drafter is None and config.speculative is not None:
             drafter = get_drafter(config.speculative, self.model, config.draft_len, config.tree)
         if drafter is not None:
             drafter.begin()
         adaptive = config.adaptive if adaptive is None else adaptive
         depth = AdaptiveDepth(drafter.draft_len, drafter.node_cost, drafter.fixed_cost) if drafter and adaptive else None
+        if depth is not None and shared:  # a drafter the caller shares keeps one set of statistics, carried over
+            drafter.adaptive_depth = drafter.adaptive_depth or depth  # type: ignore[union-attr]
+            depth = drafter.adaptive_depth  # type: ignore[union-attr]
         row = Row(prompt, config, budget, config.sampling, make_generator(config.seed, self.model.device), drafter,
                   depth)
         if budget == 0 and not config.echo:
@@ -393,7 +399,6 @@ class DecodeSession:
         produced tokens, with them. Rows that finished (or were cancelled) have left the session afterwards."""
         started = time.perf_counter()
         self._trunk_time = self._target_time = 0.0
-        self.model.eval()
         self._leave()
         events: list[tuple[Row, list[int]]] = []
         draft_time = 0.0
@@ -508,8 +513,9 @@ class DecodeSession:
             cache.k = cache.v = torch.zeros(1, joining, 1, width, 0, device=valid.device)
         k = cache.k
         if self._k is None or self._k.dtype != k.dtype or self._k.size(1) < n + joining:  # type: ignore[union-attr]
-            size = max(n + joining, 2 * (self._k.size(1) if self._k is not None else 4))
-            pools = [k.new_empty((k.size(0), size, *k.shape[2:3], self.capacity, k.size(-1))) for _ in range(2)]
+            size = n + joining if self._k is None else max(n + joining, 2 * self._k.size(1))
+            # zeros, not empty: masked slots still enter attention's products, and garbage could be NaN
+            pools = [k.new_zeros((k.size(0), size, *k.shape[2:3], self.capacity, k.size(-1))) for _ in range(2)]
             valid_pool = torch.zeros(size, self.capacity, dtype=torch.bool, device=k.device)
             if n:
                 pools[0][:, :n, :, :length], pools[1][:, :n, :, :length] = self.cache.k[..., :length, :], self.cache.v[..., :length, :]  # type: ignore[union-attr,index]
@@ -558,7 +564,7 @@ class DecodeSession:
         if cache.length + width > self.capacity:
             _compact(cache, valid, [r.length for r in rows])
         start = cache.length
-        inputs = [[(r.prompt + r.out)[-1]] + d.tokens for r, d in zip(rows, drafts)]
+        inputs = [[r.out[-1] if r.out else r.prompt[-1]] + d.tokens for r, d in zip(rows, drafts)]
         x = torch.tensor([row + [row[0]] * (width - len(row)) for row in inputs], device=device)
         holes = any(r.length != start for r in rows)
         if holes or any(len(row) != width for row in inputs) or not all(d.is_chain() for d in drafts):

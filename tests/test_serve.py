@@ -511,3 +511,39 @@ def test_help_texts(capsys):
         assert e.value.code == 0
     out = capsys.readouterr().out
     assert "serve" in out and "--max-tokens" in out and "--pooling" in out
+
+
+def test_logprobs_and_echo_score_a_text(gpt_server):
+    """echo + logprobs + max_tokens 0 scores a text (what lm-evaluation-harness asks an OpenAI-style server for):
+    the prompt's token log-probabilities, the first None, summing to the model's own log-likelihood."""
+    url, tm = gpt_server
+    text = "The history of Rome is long"
+    ids = tm.encode(text)
+    body = {"prompt": text, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == text and "".join(lp["tokens"]) == text and len(lp["tokens"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert sum(lp["token_logprobs"][1:]) == pytest.approx(tm.loglikelihood(ids[:1], ids[1:])[0], rel=1e-4)
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    body = {"prompt": "Rome", "max_tokens": 6, "temperature": 0, "logprobs": 3, "stop_at_eos": False}
+    choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    lp = choice["logprobs"]
+    assert "".join(lp["tokens"]).startswith(choice["text"]) and all(len(t) <= 3 for t in lp["top_logprobs"])
+    for token_lp, top in zip(lp["token_logprobs"], lp["top_logprobs"]):
+        assert token_lp == pytest.approx(max(top.values()))  # greedy: the chosen token is the most likely
+    streamed = [json.loads(p) for p in _stream_text(httpx.Client(base_url=url, timeout=60), body)[2][:-1]]
+    assert [t for e in streamed for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]] == lp["tokens"]
+
+
+def test_client_that_disconnects_mid_stream_stalls_nobody(ftp_server):
+    url, _, _ = ftp_server
+    with httpx.Client(base_url=url, timeout=60) as c, c.stream(
+            "POST", "/v1/completions", json={"prompt": "Rome", "max_tokens": 60, "stream": True}) as r:
+        next(r.iter_lines())  # one event, then the connection goes away
+    for _ in range(3):
+        assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=30).status_code == 200
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{url}/health").json()["pending"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{url}/health").json()["pending"] == 0

@@ -155,6 +155,8 @@ class Drafter:
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         self.model = model
         self.draft_len = self.default_draft_len if draft_len is None else draft_len
+        # adaptive statistics when the caller shares this drafter between generations (ftplm.generate)
+        self.adaptive_depth: AdaptiveDepth | None = None
 
     def begin(self) -> None:
         """Called when a generation starts (a drafter may outlive several): drop per-round state left over from one
