@@ -180,9 +180,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 
 def check_budget(model: LanguageModel, prompt_len: int, max_new_tokens: int) -> int:
-    """Validate lengths; returns how many tokens can actually be generated within the context."""
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise FtplmError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    """How many tokens can be generated within the context (max_new_tokens: validated by GenerationConfig)."""
     if prompt_len == 0:
         raise FtplmError("the prompt is empty")
     block = model.cfg.block_size
@@ -681,7 +679,6 @@ def generate_batch(
         drafter = options.pop("speculative")
     adaptive = bool(options.pop("adaptive", False)) if drafter is not None else None  # the instance's, not a name's
     config = as_config(config, sampling, options)
-    check_budget(model, max(len(p) for p in prompts), config.max_new_tokens)
     if session is None:
         session = DecodeSession(model, eos_id, stats)
     elif session.active:

@@ -202,7 +202,7 @@ class ModelWorker:
     them in one batched forward; requests that arrive join at the next step (up to max_batch rows, the rest wait),
     finished and abandoned ones leave. Other work (embeddings) runs between steps."""
 
-    def __init__(self, tm: TextModel | None = None, max_pending: int = 256, max_batch: int = 64) -> None:
+    def __init__(self, tm: TextModel | None = None, max_pending: int = 256, max_batch: int = MAX_BATCH) -> None:
         self.tm, self.max_pending, self.max_batch = tm, max_pending, max_batch
         self.inbox: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self.pending = 0  # jobs submitted and not finished (read by the event loop for back-pressure)

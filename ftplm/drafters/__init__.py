@@ -1,7 +1,7 @@
 """Speculative drafters, one file each, registered by name (used by ftplm.generate).
 
 A drafter proposes a *token tree* continuing the last accepted token (the root); the target model verifies every
-node in one forward pass (ftplm.generate.speculative_generate). A chain is the tree in which every node has one
+node in one forward pass (ftplm.generate.DecodeSession). A chain is the tree in which every node has one
 child. Nodes come in topological (breadth-first) order, so any prefix of a draft is again a valid draft; that is
 how drafts are cut to the context length and to the remaining token budget.
 
