@@ -120,7 +120,7 @@ def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cac
         if cached.get("key") == key:
             return cached
     tokens = TokenData(data)
-    ppl = lambda path: val_perplexity(load(path).model, tokens, batches)[0]["ppl"]  # noqa: E731
+    ppl = lambda path: val_perplexity(load(path), tokens, batches)[0]["ppl"]  # noqa: E731
     ftp_ppl = ppl(ftp_ckpt)
     table = []
     for c in ckpts:

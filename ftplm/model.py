@@ -175,8 +175,7 @@ class SelfAttention(nn.Module):
         self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0, attn_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4).unbind(0)
         n_past = 0
         if cache is not None:
             n_past = cache.length
@@ -496,7 +495,7 @@ class FTP(LanguageModel):
         n = tokens.size(1)
         if start + n > self.cfg.n_future:
             raise FtplmError(f"the decoder predicts at most n_future={self.cfg.n_future} tokens")
-        x = self.dec_wte(tokens) + self.dec_wpe(torch.arange(start, start + n, device=tokens.device))
+        x = self.dec_wte(tokens) + self.dec_wpe.weight[start : start + n]
         for i, block in enumerate(self.dec_h):
             x = block(x, cache, i, memory_kv=memory_kv[i])
         if cache is not None:

@@ -209,6 +209,25 @@ def test_against_itself_gives_zero_differences(tiny_gpt_run):
     assert r["diff"]["ppl"]["next_token_ce"]["value"] == pytest.approx(0, abs=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ["ftp", "gpt"])
+def test_ppl_suite_scores_through_the_scoring_api(model_type, tiny_ftp_run, tiny_gpt_run, tiny_data):
+    """The suite's perplexity is TextModel.loglikelihood_batch over the windows training evaluates on: the same
+    next-token CE as the teacher-forced float32 forward (train.evaluate), window for window."""
+    from ftplm.api import load
+    from ftplm.data import TokenData
+    from ftplm.eval.ppl import val_perplexity
+    from ftplm.train import evaluate
+
+    model, data = load(tiny_ftp_run if model_type == "ftp" else tiny_gpt_run), TokenData(tiny_data)
+    mean, per_batch = val_perplexity(model, data, batches=3, batch_size=4)
+    reference = evaluate(model.model, data, 4, 3, dtype="fp32")
+    assert mean["next_token_ce"] == pytest.approx(reference["next_token_ce"], rel=1e-5)
+    assert len(per_batch) == 3 and mean["ppl"] == pytest.approx(np.exp(np.mean(per_batch)))
+    assert ("offset_acc" in mean) == (model_type == "ftp")
+    if model_type == "ftp":
+        assert mean["offset_ce"][0] == pytest.approx(mean["next_token_ce"], rel=1e-2)  # bf16/fp32 of the same CE
+
+
 def _one_line_exit_2(argv, capsys):
     try:
         code = main(argv)

@@ -760,7 +760,8 @@ def test_draft_decoder_equals_the_model_decoder(min_packed, monkeypatch):
         monkeypatch.setattr(Linear, "MIN_PACKED", min_packed)
     for model in (MODELS["ftp"], FLOAT32_FTP):  # float64: F.linear; float32 on CPU: packed, bf16 where supported
         decoder = DraftDecoder(model)
-        products = [p for layer in decoder.layers for p in layer.values() if not isinstance(p, tuple)] + [decoder.head]
+        products = [decoder.head] + [p for b in decoder.dec_h for p in (b.attn.c_attn, b.attn.c_proj, b.cross.q,
+                                                                         b.cross.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
         packed = [p.packed for p in products]
         assert any(packed) == (model is FLOAT32_FTP and min_packed == 0 and ONEDNN_LINEAR) == all(packed)
         x = torch.tensor([[2, 7, 1, 8], [3, 1, 4, 1]])  # two rows, one token per step, N = 4 positions
@@ -832,7 +833,7 @@ def test_draft_decoder_is_built_once_per_model_and_rebuilt_when_weights_change()
     with torch.inference_mode():
         after = draft_decoder(model)
     assert after is not before
-    assert torch.equal(after.layers[0]["fc"].weight, model.dec_h[0].mlp.c_fc.weight)
+    assert torch.equal(after.dec_h[0].mlp.c_fc.weight, model.dec_h[0].mlp.c_fc.weight)
 
 
 def test_ftp_tree_samples_its_children_under_sampling():

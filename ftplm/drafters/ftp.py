@@ -12,12 +12,14 @@ distribution q and verified with the min(1, p/q) rule. tree: at each node, the t
 independent draws from q (sampling), following a template of rank paths, expanded level by level (one batched
 decoder step per level).
 
-Drafting runs the decoder through DraftDecoder, a lean copy of it made for one-token steps, whose greedy steps
-score only the first quarter of the token ids (see there).
+Drafting runs the model's own decoder step (FTP.decode) on DraftDecoder, a lean copy of the decoder made for
+one-token steps, whose greedy steps score only the first quarter of the token ids (see there). The copy is derived
+from the weights alone, so it is shared by every session of a model (built once, rebuilt when a weight changes).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 
 import torch
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 
 from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
 from ftplm.errors import FtplmError
-from ftplm.model import ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
+from ftplm.model import FTP, ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
 
 # 5 nodes, depth 3 (cut to draft_len): the two best first drafts, each continued, the best path one deeper. It beat
 # the 11-node tree used before (two-three candidates per level) in 21 of 24 `bench decode` runs (4 models x greedy
@@ -62,14 +64,36 @@ class _Product:
         return F.linear(x, self.weight, self.bias)
 
 
-class DraftDecoder:
-    """The FTP decoder made for drafting: one token per call for M rows, without nn.Module machinery.
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
-    Drafts need only be good, never exact: verification recomputes every target with the model's own code and
-    precision, so whatever this computes changes speed and τ, not the output. That frees it from two costs of a
-    one-token decoder step on CPU: per-module Python overhead (a quarter to a third of the step), and float32
-    products: on CPUs with native bfloat16 its large products run in bf16 through oneDNN with prepacked weights
-    (float32 packed on others); the rest stays in the model's dtype. Measured in `ftplm bench decode`, 2 threads:
+
+class _Lean:
+    """A module's own forward code run on plain attributes: no nn.Module dispatch, and its leaves replaced by
+    `leaf` (Linear -> _Product, LayerNorm -> F.layer_norm, Dropout -> identity)."""
+
+    def __init__(self, module: torch.nn.Module, leaf, children: tuple[str, ...] | None = None) -> None:
+        self._forward = type(module).forward
+        self.__dict__.update((k, v) for k, v in vars(module).items() if not k.startswith("_"))
+        self.__dict__.update((k, p.detach()) for k, p in module.named_parameters(recurse=False))
+        self.training = False
+        for name, child in module.named_children():
+            if children is None or name in children:
+                setattr(self, name, leaf(child))
+
+    def __call__(self, *args, **kwargs):
+        return self._forward(self, *args, **kwargs)
+
+
+class DraftDecoder(_Lean):
+    """The FTP decoder made for drafting: the model's own decoder step (FTP.decode, the code training and
+    verification run) on a lean copy of its decoder, one token per call for M rows.
+
+    Drafts need only be good, never exact: verification recomputes every target with the model's own modules and
+    precision, so what the copy changes alters speed and τ, not the output. It removes two costs of a one-token
+    decoder step on CPU: per-module dispatch (nn.Module.__call__ and the checks of Linear.forward: a third of the
+    step on `mini`), and float32 products: on CPUs with native bfloat16 its large products run in bf16 through
+    oneDNN with prepacked weights (float32 packed on others). Measured in `ftplm bench decode`, 2 threads:
     drafting 1.2-1.4 -> 0.9-1.05 ms per round on `small`, 0.75 -> 0.5 on `mini` (docs/results.md). Elsewhere (GPU,
     float64 test models) it computes in the model's dtype through F.linear, and equals FTP.decode up to rounding
     (tested).
@@ -84,56 +108,46 @@ class DraftDecoder:
     """
 
     GREEDY_VOCAB_SHARE, GREEDY_MIN_VOCAB = 4, 4096
+    decode = FTP.decode  # the one decoder step, run on this copy's attributes
 
-    def __init__(self, model) -> None:
-        cfg, weight = model.cfg, model.lm_head.weight
+    def __init__(self, model: FTP) -> None:
+        weight = model.lm_head.weight
         packed = ONEDNN_LINEAR and weight.device.type == "cpu" and weight.dtype == torch.float32
         # bf16 for the packed products only: embeddings, norms and attention are not where the time goes
         self.product_dtype = torch.bfloat16 if packed and torch.ops.mkldnn._is_mkldnn_bf16_supported() else weight.dtype
-        self.n_head, self.n_embd, self.n_future = cfg.dec_n_head, cfg.dec_n_embd, cfg.n_future
-        self.wte, self.wpe = model.dec_wte.weight.detach(), model.dec_wpe.weight.detach()
 
-        def product(linear: torch.nn.Linear, rows: int | None = None) -> _Product:
-            return _Product(linear, self.product_dtype, packed, rows)
+        def leaf(module: torch.nn.Module):
+            if isinstance(module, torch.nn.Linear):
+                return _Product(module, self.product_dtype, packed)
+            if isinstance(module, torch.nn.LayerNorm):
+                bias = None if module.bias is None else module.bias.detach()
+                return functools.partial(F.layer_norm, normalized_shape=module.normalized_shape,
+                                         weight=module.weight.detach(), bias=bias, eps=module.eps)
+            if isinstance(module, torch.nn.Dropout):
+                return _identity
+            if isinstance(module, torch.nn.ModuleList):
+                return [leaf(child) for child in module]
+            if isinstance(module, torch.nn.Embedding):
+                return _Lean(module, leaf)
+            return _Lean(module, leaf)
 
-        def norm(ln: torch.nn.LayerNorm) -> tuple[torch.Tensor, torch.Tensor | None]:
-            return ln.weight.detach(), None if ln.bias is None else ln.bias.detach()
-
-        self.layers = [
-            {"ln_1": norm(b.ln_1), "qkv": product(b.attn.c_attn), "attn_proj": product(b.attn.c_proj),
-             "ln_cross": norm(b.ln_cross), "cross_q": product(b.cross.q), "cross_proj": product(b.cross.c_proj),
-             "ln_2": norm(b.ln_2), "fc": product(b.mlp.c_fc), "mlp_proj": product(b.mlp.c_proj)}
-            for b in model.dec_h
-        ]  # fmt: skip
-        self.ln_f = norm(model.dec_ln_f)
-        self.head = product(model.lm_head)
+        super().__init__(model, leaf, children=("dec_wte", "dec_wpe", "dec_h", "dec_ln_f"))
+        self.head = _Product(model.lm_head, self.product_dtype, packed)
         vocab = model.lm_head.out_features
         self.greedy_vocab = vocab // self.GREEDY_VOCAB_SHARE if vocab >= self.GREEDY_MIN_VOCAB else vocab
-        self.greedy_head = product(model.lm_head, self.greedy_vocab) if self.greedy_vocab < vocab else self.head
+        self.greedy_head = _Product(model.lm_head, self.product_dtype, packed, self.greedy_vocab) if self.greedy_vocab < vocab else self.head
 
     def start(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache | None = None) -> DecoderStart:
         """A draft state from the model's pseudo-sequence keys/values and, if any, its decoder cache (copied: drafting
         extends it)."""
-        cache = KVCache(len(memory_kv), self.n_future) if cache is None else cache.select(slice(None))
+        cache = KVCache(len(memory_kv), self.cfg.n_future) if cache is None else cache.select(slice(None))
         return DecoderStart(list(memory_kv), cache)
 
     def step(self, state: DecoderStart, tokens: torch.Tensor, greedy: bool = False) -> torch.Tensor:
         """Feed one token per row (M,) at the next decoder position; its next-token logits (M, V), or with greedy
         those of the first `greedy_vocab` token ids only (M, greedy_vocab): what an argmax or top-k draft needs."""
-        M, C, H, pos = tokens.size(0), self.n_embd, self.n_head, state.cache.length
-        if pos >= self.n_future:
-            raise FtplmError(f"the decoder predicts at most n_future={self.n_future} tokens")
-        x = self.wte[tokens] + self.wpe[pos]
-        for i, layer in enumerate(self.layers):
-            q, k, v = layer["qkv"](F.layer_norm(x, (C,), *layer["ln_1"])).view(M, 3, H, 1, C // H).unbind(1)
-            y = F.scaled_dot_product_attention(q, *state.cache.update(i, k, v))
-            x = x + layer["attn_proj"](y.view(M, C))
-            q = layer["cross_q"](F.layer_norm(x, (C,), *layer["ln_cross"])).view(M, H, 1, C // H)
-            x = x + layer["cross_proj"](F.scaled_dot_product_attention(q, *state.memory_kv[i]).view(M, C))
-            hidden = F.gelu(layer["fc"](F.layer_norm(x, (C,), *layer["ln_2"])), approximate="tanh")
-            x = x + layer["mlp_proj"](hidden)
-        state.cache.advance(1)
-        return (self.greedy_head if greedy else self.head)(F.layer_norm(x, (C,), *self.ln_f))
+        hidden = self.decode(tokens.view(-1, 1), state.memory_kv, state.cache)[:, 0]
+        return (self.greedy_head if greedy else self.head)(hidden)
 
 
 # model -> (its decoder weights' keys, the draft copy): built once per model, rebuilt if a weight changes

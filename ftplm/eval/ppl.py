@@ -1,13 +1,15 @@
-"""Suite `ppl`: validation perplexity on fixed held-out windows (SPEC §5); for FTP also per-offset accuracy and CE.
+"""Suite `ppl`: validation perplexity on fixed held-out windows; for FTP also per-offset accuracy and CE.
 
 The windows are ftplm.train.evaluate's: a fixed seed picks them, so every model scored on the same data directory
-sees exactly the same tokens. The CI is a bootstrap over batches of windows (exp of the mean-CE interval).
+sees exactly the same tokens. Perplexity comes from the scoring API (TextModel.loglikelihood_batch, float32: the
+numbers lm-eval and the server's logprobs give); FTP's per-offset metrics from the teacher-forced forward on the
+same windows. The CI is a bootstrap over batches of windows (exp of the mean-CE interval).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,15 +17,31 @@ from ftplm.data import TokenData
 from ftplm.errors import FtplmError
 from ftplm.eval import EvalContext, provenance, suite
 from ftplm.eval.stats import bootstrap_ci
-from ftplm.train import evaluate
+from ftplm.train import VAL_KEY, evaluate
+
+if TYPE_CHECKING:
+    from ftplm.api import TextModel
 
 
-def val_perplexity(model, data: TokenData, batches: int, batch_size: int = 8, split: str = "val") -> tuple[dict[str, Any], list[float]]:
-    """evaluate() over `batches` fixed batches (the same windows for every model), plus the per-batch CE for a CI."""
-    per_batch = [evaluate(model, _From(data, i), batch_size, 1, split=split) for i in range(batches)]
-    mean = {k: np.mean([r[k] for r in per_batch], axis=0).tolist() for k in per_batch[0] if k != "ppl"}
+def val_perplexity(
+    model: TextModel, data: TokenData, batches: int, batch_size: int = 8, split: str = "val"
+) -> tuple[dict[str, Any], list[float]]:
+    """Next-token CE and perplexity over `batches` fixed batches of windows (the same for every model), the CE of
+    each batch (for a CI), and for FTP the per-offset CE/accuracy."""
+    block = model.config.block_size
+    per_batch, offsets = [], []
+    for i in range(batches):
+        x, y = data.batch(split, batch_size, block, key=(VAL_KEY, i))
+        # each window x_0..x_T scored as a continuation of its first token: T predictions, every one in context
+        pairs = [(row[:1].tolist(), row[1:].tolist() + [int(last[-1])]) for row, last in zip(x, y)]
+        per_batch.append(-sum(logp for logp, _ in model.loglikelihood_batch(pairs, batch_size)) / (len(pairs) * block))
+        if model.config.model_type == "ftp":
+            offsets.append(evaluate(model.model, _From(data, i), batch_size, 1, split=split))
+    mean: dict[str, Any] = {"next_token_ce": float(np.mean(per_batch))}
     mean["ppl"] = math.exp(mean["next_token_ce"])
-    return mean, [r["next_token_ce"] for r in per_batch]
+    if offsets:
+        mean.update((k, np.mean([r[k] for r in offsets], axis=0).tolist()) for k in ("offset_ce", "offset_acc"))
+    return mean, per_batch
 
 
 class _From:
@@ -44,7 +62,7 @@ def ppl(ctx: EvalContext) -> dict[str, Any]:
     data = TokenData(ctx.data_dir)
     batches = ctx.size("ppl_batches", 20, 5)
     split = ctx.options.get("ppl_split", "val")
-    mean, per_batch = val_perplexity(ctx.model.model, data, batches, split=split)
+    mean, per_batch = val_perplexity(ctx.model, data, batches, split=split)
     lo, hi = bootstrap_ci(np.asarray(per_batch), ctx.seed)
     n_tokens = batches * 8 * ctx.model.config.block_size
     metrics: dict[str, Any] = {
