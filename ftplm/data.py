@@ -1,8 +1,8 @@
 """Corpora, the document-level split, token shards on disk, and batch sampling.
 
 Order of work in `prepare` (the split comes first, so held-out documents never reach the tokenizer or the model):
-  documents ─► deterministic hash split (train / val / test) ─► BPE trained on train docs only
-            ─► token shards (numpy memmaps, uint16) per split + meta.json + heldout.jsonl (val/test docs with labels)
+  documents ─► exact duplicates dropped (normalised text) ─► deterministic hash split (train / val / test)
+            ─► BPE trained on train docs only ─► token shards (numpy memmaps, uint16) per split + meta.json + heldout.jsonl (val/test docs with labels)
 
 Batches are random windows of block_size + 1 tokens. The window offsets of micro-batch `micro` at optimizer step
 `step` are a pure function of (seed, step, micro): resuming needs no data-loader state beyond the step, and a
@@ -226,6 +226,21 @@ def documents(spec: str) -> Iterator[Document]:
     return (doc for source in sources for doc in source())
 
 
+def unique_documents(spec: str, dropped: list[int] | None = None) -> Iterator[Document]:
+    """documents(spec) without repeats: a document whose normalised text (case-folded, whitespace collapsed) was
+    already seen is dropped before the split, so no held-out document has a copy in training (bbc-news holds 101
+    groups of identical articles under different ids). dropped[0] counts them. Memory: 16 bytes per document."""
+    seen: set[bytes] = set()
+    for doc in documents(spec):
+        key = hashlib.blake2b(" ".join(doc.text.split()).casefold().encode(), digest_size=16).digest()
+        if key in seen:
+            if dropped is not None:
+                dropped[0] += 1
+            continue
+        seen.add(key)
+        yield doc
+
+
 def split_of(doc_id: str, val_frac: float, test_frac: float, seed: int) -> str:
     """Deterministic split from a hash of the document id: independent of order and of the other documents."""
     digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
@@ -328,14 +343,14 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs) -> dict:
     def docs_of(split: str) -> Iterator[Document]:
-        for doc in documents(corpus_spec):
+        for doc in unique_documents(corpus_spec):
             if split_of(doc.doc_id, val_frac, test_frac, seed) == split:
                 yield doc
 
     # 1. one pass to validate, count, and keep the held-out documents (small) for evaluation
-    counts = {s: 0 for s in SPLITS}
+    counts, duplicates = {s: 0 for s in SPLITS}, [0]
     with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
-        for doc in tqdm(documents(corpus_spec), desc="reading documents", unit=" docs", leave=False, delay=1):
+        for doc in tqdm(unique_documents(corpus_spec, duplicates), desc="reading documents", unit=" docs", leave=False, delay=1):
             split = split_of(doc.doc_id, val_frac, test_frac, seed)
             counts[split] += 1
             if split != "train":
@@ -360,7 +375,7 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
     # 3. token shards, one document after another, each followed by EOS: one streaming pass for all splits,
     #    tokenised in batches; memory holds one encode batch plus at most one shard buffer per split
     writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
-    labelled, texts = itertools.tee((split_of(d.doc_id, val_frac, test_frac, seed), d.text) for d in documents(corpus_spec))
+    labelled, texts = itertools.tee((split_of(d.doc_id, val_frac, test_frac, seed), d.text) for d in unique_documents(corpus_spec))
     encoded = encode_batches(tok, (text for _, text in texts))
     for (split, _), ids in tqdm(zip(labelled, encoded), desc="tokenizing", total=sum(counts.values()), unit=" docs", leave=False, delay=1):
         writers[split].add(ids + [eos])
@@ -374,6 +389,7 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
         "val_frac": val_frac,
         "test_frac": test_frac,
         "split_seed": seed,
+        "duplicates_dropped": duplicates[0],
         "splits": splits,
     }
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

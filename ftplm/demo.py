@@ -119,7 +119,7 @@ def write_demo_report(out: Path, runs: dict[str, Path], summary: dict[str, Any])
         evals={labels[name]: results[name]["suites"] for name in runs},
         samples=samples,
         title=f"ftplm demo: FTP vs GPT on {summary['corpus']}",
-        notes=[f"Preset `{summary['preset']}`, {summary['budget_s']:.0f}s of training each (equal compute), "
+        notes=[f"Preset `{summary['preset']}`, {summary['budget_s']:.0f}s of training each (equal training time), "
                f"total {summary['total_seconds']:.0f}s. Short versions of the evaluation suites (`ftplm eval --quick`)."],
         extra_tables=[("Side by side", ["", "FTP", "GPT"], [list(row) for row in _rows(summary)])],
     )

@@ -1,9 +1,10 @@
-"""`ftplm experiment paper`: the paper's four claims, FTP vs GPT, every seed, matched perplexity and equal compute.
+"""`ftplm experiment paper`: the paper's four claims, FTP vs GPT, every seed: matched perplexity, equal tokens, equal FLOPs.
 
 Layout under OUT (every step reuses what is already there, so an interrupted experiment continues where it stopped):
 
     OUT/data                     prepared wiki-vital + shakespeare + bbc-news (document-level split, one tokenizer)
     OUT/ftp-s{seed}, gpt-s{seed} training runs (same data, tokens, schedule; every checkpoint kept)
+    OUT/gpt-flops-s{seed}        GPT trained on FTP's training FLOPs (more tokens, its own schedule)
     OUT/coding-data              the planning-ahead coding corpus (training programs only)
     OUT/coding-{ftp,gpt}-s0      models trained on it with the same budget
     OUT/evals/*.json             one file per evaluated model (+ matched-s{seed}.json, summary.json)
@@ -13,7 +14,9 @@ A run that already reached its token budget is reused as is; a run that stopped 
 log.jsonl changed in the last two minutes is taken to be training in another process: the experiment stops rather
 than writing into it). Matched perplexity: the val perplexity of every GPT checkpoint is measured on the same fixed
 windows as FTP's, and the checkpoint closest to FTP's is "GPT (matched ppl)"; the gap is reported and flagged above
-3%. "GPT (equal compute)" is the final GPT checkpoint (same tokens and steps as FTP).
+3%. "GPT (equal tokens)" is the final GPT checkpoint (same tokens and steps as FTP); FTP costs more per token
+(ftplm.model.flops_per_token: 1.72x GPT at `small`), so "GPT (equal FLOPs)" is GPT trained on as many training FLOPs
+as FTP, i.e. on that many times more tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import platform
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +41,8 @@ TEXT_SUITES = ["ppl", "smoothness", "coherence", "classify"]
 MAX_GAP = 0.03
 # the schedule the paper runs use (GPT checkpoints every 5 steps so that one lands within 3% of FTP's perplexity)
 TRAIN_DEFAULTS = {"batch_size": 8, "warmup_steps": 20, "eval_interval": 25, "eval_iters": 10, "save_interval": 5, "keep_checkpoints": -1}
-LABELS = {"ftp": "FTP", "gpt-matched": "GPT (matched ppl)", "gpt-final": "GPT (equal compute)"}
+LABELS = {"ftp": "FTP", "gpt-matched": "GPT (matched ppl)", "gpt-tokens": "GPT (equal tokens)", "gpt-flops": "GPT (equal FLOPs)"}
+BASELINES = [k for k in LABELS if k != "ftp"]
 # claim -> (suite, metric): FTP is claimed to be higher on each
 CLAIMS = [
     ("(a) smoother state vectors", "smoothness", "adjacent_cosine"),
@@ -101,6 +106,19 @@ def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_toke
     return run
 
 
+def equal_flops_tokens(preset: str, data: Path, max_tokens: int) -> int:
+    """The tokens GPT trains on to spend FTP's training FLOPs on max_tokens (same preset and vocabulary)."""
+    import torch
+
+    from ftplm.config import preset as get_preset
+    from ftplm.model import build_model, flops_per_token
+
+    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    with torch.device("meta"):  # shapes only
+        flops = {t: flops_per_token(build_model(replace(get_preset(preset, t).model, vocab_size=vocab))) for t in ("ftp", "gpt")}
+    return round(max_tokens * flops["ftp"] / flops["gpt"])
+
+
 # ------------------------------------------------------------------------------------------------------
 # matched perplexity
 # ------------------------------------------------------------------------------------------------------
@@ -161,12 +179,14 @@ def evaluate_cached(path: Path, suites: list[str], data: Path, cache: Path, quic
 def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     """Suite results of several seeds -> the same shape, each metric's value = mean over seeds, with std and per_seed.
 
-    One seed: the result as is (its bootstrap CIs). Curves (list values) are averaged elementwise.
+    One seed: the result as is (its bootstrap CIs). Curves (list values) are averaged elementwise. Intervals: see
+    ftplm.eval.stats.seeds_summary.
     """
-    from ftplm.eval.stats import mean_std
+    from ftplm.eval.stats import seeds_summary
 
+    private = ("_items", "_item_weights")
     if len(per_seed) == 1:
-        return {s: {k: v for k, v in r.items() if k != "_items"} for s, r in per_seed[0].items()}
+        return {s: {k: v for k, v in r.items() if k not in private} for s, r in per_seed[0].items()}
     out: dict[str, Any] = {}
     for suite_name in per_seed[0]:
         results = [r[suite_name] for r in per_seed if suite_name in r]
@@ -178,30 +198,36 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
                 metrics[key] = {**{k: v for k, v in m.items() if k not in ("value", "std", "ci95", "folds")},
                                 "value": arr.mean(0).tolist(), "std": arr.std(0, ddof=1).tolist() if len(arr) > 1 else None}
             else:
-                metrics[key] = {**mean_std(values), "per_seed": values}
-        first = {k: v for k, v in results[0].items() if k not in ("metrics", "_items", "checkpoint", "run", "step", "tokens")}
+                items = [r.get("_items", {}).get(key) for r in results]
+                weights = [r.get("_item_weights", {}).get(key) for r in results]
+                metrics[key] = {
+                    **seeds_summary(values, items if None not in items else None, weights=weights if None not in weights else None),
+                    "per_seed": values,
+                }
+        first = {k: v for k, v in results[0].items() if k not in ("metrics", *private, "checkpoint", "run", "step", "tokens")}
         out[suite_name] = {**first, "metrics": metrics, "seeds": len(results), "checkpoints": [r.get("checkpoint") for r in results]}
     return out
 
 
 def claim_rows(evals_by_seed: dict[str, list[dict[str, Any]]], coding: dict[str, list[dict[str, Any]]], seed: int) -> list[dict[str, Any]]:
-    """Per claim: FTP - GPT (matched and equal compute), paired over the same items, pooled over seeds."""
-    from ftplm.eval.stats import paired_diff
+    """Per claim: FTP - GPT (matched and equal tokens), paired over the same items within each seed, with the
+    hierarchical CI over seeds and items (ftplm.eval.stats.paired_seed_diff)."""
+    from ftplm.eval.stats import paired_seed_diff
 
     rows = []
     for claim, suite_name, metric in CLAIMS:
         source = coding if suite_name == "coding" else evals_by_seed
         row: dict[str, Any] = {"claim": claim, "suite": suite_name, "metric": metric}
-        for other in ("gpt-matched", "gpt-final"):
+        for other in BASELINES:
             a, b = [], []
             for ra, rb in zip(source.get("ftp", []), source.get(other, [])):
                 ia = ra.get(suite_name, {}).get("_items", {}).get(metric)
                 ib = rb.get(suite_name, {}).get("_items", {}).get(metric)
-                if ia is not None and ib is not None and len(ia) == len(ib):
-                    a += ia
-                    b += ib
+                if ia is not None and ib is not None and len(ia) == len(ib) and len(ia):
+                    a.append(ia)
+                    b.append(ib)
             if a:
-                d = paired_diff(a, b, seed)
+                d = paired_seed_diff(a, b, seed)
                 lo, hi = d["ci95"]
                 d["verdict"] = "FTP higher" if lo > 0 else "FTP lower" if hi < 0 else "no significant difference"
                 row[other] = d
@@ -245,9 +271,13 @@ def paper_experiment(
     command = "ftplm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ftplm") else None
 
     data = ensure_data(out / "data", TEXT_CORPUS)
+    flops_tokens = equal_flops_tokens(preset, data, max_tokens)
     for seed in range(seeds):
         for model_type in ("ftp", "gpt"):
             ensure_trained(out / f"{model_type}-s{seed}", data, model_type, preset, max_tokens, seed, overrides)
+        # only its final checkpoint is evaluated: no checkpoint every 5 steps
+        ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", preset, flops_tokens, seed,
+                       {**overrides, "save_interval": 200, "keep_checkpoints": 0})
 
     matched: list[dict[str, Any]] = []
     by_label: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
@@ -256,7 +286,8 @@ def paper_experiment(
         log(f"seed {seed}: matching GPT checkpoints to FTP's val perplexity")
         m = match_perplexity(ftp, gpt, data, ppl_batches, evals_dir / f"matched-s{seed}.json")
         matched.append(m)
-        paths = {"ftp": ftp / "latest", "gpt-matched": Path(m["matched"]["checkpoint"]), "gpt-final": gpt / "latest"}
+        paths = {"ftp": ftp / "latest", "gpt-matched": Path(m["matched"]["checkpoint"]), "gpt-tokens": gpt / "latest",
+                 "gpt-flops": out / f"gpt-flops-s{seed}" / "latest"}
         for label, path in paths.items():
             by_label[label].append(evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options))
 
@@ -269,7 +300,7 @@ def paper_experiment(
             ensure_trained(out / f"coding-{model_type}-s0", cdata, model_type, preset, budget, 0, overrides)
         cftp, cgpt = out / "coding-ftp-s0", out / "coding-gpt-s0"
         coding_match = match_perplexity(cftp, cgpt, cdata, ppl_batches, evals_dir / "coding-matched-s0.json")
-        cpaths = {"ftp": cftp / "latest", "gpt-matched": Path(coding_match["matched"]["checkpoint"]), "gpt-final": cgpt / "latest"}
+        cpaths = {"ftp": cftp / "latest", "gpt-matched": Path(coding_match["matched"]["checkpoint"]), "gpt-tokens": cgpt / "latest"}
         for label, path in cpaths.items():
             coding_by_label[label] = [evaluate_cached(path, ["coding"], cdata, evals_dir / f"coding-{label}-s0.json", quick, options)]
 
@@ -278,7 +309,7 @@ def paper_experiment(
     summary = {
         "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "preset": preset, "seeds": seeds,
-        "max_tokens": max_tokens, "coding_max_tokens": None if skip_coding else (coding_max_tokens or max_tokens),
+        "max_tokens": max_tokens, "equal_flops_tokens": flops_tokens, "coding_max_tokens": None if skip_coding else (coding_max_tokens or max_tokens),
         "quick": quick, "options": options,
         "matched": [{k: v for k, v in m.items() if k != "key"} for m in matched],
         "coding_matched": None if coding_match is None else {k: v for k, v in coding_match.items() if k != "key"},
@@ -287,25 +318,29 @@ def paper_experiment(
     write_json(evals_dir / "summary.json", summary)
 
     match_rows = [[f"s{s}", f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})", f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"),
-                   f"{m['final']['ppl']:.3f} (step {m['final']['step']})"] for s, m in enumerate(matched)]
+                   f"{m['final']['ppl']:.3f} (step {m['final']['step']})", f"{by_label['gpt-flops'][s]['ppl']['metrics']['ppl']['value']:.3f}"]
+                  for s, m in enumerate(matched)]
     if coding_match:
         m = coding_match
-        match_rows.append(["coding s0", f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})", f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"), f"{m['final']['ppl']:.3f} (step {m['final']['step']})"])
-    claim_table = [[r["claim"], r["metric"], _fmt_diff(r.get("gpt-matched")), _fmt_diff(r.get("gpt-final"))] for r in claims]
-    runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in ("ftp", "gpt")}
+        match_rows.append(["coding s0", f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})", f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"), f"{m['final']['ppl']:.3f} (step {m['final']['step']})", "-"])
+    claim_table = [[r["claim"], r["metric"], *(_fmt_diff(r.get(k)) for k in BASELINES)] for r in claims]
+    runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in ("ftp", "gpt", "gpt-flops")}
     samples = {LABELS[k]: v[0]["coherence"]["examples"] for k, v in by_label.items() if v and v[0].get("coherence", {}).get("examples")}
     notes = [
-        f"Preset `{preset}`, {seeds} seed(s), {max_tokens:,} training tokens per text model"
+        f"Preset `{preset}`, {seeds} seed(s), {max_tokens:,} training tokens per text model ({flops_tokens:,} for GPT at "
+        "equal FLOPs)"
         + ("" if skip_coding else f", {summary['coding_max_tokens']:,} per coding model") + f"; {'quick' if quick else 'full'} suite sizes.",
         f"Date {summary['date']}, machine {summary['machine']}" + (f", command `{command}`" if command else "") + ".",
-        "Values are means over seeds ± std across seeds (one seed: bootstrap 95% CI in brackets). "
-        "Differences are FTP − GPT over the same prompts / documents / problems, pooled over seeds, with a paired bootstrap 95% CI.",
+        "Values are means over seeds ± std across seeds, with a 95% CI in brackets: a hierarchical bootstrap (seeds, "
+        "then items within seeds) where the metric has per-item scores, else a t interval over seeds (one seed: a "
+        "bootstrap over items). Differences are FTP − GPT over the same prompts / documents / problems within each "
+        "seed, averaged over seeds, with the hierarchical bootstrap 95% CI.",
     ]
     paths = write_report(
         out / "report", runs, evals, samples, title="ftplm experiment paper: FTP vs GPT", notes=notes,
         extra_tables=[
-            ("Matched perplexity (val ppl on identical windows)", ["seed", "FTP", "GPT matched checkpoint", "gap", "GPT final (equal compute)"], match_rows),
-            ("The paper's claims: FTP − GPT", ["claim", "metric", "vs GPT matched ppl", "vs GPT equal compute"], claim_table),
+            ("Matched perplexity (val ppl on identical windows)", ["seed", "FTP", "GPT matched checkpoint", "gap", "GPT (equal tokens)", "GPT (equal FLOPs)"], match_rows),
+            ("The paper's claims: FTP − GPT", ["claim", "metric", "vs GPT matched ppl", "vs GPT equal tokens", "vs GPT equal FLOPs"], claim_table),
         ],
     )
     log(f"report: {paths['md']} / {paths['html']} ({summary['seconds']:.0f}s)")

@@ -307,6 +307,24 @@ class Output:
     offset_acc: torch.Tensor | None = None  # FTP: (N,) top-1 accuracy per offset
 
 
+DECODER_SEED_OFFSET = 0x5EED  # FTP's own parts: seeded from the run's seed, apart from the trunk's stream
+
+
+def _generator(device: torch.device, offset: int) -> torch.Generator | None:
+    if device.type == "meta":  # shapes only (FLOP counts): nothing to draw
+        return None
+    return torch.Generator(device).manual_seed((torch.initial_seed() + offset) % 2**64)
+
+
+def _init_normal(named: list[tuple[str, nn.Parameter]], depth: int, generator: torch.Generator | None) -> None:
+    for name, p in named:
+        if p.dim() >= 2:
+            std = 0.02 / math.sqrt(2 * depth) if name.endswith("c_proj.weight") else 0.02
+            nn.init.normal_(p, mean=0.0, std=std, generator=generator)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+
+
 class LanguageModel(nn.Module):
     """What GPT and FTP share: the trunk, init, parameter counts, and the next-token interface generation uses."""
 
@@ -314,13 +332,14 @@ class LanguageModel(nn.Module):
     trunk: Trunk
 
     def _init_weights(self) -> None:
-        n_layers = self.cfg.n_layer + (self.cfg.dec_n_layer if self.cfg.model_type == "ftp" else 0)
-        for name, p in self.named_parameters():
-            if p.dim() >= 2:
-                std = 0.02 / math.sqrt(2 * n_layers) if name.endswith("c_proj.weight") else 0.02
-                nn.init.normal_(p, mean=0.0, std=std)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
+        """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 x depth), zero biases. Drawn from
+        generators seeded by the current seed (torch.manual_seed), not from the global stream that building the
+        modules has already used: at one seed FTP and GPT start from the same trunk, and FTP's own parts
+        (pseudo-sequence projection, decoder) draw from a generator of their own, scaled by the decoder's depth."""
+        trunk = [(n, p) for n, p in self.named_parameters() if n.startswith("trunk.")]
+        own = [(n, p) for n, p in self.named_parameters() if not n.startswith("trunk.")]
+        _init_normal(trunk, self.cfg.n_layer, _generator(self.device, 0))
+        _init_normal(own, self.cfg.dec_n_layer, _generator(self.device, DECODER_SEED_OFFSET))
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Unique parameter count (tied weights once); non_embedding drops the position embeddings (nanoGPT)."""
@@ -555,6 +574,25 @@ class FTP(LanguageModel):
             correct = (argmax[0].view(B * T, N) == future).float()
             out.offset_acc = (correct * valid).sum(0) / n_valid.clamp(min=1)
         return out
+
+
+def flops_per_token(model: LanguageModel) -> float:
+    """Training FLOPs (forward + backward) per input token, nanoGPT/PaLM style: 6 per matmul weight use + attention.
+
+    GPT: 6 x (block weights + LM head) + 12 L C T. FTP: the same trunk (no head) + the pseudo-sequence projection,
+    then per position a decoder sequence of N tokens: its blocks (self-attention over N, cross-attention over the P
+    pseudo vectors, whose keys/values are projected once per position) and the LM head on all N outputs.
+    Embedding lookups and norms are not counted.
+    """
+    cfg = model.cfg
+    count = lambda module: sum(p.numel() for p in module.parameters() if p.dim() >= 2)  # noqa: E731
+    trunk = 6 * count(model.trunk.h) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+    if cfg.model_type == "gpt":
+        return trunk + 6 * cfg.n_embd * cfg.vocab_size
+    N, P, d = cfg.n_future, cfg.n_pseudo, cfg.dec_n_embd
+    kv = sum(count(block.cross.kv) for block in model.dec_h)
+    per_decoder_token = 6 * (count(model.dec_h) - kv) + 12 * cfg.dec_n_layer * d * (N + P) + 6 * d * cfg.vocab_size
+    return trunk + 6 * count(model.to_pseudo) + 6 * P * kv + N * per_decoder_token
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:

@@ -85,10 +85,11 @@ def lr_at(step: int, cfg: TrainConfig, planned_steps: int) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on norms, biases, pseudo-position vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    """AdamW with weight decay on weight matrices and embeddings only: not on norms, biases, or FTP's pseudo-position
+    vectors (a learned per-slot offset added to the projection: a bias in all but shape)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith("pseudo_pos")]
+    no_decay = [p for n, p in named if p.dim() < 2 or n.endswith("pseudo_pos")]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), fused=device.type == "cuda")
 

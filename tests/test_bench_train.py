@@ -26,7 +26,8 @@ from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from ftplm.bench.train import flops_per_token, largest_batch, matmul_peak, step_memory  # noqa: E402
+from ftplm.bench.train import largest_batch, matmul_peak, step_memory  # noqa: E402
+from ftplm.model import flops_per_token  # noqa: E402
 from ftplm.config import preset, with_overrides  # noqa: E402
 from ftplm.model import build_model  # noqa: E402
 

@@ -32,8 +32,31 @@ def test_bootstrap_and_summaries():
     assert paired_diff(x, x)["value"] == 0 and paired_diff(x, x)["ci95"] == [0.0, 0.0]
     s = mean_std([1.0, 2.0, 3.0])
     assert s["value"] == 2.0 and s["std"] == pytest.approx(1.0) and s["n"] == 3
+    assert s["ci95"] == pytest.approx([2 - 4.3027 / 3**0.5, 2 + 4.3027 / 3**0.5], abs=1e-3)  # t(0.975, 2 df), not 1.96
     # weighted bootstrap: the ratio mean of per-item sums
     assert bootstrap_ci(np.array([1.0, 1.0]), weights=np.array([1.0, 3.0])) == (1.0, 1.0)
+
+
+def test_hierarchical_intervals_over_seeds():
+    """Seeds then items: a cosine's interval stays <= 1 where a t or normal interval over 3 seeds leaves [-1, 1];
+    it widens with the spread between seeds; weights give the weighted mean's interval; paired differences are
+    taken within each seed."""
+    from ftplm.eval.stats import hierarchical_ci, mean_std, paired_seed_diff, seeds_summary
+
+    rng = np.random.default_rng(1)
+    seeds = [np.clip(rng.normal(mu, 0.02, 200), -1, 1) for mu in (0.75, 0.97, 0.99)]
+    lo, hi = hierarchical_ci(seeds)
+    assert hi <= 1.0 and lo < np.mean([s.mean() for s in seeds]) < hi
+    assert mean_std([s.mean() for s in seeds])["ci95"][1] > 1.0  # what the t interval would publish
+    tight = hierarchical_ci([np.clip(rng.normal(0.9, 0.02, 200), -1, 1) for _ in range(3)])
+    assert tight[1] - tight[0] < (hi - lo) / 5
+    weighted = hierarchical_ci([[0.0] * 50 + [1.0] * 50] * 3, weights=[[1] * 50 + [99] * 50] * 3)
+    assert 0.95 < weighted[0] < 0.99 < weighted[1]  # the weighted mean is 0.99, the unweighted one 0.5
+    summary = seeds_summary([s.mean() for s in seeds], [s.tolist() for s in seeds])
+    assert summary["ci"].startswith("hierarchical") and summary["ci95"] == [lo, hi]
+    assert seeds_summary([0.1, 0.2])["ci"] == "t over seeds"
+    d = paired_seed_diff([[1.0, 2.0], [3.0, 3.0]], [[0.0, 1.0], [3.0, 2.0]])
+    assert d["value"] == pytest.approx(0.75) and d["seeds"] == 2 and d["n"] == 4
 
 
 def test_offset_cosines_known_answers():
@@ -318,9 +341,10 @@ def test_aggregate_and_claims():
     m = agg["smoothness"]["metrics"]["adjacent_cosine"]
     assert m["value"] == pytest.approx(0.6) and m["per_seed"] == [0.5, 0.7] and m["std"] == pytest.approx(0.1414, abs=1e-3)
     assert agg["smoothness"]["metrics"]["offset_curve"]["value"] == pytest.approx([0.6, 0.3])
+    assert m["ci"].startswith("hierarchical") and 0.5 <= m["ci95"][0] <= m["ci95"][1] <= 0.7
     assert aggregate([res(0.5, [0.5])])["smoothness"]["metrics"]["adjacent_cosine"]["ci95"] == [0.5, 0.5]
-    by = {"ftp": [res(0.9, [0.9, 0.8, 0.9])], "gpt-matched": [res(0.5, [0.5, 0.4, 0.5])], "gpt-final": [res(0.9, [0.9, 0.8, 0.9])]}
+    by = {"ftp": [res(0.9, [0.9, 0.8, 0.9])], "gpt-matched": [res(0.5, [0.5, 0.4, 0.5])], "gpt-tokens": [res(0.9, [0.9, 0.8, 0.9])]}
     rows = {r["metric"]: r for r in claim_rows(by, {}, 0)}
     assert rows["adjacent_cosine"]["gpt-matched"]["verdict"] == "FTP higher"
-    assert rows["adjacent_cosine"]["gpt-final"]["verdict"] == "no significant difference"
+    assert rows["adjacent_cosine"]["gpt-tokens"]["verdict"] == "no significant difference"
     assert "gpt-matched" not in rows["pass@1"]

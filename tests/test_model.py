@@ -205,6 +205,38 @@ def test_tied_weights_and_param_count():
     assert f.num_params() > g.num_params()
 
 
+def test_same_seed_same_starting_trunk():
+    """At one seed FTP and GPT start from identical trunks (a fair comparison); FTP's decoder draws from its own
+    generator, its residual projections scaled by its own depth; another seed gives another trunk."""
+    def built(model_type: str, seed: int, **over):
+        torch.manual_seed(seed)
+        return build_model(tiny_cfg(model_type, **over))
+
+    ftp, gpt = built("ftp", 3, dec_n_layer=2), built("gpt", 3)
+    f, g = ftp.trunk.state_dict(), gpt.trunk.state_dict()
+    assert f.keys() == g.keys() and all(torch.equal(f[k], g[k]) for k in f)
+    assert not torch.equal(built("gpt", 4).trunk.wte.weight, g["wte.weight"])
+    n_layer = ftp.cfg.n_layer
+    wide = built("ftp", 5, n_embd=256, dec_n_embd=256, n_head=4)  # enough entries for a std to 2%
+    assert wide.trunk.h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / (2 * n_layer) ** 0.5, rel=0.02)
+    assert wide.dec_h[0].attn.c_proj.weight.std().item() == pytest.approx(0.02 / (2 * 1) ** 0.5, rel=0.02)
+    assert not torch.equal(ftp.dec_h[0].mlp.c_fc.weight[:4, :4], ftp.trunk.h[0].mlp.c_fc.weight[:4, :4])
+
+
+def test_pseudo_positions_norms_and_biases_are_not_decayed():
+    from ftplm.config import TrainConfig
+    from ftplm.train import make_optimizer
+
+    model = FTP(tiny_cfg("ftp", bias=True))
+    decay, no_decay = make_optimizer(model, TrainConfig(), torch.device("cpu")).param_groups
+    assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
+    in_group = lambda group, p: any(p is q for q in group["params"])  # noqa: E731
+    assert in_group(no_decay, model.pseudo_pos) and in_group(no_decay, model.dec_ln_f.weight)
+    assert in_group(no_decay, model.trunk.h[0].attn.c_attn.bias)
+    assert in_group(decay, model.to_pseudo.weight) and in_group(decay, model.trunk.wpe.weight)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
 def test_pseudo_norm_normalises_each_pseudo_vector_and_keeps_the_weights():
     """pseudo_norm adds no parameters (old checkpoints load unchanged) and gives unit-scale pseudo-vectors."""
     torch.manual_seed(0)

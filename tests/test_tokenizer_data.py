@@ -135,3 +135,21 @@ def test_prepare_refuses_to_clobber_foreign_directory(tmp_path):
     with pytest.raises(FtplmError, match="refusing"):
         prepare(str(corpus), target, vocab_size=300)
     assert (target / "notes.txt").read_text() == "keep me"
+
+
+def test_duplicates_are_dropped_before_the_split(tmp_path):
+    """Documents repeating an earlier one's text (up to case and whitespace), under any id, are dropped before the
+    split: none can be held out with a copy in training; meta.json counts them."""
+    from ftplm.data import unique_documents
+
+    texts = [f"article number {i} about topic {i % 7}, with enough words to tokenize" for i in range(120)]
+    copies = [t.upper().replace(" ", "  \n ") for t in texts[:30]]  # the same texts, other ids
+    path = tmp_path / "dup.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts + copies)))
+    dropped = [0]
+    assert [d.text for d in unique_documents(str(path), dropped)] == texts and dropped == [30]
+    meta = prepare(str(path), tmp_path / "data", vocab_size=300, val_frac=0.2, test_frac=0.2)
+    assert meta["duplicates_dropped"] == 30
+    assert sum(split["documents"] for split in meta["splits"].values()) == 120
+    held = {d.text for d in TokenData(tmp_path / "data").heldout()}
+    assert held and held <= set(texts)

@@ -25,7 +25,7 @@ import torch
 
 from ftplm.config import preset as get_preset
 from ftplm.config import with_overrides
-from ftplm.model import build_model
+from ftplm.model import build_model, flops_per_token
 from ftplm.train import autocast, make_optimizer, pick_device, resolve_dtype
 
 
@@ -70,25 +70,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, max_n: int = 2048, bud
         if n >= max_n or best_s > budget_s / 4:
             return {"flops": best, "n": n}
         n *= 2
-
-
-def flops_per_token(model: torch.nn.Module) -> float:
-    """Training FLOPs (forward + backward) per input token, nanoGPT/PaLM style: 6 per matmul weight use + attention.
-
-    GPT: 6 x (block weights + LM head) + 12 L C T. FTP: the same trunk (no head) + the pseudo-sequence projection,
-    then per position a decoder sequence of N tokens: its blocks (self-attention over N, cross-attention over the P
-    pseudo vectors, whose keys/values are projected once per position) and the LM head on all N outputs.
-    Embedding lookups and norms are not counted.
-    """
-    cfg = model.cfg
-    count = lambda module: sum(p.numel() for p in module.parameters() if p.dim() >= 2)  # noqa: E731
-    trunk = 6 * count(model.trunk.h) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
-    if cfg.model_type == "gpt":
-        return trunk + 6 * cfg.n_embd * cfg.vocab_size
-    N, P, d = cfg.n_future, cfg.n_pseudo, cfg.dec_n_embd
-    kv = sum(count(block.cross.kv) for block in model.dec_h)
-    per_decoder_token = 6 * (count(model.dec_h) - kv) + 12 * cfg.dec_n_layer * d * (N + P) + 6 * d * cfg.vocab_size
-    return trunk + 6 * count(model.to_pseudo) + 6 * P * kv + N * per_decoder_token
 
 
 def _rss_kib(field: str) -> int | None:

@@ -204,6 +204,8 @@ def run_suites(
             result = SUITES[name](ctx)
             result["seconds"] = round(time.perf_counter() - t0, 2)
             per_item[name] = result.get("_items", {}) if keep_items else result.pop("_items", {})
+            if not keep_items:
+                result.pop("_item_weights", None)
             entry["suites"][name] = result
             if progress:
                 progress(f"[{label}] {name}: {headline(result)} ({result['seconds']:.0f}s)")

@@ -101,6 +101,7 @@ def smoothness(ctx: EvalContext) -> dict[str, Any]:
     centred = [offset_cosines(h - mean_vec) for h in states]
     metrics: dict[str, Any] = {}
     items: dict[str, list[float]] = {}
+    weights: dict[str, list[int]] = {}  # the metric is token-weighted: a document counts by its pairs
     for suffix, per_doc in (("", raw), ("_centered", centred)):
         sums = np.stack([s for s, _ in per_doc])  # (docs, K)
         counts = np.stack([c for _, c in per_doc])
@@ -112,8 +113,10 @@ def smoothness(ctx: EvalContext) -> dict[str, Any]:
         }
         metrics[f"offset_curve{suffix}"] = {"value": curve.tolist(), "offsets": list(range(1, MAX_OFFSET + 1)), "n": counts.sum(0).astype(int).tolist()}
         items[f"adjacent_cosine{suffix}"] = doc_adj.tolist()
+        weights[f"adjacent_cosine{suffix}"] = counts[:, 0].astype(int).tolist()
     return {
         "suite": "smoothness", **provenance(ctx.run), "model_type": ctx.model.config.model_type,
         "n": len(states), "docs": source, "skip_positions": SKIP, "layer": layer, "metrics": metrics,
         "headline": ["adjacent_cosine", "adjacent_cosine_centered"], "_items": items,
+        "_item_weights": weights,
     }
