@@ -17,6 +17,7 @@ from ftplm.errors import FtplmError
 from ftplm.loggers import check_names as check_logger_names
 
 ModelType = Literal["ftp", "gpt"]
+DecoderInputs = Literal["tokens", "masked"]
 
 
 @dataclass
@@ -41,6 +42,15 @@ class ModelConfig:
     # LayerNorm (no parameters) on each pseudo-vector before the pseudo-position embedding: off by default (the
     # published runs were made without it); on `mini` (3 seeds) it removed FTP's early gradient spikes, val ppl -4%
     pseudo_norm: bool = False
+    # Variants that make the decoder rely on h_t rather than on its teacher-forced inputs x_t..x_{t+N-1}; the paper's
+    # design is the default. "masked": every input is a learned mask embedding, so h_t alone predicts all N tokens
+    # (drafting then takes all N-1 drafts from one decoder pass). input_dropout: each input replaced by the mask
+    # with this probability during training. future_bow: weight of an extra loss in which the mean of the
+    # pseudo-sequence, through the LM head, predicts each of the next N tokens (a bag of future words): the
+    # topic-level content of the future must be in h_t itself, not reachable through the decoder's inputs.
+    decoder_inputs: DecoderInputs = "tokens"
+    input_dropout: float = 0.0
+    future_bow: float = 0.0
 
     def validate(self) -> "ModelConfig":
         def need(ok: bool, msg: str) -> None:
@@ -61,6 +71,9 @@ class ModelConfig:
             )
             need(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}")
             need(isinstance(self.pseudo_norm, bool), f"pseudo_norm must be true or false, got {self.pseudo_norm!r}")
+            need(self.decoder_inputs in ("tokens", "masked"), f"decoder_inputs must be 'tokens' or 'masked', got {self.decoder_inputs!r}")
+            need(0.0 <= self.input_dropout <= 1.0, f"input_dropout must be in [0, 1], got {self.input_dropout}")
+            need(self.future_bow >= 0.0, f"future_bow must be >= 0, got {self.future_bow}")
         return self
 
 

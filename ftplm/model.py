@@ -307,6 +307,7 @@ class Output:
     offset_acc: torch.Tensor | None = None  # FTP: (N,) top-1 accuracy per offset
 
 
+MASK = -1  # a decoder input id meaning "no token": the learned mask embedding (FTP variants)
 DECODER_SEED_OFFSET = 0x5EED  # FTP's own parts: seeded from the run's seed, apart from the trunk's stream
 
 
@@ -481,11 +482,19 @@ class FTP(LanguageModel):
             Block(d_dec, cfg.dec_n_head, cfg.bias, cfg.dropout, cross=True) for _ in range(cfg.dec_n_layer)
         )
         self.dec_ln_f = nn.LayerNorm(d_dec, bias=cfg.bias)
+        # the learned embedding of a masked decoder input (token id MASK), for the variants that use one
+        uses_mask = cfg.decoder_inputs == "masked" or cfg.input_dropout > 0
+        self.dec_mask = nn.Parameter(torch.zeros(d_dec)) if uses_mask else None
         self.lm_head = Linear(d_dec, cfg.vocab_size, bias=False)
         self.lm_head.weight = self.dec_wte.weight  # tied to the decoder's token embedding
         self._init_weights()
         weights = torch.tensor([cfg.gamma**k for k in range(cfg.n_future)])
         self.register_buffer("offset_weights", weights, persistent=False)
+
+    @property
+    def masked_inputs(self) -> bool:
+        """The decoder sees only mask embeddings (the "masked" variant): h_t alone predicts all N tokens."""
+        return self.cfg.decoder_inputs == "masked"
 
     # --- the pieces, usable on their own (generation and speculative drafting call them directly) -----
     def pseudo_sequence(self, state_vectors: torch.Tensor) -> torch.Tensor:
@@ -514,7 +523,11 @@ class FTP(LanguageModel):
         n = tokens.size(1)
         if start + n > self.cfg.n_future:
             raise FtplmError(f"the decoder predicts at most n_future={self.cfg.n_future} tokens")
-        x = self.dec_wte(tokens) + self.dec_wpe.weight[start : start + n]
+        if self.dec_mask is None:
+            x = self.dec_wte(tokens)
+        else:  # MASK inputs take the mask embedding
+            x = torch.where((tokens == MASK).unsqueeze(-1), self.dec_mask, self.dec_wte(tokens.clamp(min=0)))
+        x = x + self.dec_wpe.weight[start : start + n]
         for i, block in enumerate(self.dec_h):
             x = block(x, cache, i, memory_kv=memory_kv[i])
         if cache is not None:
@@ -534,7 +547,8 @@ class FTP(LanguageModel):
         B, T, _ = state_vectors.shape
         memory = self.memory_kv(self.pseudo_sequence(state_vectors).flatten(0, 1))
         cache = self.new_decoder_cache() if keep else None
-        hidden = self.decode(idx.reshape(B * T, 1), memory, cache)
+        inputs = torch.full_like(idx, MASK) if self.masked_inputs else idx
+        hidden = self.decode(inputs.reshape(B * T, 1), memory, cache)
         logits = self.lm_head(hidden[:, 0]).view(B, T, -1)
         return logits, DecoderStart(memory, cache) if keep else None
 
@@ -548,6 +562,10 @@ class FTP(LanguageModel):
         N = self.cfg.n_future
         future = F.pad(targets, (0, N - 1), value=-1).unfold(1, N, 1)  # future[b, t, k] = targets[b, t+k]
         inputs = torch.cat([idx.unsqueeze(-1), future[..., :-1]], dim=-1).clamp(min=0)
+        if self.masked_inputs:
+            inputs = torch.full_like(inputs, MASK)
+        elif self.training and self.cfg.input_dropout > 0:
+            inputs = inputs.masked_fill(torch.rand(inputs.shape, device=inputs.device) < self.cfg.input_dropout, MASK)
         return inputs, future
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, with_metrics: bool = False) -> Output:
@@ -569,6 +587,10 @@ class FTP(LanguageModel):
             hidden.flatten(0, 1), self.lm_head.weight, future.flatten(), coef.flatten(), want_argmax=with_metrics
         )
         offset_ce = (ce.view(B * T, N) * valid).sum(0) / n_valid.clamp(min=1)
+        if self.cfg.future_bow > 0:  # the pseudo-sequence's mean predicts each of the next N tokens, unordered
+            bag = pseudo.mean(1).repeat_interleave(N, 0)
+            bow, _ = linear_cross_entropy(bag, self.lm_head.weight, future.flatten(), valid.flatten() / valid.sum().clamp(min=1))
+            loss = loss + self.cfg.future_bow * bow
         out = Output(loss=loss, next_token_ce=offset_ce[0], offset_ce=offset_ce)
         if with_metrics:
             correct = (argmax[0].view(B * T, N) == future).float()

@@ -94,6 +94,63 @@ def test_teacher_forcing_windows_and_end_masking():
     assert (inputs >= 0).all()
 
 
+VARIANTS = [{"decoder_inputs": "masked"}, {"input_dropout": 0.5}, {"future_bow": 0.5}]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: next(iter(v)))
+def test_ftp_variants_keep_the_model_contract(variant):
+    """Each variant trains (finite loss, gradients reach the pseudo-sequence projection), its next-token logits are
+    the decoder's first output, and the future never leaks into position t."""
+    torch.manual_seed(0)
+    m = FTP(tiny_cfg(**variant))
+    x, y = torch.randint(0, V, (2, 16)), torch.randint(0, V, (2, 16))
+    out = m(x, y)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and m.to_pseudo.weight.grad.abs().sum() > 0
+    m.eval()
+    with torch.no_grad():
+        h = m.state_vectors(x)
+        inputs, _ = m.teacher_forcing(x, torch.roll(x, -1, 1))
+        first = m.lm_head(m.decode(inputs.flatten(0, 1), m.memory_kv(m.pseudo_sequence(h).flatten(0, 1))))[:, 0]
+        assert torch.allclose(m(x).logits, first.view(2, 16, V), atol=1e-5)
+        z = x.clone()
+        z[:, 9:] = torch.randint(0, V, (2, 7))
+        assert torch.allclose(m(x).logits[:, :9], m(z).logits[:, :9], atol=1e-6)
+
+
+def test_masked_inputs_and_input_dropout():
+    """masked: every decoder input is MASK, so the logits at t depend on h_t alone (not on x_t); input_dropout
+    replaces inputs with MASK at rate p in training only; future_bow adds its loss to the same model's."""
+    from ftplm.model import MASK
+
+    x, y = torch.tensor([[10, 11, 12, 13, 14]]), torch.tensor([[11, 12, 13, 14, 15]])
+    masked = FTP(tiny_cfg(decoder_inputs="masked", n_future=3))
+    assert (masked.teacher_forcing(x, y)[0] == MASK).all()
+    h = masked.state_vectors(x)
+    with torch.no_grad():
+        assert torch.equal(masked.next_token_logits(h, x), masked.next_token_logits(h, torch.zeros_like(x)))
+    torch.manual_seed(1)
+    dropped = FTP(tiny_cfg(input_dropout=0.5))
+    x, y = torch.randint(0, V, (4, 32)), torch.randint(0, V, (4, 32))
+    rate = (dropped.teacher_forcing(x, y)[0] == MASK).float().mean().item()
+    assert 0.4 < rate < 0.6
+    assert not (dropped.eval().teacher_forcing(x, y)[0] == MASK).any()  # evaluation sees the tokens
+    assert FTP(tiny_cfg()).dec_mask is None  # the paper's design has no mask embedding
+    torch.manual_seed(2)
+    plain = FTP(tiny_cfg()).eval()
+    bow = FTP(tiny_cfg(future_bow=1.0)).eval()
+    bow.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        assert bow(x, y).loss > plain(x, y).loss + 1.0  # + the bag-of-future CE (~ln V at init)
+        assert bow(x, y).next_token_ce == plain(x, y).next_token_ce
+
+
+@pytest.mark.parametrize("bad", [{"decoder_inputs": "none"}, {"input_dropout": 1.5}, {"future_bow": -1.0}])
+def test_variant_fields_are_validated(bad):
+    with pytest.raises(FtplmError, match=next(iter(bad))):
+        tiny_cfg(**bad).validate()
+
+
 def test_masked_targets_do_not_change_the_loss():
     """Targets past the end are ignored: the loss equals a hand computation over valid targets only."""
     torch.manual_seed(0)

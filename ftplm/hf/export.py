@@ -123,13 +123,17 @@ def ftp_model(model: LanguageModel, eos: int) -> torch.nn.Module:
     from ftplm.hf.modeling_ftp import FTPForCausalLM
 
     cfg = model.cfg
+    if model.masked_inputs:
+        raise FtplmError("the exported FTP modeling code has no masked decoder inputs (decoder_inputs='masked'): "
+                         "serve or evaluate this run with ftplm")
     fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_future", "n_pseudo",
               "dec_n_layer", "dec_n_head", "dec_n_embd", "pseudo_norm")
     config = FTPConfig(**{f: getattr(cfg, f) for f in fields}, bos_token_id=eos, eos_token_id=eos)
     config.auto_map = {"AutoConfig": "configuration_ftp.FTPConfig",
                        "AutoModelForCausalLM": "modeling_ftp.FTPForCausalLM"}
     hf_model = FTPForCausalLM(config)
-    hf_model.load_state_dict(model.state_dict(), strict=True)
+    # dec_mask (input_dropout runs) is a training-time input only: inference never feeds it
+    hf_model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "dec_mask"}, strict=True)
     return _ready(hf_model, eos)
 
 
