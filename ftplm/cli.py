@@ -369,10 +369,11 @@ def report(run_a: str, run_b: Optional[str] = None, *, out: str, title: str = "f
 def _experiment_fields() -> dict[str, set[str]]:
     from dataclasses import fields
 
-    from ftplm.config import TrainConfig
+    from ftplm.config import ModelConfig, TrainConfig
     from ftplm.eval import OPTIONS
 
-    return {"set": set(OPTIONS), "train_set": {f.name for f in fields(TrainConfig)}}
+    model = {f.name for f in fields(ModelConfig) if f.name not in ("model_type", "vocab_size")}
+    return {"set": set(OPTIONS), "train_set": {f.name for f in fields(TrainConfig)}, "model_set": model}
 
 
 @command(name="experiment paper", config=_experiment_fields)
@@ -388,6 +389,7 @@ def experiment_paper(
     ppl_batches: int = 20,
     set: list[str] = [],  # noqa: A002 - the option is called --set
     train_set: list[str] = [],
+    model_set: list[str] = [],
     config: Optional[str] = None,
 ) -> None:
     """The paper's four claims: train FTP and GPT per seed (or reuse/resume runs in OUT), match perplexity, evaluate, report.
@@ -403,6 +405,8 @@ def experiment_paper(
         ppl_batches: 8-window batches for every val perplexity (FTP and each GPT checkpoint: same windows)
         set: suite size, e.g. --set coherence_prompts=50 (see `ftplm eval --help`)
         train_set: training config for runs started here, e.g. --train-set save_interval=10
+        model_set: model config of every run over the preset, e.g. an FTP variant: --model-set decoder_inputs=masked
+            (FTP-only fields leave GPT unchanged)
         config: YAML or JSON file of settings: any option above, eval --set field or training field (flags given
             here win); the resolved settings are saved as OUT/experiment_config.yaml
     """
@@ -412,14 +416,16 @@ def experiment_paper(
     if max_tokens < 1 or (coding_max_tokens is not None and coding_max_tokens < 1) or ppl_batches < 1:
         raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
     options, train_overrides = dict(parse_override(x) for x in set), dict(parse_override(x) for x in train_set)
+    model_overrides = dict(parse_override(x) for x in model_set)
     resolved = {"preset": preset, "seeds": seeds, "max_tokens": max_tokens, "coding_max_tokens": coding_max_tokens,
-                "quick": quick, "skip_coding": skip_coding, "ppl_batches": ppl_batches, **options, **train_overrides}
+                "quick": quick, "skip_coding": skip_coding, "ppl_batches": ppl_batches, **options, **train_overrides,
+                **model_overrides}
     Path(out).mkdir(parents=True, exist_ok=True)
     write_config_file(Path(out) / "experiment_config.yaml", resolved,
                       f"The settings of this experiment, resolved.\nftplm experiment paper --config THIS_FILE --out {out} runs it again.")
     paper_experiment(
         out, preset, seeds, max_tokens, coding_max_tokens, quick, skip_coding,
-        options=options, train_overrides=train_overrides, ppl_batches=ppl_batches,
+        options=options, train_overrides=train_overrides, model_overrides=model_overrides, ppl_batches=ppl_batches,
     )
 
 

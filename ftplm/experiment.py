@@ -83,7 +83,8 @@ def run_state(run: Path) -> dict[str, Any] | None:
     return json.loads(state.read_text()) if state.is_file() else None
 
 
-def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_tokens: int, seed: int, overrides: dict[str, Any], busy_s: float = 120.0) -> Path:
+def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_tokens: int, seed: int, overrides: dict[str, Any],
+                   busy_s: float = 120.0, model_overrides: dict[str, Any] | None = None) -> Path:
     """Train RUN to max_tokens: reuse it when done, resume it when it stopped early, else start it."""
     from ftplm.train import train
 
@@ -101,12 +102,12 @@ def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_toke
         if run.exists() and any(run.iterdir()):
             raise FtplmError(f"{run} exists but holds no checkpoint: remove it or choose another --out")
         log(f"training {run} ({model_type}, preset {preset}, {max_tokens:,} tokens, seed {seed})")
-        train(data, run, model_type=model_type, preset_name=preset, progress=True,
+        train(data, run, model_type=model_type, preset_name=preset, progress=True, model_overrides=model_overrides,
               train_overrides={**TRAIN_DEFAULTS, **overrides, "max_tokens": max_tokens, "seed": seed})
     return run
 
 
-def equal_flops_tokens(preset: str, data: Path, max_tokens: int) -> int:
+def equal_flops_tokens(preset: str, data: Path, max_tokens: int, model_overrides: dict[str, Any] | None = None) -> int:
     """The tokens GPT trains on to spend FTP's training FLOPs on max_tokens (same preset and vocabulary)."""
     import torch
 
@@ -115,7 +116,8 @@ def equal_flops_tokens(preset: str, data: Path, max_tokens: int) -> int:
 
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
     with torch.device("meta"):  # shapes only
-        flops = {t: flops_per_token(build_model(replace(get_preset(preset, t).model, vocab_size=vocab))) for t in ("ftp", "gpt")}
+        flops = {t: flops_per_token(build_model(replace(get_preset(preset, t).model, **(model_overrides or {}), vocab_size=vocab)))
+                 for t in ("ftp", "gpt")}
     return round(max_tokens * flops["ftp"] / flops["gpt"])
 
 
@@ -255,6 +257,7 @@ def paper_experiment(
     options: dict[str, Any] | None = None,
     train_overrides: dict[str, Any] | None = None,
     ppl_batches: int = 20,
+    model_overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train (or reuse), match perplexity, evaluate every suite for every seed, aggregate, write the report."""
     from ftplm.report import write_report
@@ -271,13 +274,14 @@ def paper_experiment(
     command = "ftplm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ftplm") else None
 
     data = ensure_data(out / "data", TEXT_CORPUS)
-    flops_tokens = equal_flops_tokens(preset, data, max_tokens)
+    flops_tokens = equal_flops_tokens(preset, data, max_tokens, model_overrides)
     for seed in range(seeds):
         for model_type in ("ftp", "gpt"):
-            ensure_trained(out / f"{model_type}-s{seed}", data, model_type, preset, max_tokens, seed, overrides)
+            ensure_trained(out / f"{model_type}-s{seed}", data, model_type, preset, max_tokens, seed, overrides,
+                           model_overrides=model_overrides)
         # only its final checkpoint is evaluated: no checkpoint every 5 steps
         ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", preset, flops_tokens, seed,
-                       {**overrides, "save_interval": 200, "keep_checkpoints": 0})
+                       {**overrides, "save_interval": 200, "keep_checkpoints": 0}, model_overrides=model_overrides)
 
     matched: list[dict[str, Any]] = []
     by_label: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
@@ -297,7 +301,8 @@ def paper_experiment(
         cdata = ensure_data(out / "coding-data", "coding", vocab_size=2048)
         budget = coding_max_tokens or max_tokens
         for model_type in ("ftp", "gpt"):
-            ensure_trained(out / f"coding-{model_type}-s0", cdata, model_type, preset, budget, 0, overrides)
+            ensure_trained(out / f"coding-{model_type}-s0", cdata, model_type, preset, budget, 0, overrides,
+                           model_overrides=model_overrides)
         cftp, cgpt = out / "coding-ftp-s0", out / "coding-gpt-s0"
         coding_match = match_perplexity(cftp, cgpt, cdata, ppl_batches, evals_dir / "coding-matched-s0.json")
         cpaths = {"ftp": cftp / "latest", "gpt-matched": Path(coding_match["matched"]["checkpoint"]), "gpt-tokens": cgpt / "latest"}
@@ -310,7 +315,7 @@ def paper_experiment(
         "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "preset": preset, "seeds": seeds,
         "max_tokens": max_tokens, "equal_flops_tokens": flops_tokens, "coding_max_tokens": None if skip_coding else (coding_max_tokens or max_tokens),
-        "quick": quick, "options": options,
+        "quick": quick, "options": options, "model_overrides": model_overrides or {},
         "matched": [{k: v for k, v in m.items() if k != "key"} for m in matched],
         "coding_matched": None if coding_match is None else {k: v for k, v in coding_match.items() if k != "key"},
         "evals": evals, "claims": claims, "seconds": round(time.perf_counter() - started, 1),
@@ -329,7 +334,8 @@ def paper_experiment(
     notes = [
         f"Preset `{preset}`, {seeds} seed(s), {max_tokens:,} training tokens per text model ({flops_tokens:,} for GPT at "
         "equal FLOPs)"
-        + ("" if skip_coding else f", {summary['coding_max_tokens']:,} per coding model") + f"; {'quick' if quick else 'full'} suite sizes.",
+        + ("" if skip_coding else f", {summary['coding_max_tokens']:,} per coding model") + f"; {'quick' if quick else 'full'} suite sizes"
+        + "".join(f", {k} = {v}" for k, v in (model_overrides or {}).items()) + ".",
         f"Date {summary['date']}, machine {summary['machine']}" + (f", command `{command}`" if command else "") + ".",
         "Values are means over seeds ± std across seeds, with a 95% CI in brackets: a hierarchical bootstrap (seeds, "
         "then items within seeds) where the metric has per-item scores, else a t interval over seeds (one seed: a "

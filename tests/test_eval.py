@@ -348,3 +348,28 @@ def test_aggregate_and_claims():
     assert rows["adjacent_cosine"]["gpt-matched"]["verdict"] == "FTP higher"
     assert rows["adjacent_cosine"]["gpt-tokens"]["verdict"] == "no significant difference"
     assert "gpt-matched" not in rows["pass@1"]
+
+
+def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
+    """Run again with the same arguments, the experiment retrains nothing and re-evaluates only what is missing
+    (here: one model's suites, as if it had been stopped there), and reports the same figures."""
+    from ftplm.experiment import paper_experiment
+
+    args = dict(preset="tiny", seeds=1, max_tokens=3000, quick=True, skip_coding=True, ppl_batches=1,
+                train_overrides={"batch_size": 4, "eval_interval": 5})
+    out = tmp_path / "exp"
+    first = paper_experiment(out, **args)
+    assert first["equal_flops_tokens"] > 3000 and json.loads((out / "data" / "meta.json").read_text())["duplicates_dropped"] > 0
+    evals = {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json")}
+    steps = {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"] for r in ("ftp-s0", "gpt-s0", "gpt-flops-s0")}
+    (out / "evals" / "gpt-flops-s0.json").unlink()
+    capsys.readouterr()
+    second = paper_experiment(out, **args)
+    log = capsys.readouterr().out
+    assert "training" not in log and "resuming" not in log and log.count("reusing") >= 4
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json") if p.name != "gpt-flops-s0.json"} == \
+        {k: v for k, v in evals.items() if k != "gpt-flops-s0.json"}
+    assert steps == {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"] for r in steps}
+    assert second["claims"] == first["claims"]
+    metrics = lambda summary: {(label, suite): r["metrics"] for label, suites in summary["evals"].items() for suite, r in suites.items()}  # noqa: E731
+    assert metrics(second) == metrics(first)

@@ -125,18 +125,18 @@ def test_experiment_config_file_routes_eval_and_training_fields(capsys, tmp_path
     monkeypatch.setattr(ftplm.experiment, "paper_experiment", lambda *args, **kwargs: seen.update(args=args, **kwargs))
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump({"preset": "tiny", "seeds": 2, "coherence_prompts": 5, "save_interval": 10,
-                                      "ppl_batches": 3}))
+                                      "ppl_batches": 3, "decoder_inputs": "masked"}))
     out = tmp_path / "exp"
     code, _, err = cli(capsys, "experiment", "paper", "--config", config, "--out", out, "--seeds", "1",
                        "--train-set", "save_interval=20")
     assert code == 0, err
     assert seen["args"][1:3] == ("tiny", 1)  # preset from the file, --seeds from the command line
     assert seen["options"] == {"coherence_prompts": 5} and seen["train_overrides"] == {"save_interval": 20}
-    assert seen["ppl_batches"] == 3
+    assert seen["ppl_batches"] == 3 and seen["model_overrides"] == {"decoder_inputs": "masked"}  # an FTP variant
     saved = yaml.safe_load((out / "experiment_config.yaml").read_text())
     assert saved["seeds"] == 1 and saved["save_interval"] == 20 and saved["coherence_prompts"] == 5
-    config.write_text("n_layer: 3\n")  # not a setting of the experiment
-    one_line_error(capsys, "unknown key 'n_layer'", "experiment", "paper", "--config", config, "--out", out)
+    config.write_text("n_layers: 3\n")  # not a setting of the experiment
+    one_line_error(capsys, "unknown key 'n_layers'", "experiment", "paper", "--config", config, "--out", out)
 
 
 # ------------------------------------------------------------------------------------------------------
