@@ -1,29 +1,19 @@
 """The decoding engine: every option in one `GenerationConfig`, one `DecodeSession` that advances rows by steps.
 
-A session owns the trunk's KV cache, each row's state and the drafters. Each `step()` runs ONE trunk forward for
-every active row: the row's last accepted token (the root) plus whatever its drafter proposed (ftplm.drafters: a
-token tree; none for plain decoding). Rows may join (their prompts are prefilled together at the next step) and
-leave between steps; new tokens stream out of every step. Plain and speculative decoding, batch 1 and batch > 1,
-are this one loop; `generate`, `generate_batch`, `TextModel`, the CLI, `bench decode` and the server call it.
+Each `step()` runs ONE trunk forward for every active row: its last accepted token (the root) plus whatever its
+drafter proposed (ftplm.drafters: a token tree; none for plain decoding). Rows join (their prompts prefilled
+together at the next step) and leave between steps. Plain and speculative decoding, batch 1 and batch > 1, are this
+one loop; `generate`, `generate_batch`, `TextModel`, the CLI, `bench decode` and the server call it.
 
-Verification: the target distribution at each node is model.next_token_logits there (FTP: its decoder's first
-step; `--temperature 0` = greedy). Greedy: the longest path whose tokens equal the argmax at their parent;
-sampling: accept x ~ q with probability min(1, p/q), else continue from the residual norm(max(0, p - q)), then a
-bonus token, so the output is exactly distributed as plain sampling. Each row samples with its own generator (its
-seed), so a row's output does not depend on which other rows share its steps.
+Verification is lossless: greedy accepts the longest path whose tokens equal the argmax at their parent; sampling
+accepts x ~ q with probability min(1, p/q), else continues from norm(max(0, p - q)), so the output is distributed
+exactly as plain sampling. Each row samples with its own generator (its seed) and drafts with its own drafter
+(one passed in by the caller is shared on purpose), so its tokens do not depend on which rows share its steps.
+Rows whose drafters keep no state that matters (`Drafter.batch_key`) are still drafted together.
 
-The cache is shared by the batch: every step writes all rows' inputs at the same slots. A row's accepted nodes are
-moved to the front of its new slots, and the write position falls back to the longest accepted path, so a row
-that accepted less has holes there, masked out of attention, and counts positions over its own tokens only. A
-single row (or rows that stay in step) never has holes and runs without any mask. When the slots run out, every
-row's tokens are moved to the front (`_compact`).
-
-Drafter state belongs to the row: each row gets its own drafter from its config, so what it learns (Token
-Recycling's matrix, ftp-lookup's scores, adaptive draft lengths) is its own, and a seeded sampled row gives the
-same tokens whatever rows share its steps. Rows whose drafters keep no state that matters to others (FTP chains:
-`Drafter.batch_key`) are still drafted together, one decoder step per depth for all of them. A Drafter passed in
-by the caller is shared explicitly, by every row (and call) it is given to: Token Recycling's matrix then carries
-over between generations, as in the paper (`ftplm bench decode` does this).
+The KV cache is shared: every step writes all rows at the same slots; a row's accepted nodes move to the front of
+its new slots and the rest become holes, masked out of attention (rows that stay in step need no mask). When the
+slots run out, every row's tokens are moved to the front (`_compact`).
 """
 
 from __future__ import annotations
@@ -92,10 +82,7 @@ class Sampling:
     @staticmethod
     def draw(probs: torch.Tensor, generator: torch.Generator | None = None, n: int = 1) -> torch.Tensor:
         """n independent draws (with replacement) from each row of probs (V,) or (B, V) -> (n,) or (B, n).
-
-        For a single draw torch.multinomial races one exponential variate per vocabulary entry (0.22 ms for 8,192
-        on our CPU, a tenth of a decode step); with replacement and two or more draws it inverts the CDF (7 us). So a
-        single draw is the first of two: the same distribution, 30x faster."""
+        A single draw is the first of two: multinomial then inverts the CDF, 30x faster than its one-draw path."""
         return torch.multinomial(probs, max(n, 2), replacement=True, generator=generator)[..., :n]
 
 
@@ -151,9 +138,9 @@ class GenerationConfig:
             raise FtplmError("adaptive draft length needs a speculative drafter (speculative='ftp', 'recycling', ...)")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             raise FtplmError(f"logprobs must be an integer in 0..{MAX_LOGPROBS}, got {self.logprobs!r}")
-        for name in ("stop_at_eos", "adaptive", "echo"):
-            if not isinstance(getattr(self, name), bool):
-                raise FtplmError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for f in dataclasses.fields(self):
+            if f.type == "bool" and not isinstance(getattr(self, f.name), bool):
+                raise FtplmError(f"{f.name} must be true or false, got {getattr(self, f.name)!r}")
 
     @property
     def sampling(self) -> Sampling:
@@ -352,7 +339,6 @@ class DecodeSession:
         self._valid: torch.Tensor | None = None
         self.cache: KVCache | None = None
         self.valid: torch.Tensor | None = None  # the slots each active row's tokens are in
-        self._trunk_time = self._target_time = 0.0
 
     # --- rows in and out ------------------------------------------------------------------------------
     def add(self, prompt: Sequence[int], config: GenerationConfig | None = None, drafter: Drafter | None = None,
@@ -372,8 +358,7 @@ class DecodeSession:
         adaptive = config.adaptive if adaptive is None else adaptive
         depth = AdaptiveDepth(drafter.draft_len, drafter.node_cost, drafter.fixed_cost) if drafter and adaptive else None
         if depth is not None and shared:  # a drafter the caller shares keeps one set of statistics, carried over
-            drafter.adaptive_depth = drafter.adaptive_depth or depth  # type: ignore[union-attr]
-            depth = drafter.adaptive_depth  # type: ignore[union-attr]
+            depth = drafter.adaptive_depth = drafter.adaptive_depth or depth  # type: ignore[union-attr]
         row = Row(prompt, config, budget, config.sampling, make_generator(config.seed, self.model.device), drafter,
                   depth)
         if budget == 0 and not config.echo:
@@ -396,12 +381,9 @@ class DecodeSession:
         """One verification forward for the active rows, then the prefill of the rows that joined: each row that
         produced tokens, with them. Rows that finished (or were cancelled) have left the session afterwards."""
         started = time.perf_counter()
-        self._trunk_time = self._target_time = 0.0
         self._leave()
         events: list[tuple[Row, list[int]]] = []
-        draft_time = 0.0
-        if self.rows:
-            draft_time = self._verify(events)
+        draft_time = self._verify(events) if self.rows else 0.0
         if self.joining:
             self._prefill(events)
         self._leave()
@@ -410,8 +392,6 @@ class DecodeSession:
         s.draft_time += draft_time
         s.verify_time += total - draft_time
         s.total_time += total
-        s.trunk_time += self._trunk_time
-        s.target_time += self._target_time
         return events
 
     def run(self) -> Iterator[tuple[Row, list[int]]]:
@@ -444,21 +424,24 @@ class DecodeSession:
         self.cache.k, self.cache.v, self.cache.length = self._k[:, :n], self._v[:, :n], length  # type: ignore[index]
         self.valid = self._valid[:n]  # type: ignore[index]
 
-    def _trunk(self, *args: Any) -> torch.Tensor:
+    def _forward(self, rows: list[Row], x: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None, last: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """One target forward of the rows' inputs x (masked where a (rows, T, slots) mask is given): the state
+        vectors, the next-token logits at the fed positions (last: at the last only) and, for FTP drafters, the
+        decoder state after that first step."""
         t0 = time.perf_counter()
-        h = self.model.state_vectors(*args)
-        self._trunk_time += time.perf_counter() - t0
-        return h
-
-    def _targets(self, h: torch.Tensor, x: torch.Tensor, keep_decoder: bool) -> tuple[torch.Tensor, Any]:
-        """Next-token logits at the fed positions and, for FTP drafters, the decoder state after that first step."""
-        t0 = time.perf_counter()
-        if keep_decoder and hasattr(self.model, "first_decoder_step"):
-            logits, decoder = self.model.first_decoder_step(h, x)
+        h = self.model.state_vectors(x, cache, positions, None if mask is None else mask[:, None])
+        t1 = time.perf_counter()
+        hx = (h[:, -1:], x[:, -1:]) if last else (h, x)
+        if any(r.drafter is not None and r.drafter.wants_decoder_start for r in rows) and hasattr(
+                self.model, "first_decoder_step"):
+            logits, decoder = self.model.first_decoder_step(*hx)
         else:
-            logits, decoder = self.model.next_token_logits(h, x), None
-        self._target_time += time.perf_counter() - t0
-        return logits, decoder
+            logits, decoder = self.model.next_token_logits(*hx), None
+        self.stats.trunk_time += t1 - t0
+        self.stats.target_time += time.perf_counter() - t1
+        self.stats.target_forwards += len(rows)
+        return h, logits, decoder
 
     def _prefill(self, events: list[tuple[Row, list[int]]]) -> None:
         """The joining rows' prompts in one forward (shorter ones left-padded, the padding a hole like the others),
@@ -469,26 +452,19 @@ class DecodeSession:
         pads = [width - len(r.prompt) for r in rows]
         x = torch.tensor([r.prompt[:1] * pad + r.prompt for r, pad in zip(rows, pads)], device=device)
         cache = KVCache(self.model.cfg.n_layer, width)
-        valid = torch.zeros(len(rows), width, dtype=torch.bool, device=device)
-        for i, pad in enumerate(pads):
-            valid[i, pad:width] = True
+        start, slots = torch.tensor(pads, device=device)[:, None], torch.arange(width, device=device)
+        valid = slots >= start
+        positions = mask = None
         if any(pads):
             causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
             mask = (causal & valid[:, None, :width]) | torch.eye(width, dtype=torch.bool, device=device)
-            positions = (torch.arange(width, device=device) - torch.tensor(pads, device=device)[:, None]).clamp(min=0)
-            h = self._trunk(x, cache, positions, mask[:, None])
-        else:
-            h = self._trunk(x, cache)
-        echo = [i for i, r in enumerate(rows) if r.config.echo and r.config.logprobs is not None]
-        keep_decoder = any(r.drafter is not None and r.drafter.wants_decoder_start for r in rows)
-        logits, decoder = self._targets(h[:, -1:], x[:, -1:], keep_decoder)
-        for i in echo:  # the prompt's own log-probabilities, from the same forward
-            row, pad = rows[i], pads[i]
-            prompt_logits = self.model.next_token_logits(h[i : i + 1, pad:-1], x[i : i + 1, pad:-1])[0]
-            row.prompt_logprobs = [TokenLogprob(row.prompt[0], None)] + _logprobs(
-                prompt_logits, row.prompt[1:], row.config.logprobs)  # type: ignore[arg-type]
-        self.stats.target_forwards += len(rows)
-        for i, row in enumerate(rows):
+            positions = (slots - start).clamp(min=0)
+        h, logits, decoder = self._forward(rows, x, cache, positions, mask, last=True)
+        for i, (row, pad) in enumerate(zip(rows, pads)):
+            if row.config.echo and row.config.logprobs is not None:  # the prompt's own, from the same forward
+                prompt_logits = self.model.next_token_logits(h[i : i + 1, pad:-1], x[i : i + 1, pad:-1])[0]
+                row.prompt_logprobs = [TokenLogprob(row.prompt[0], None)] + _logprobs(
+                    prompt_logits, row.prompt[1:], row.config.logprobs)  # type: ignore[arg-type]
             row.length, row.h_prev = len(row.prompt), h[i, -1]
             row.decoder_start = decoder.row(i) if decoder is not None else None
             if row.drafter is not None:
@@ -561,19 +537,20 @@ class DecodeSession:
         width = 1 + max(len(d) for d in drafts)
         if cache.length + width > self.capacity:
             _compact(cache, valid, [r.length for r in rows])
+            room = self.capacity - cache.length - 1  # at CAPACITY >= 2 every draft fits: a smaller pool cuts them
+            drafts = [d.truncated(len(d), room) for d in drafts]
+            width = 1 + max(len(d) for d in drafts)
         start = cache.length
         inputs = [[r.out[-1] if r.out else r.prompt[-1]] + d.tokens for r, d in zip(rows, drafts)]
         x = torch.tensor([row + [row[0]] * (width - len(row)) for row in inputs], device=device)
+        positions = mask = None  # every row contiguous, chains of one length: the plain causal path, no mask
         holes = any(r.length != start for r in rows)
         if holes or any(len(row) != width for row in inputs) or not all(d.is_chain() for d in drafts):
             positions = torch.tensor([[r.length + depth for depth in [0] + d.depths()] + [r.length] * (width - 1 - len(d))
                                       for r, d in zip(rows, drafts)], device=device)
             among = torch.stack([_draft_mask(d, width) for d in drafts]).to(device)
             mask = torch.cat([valid[:, None, :start].expand(-1, width, -1), among], dim=2)
-            h = self._trunk(x, cache, positions, mask[:, None])
-        else:  # every row contiguous, chains of one length: the plain causal path, no mask
-            h = self._trunk(x, cache)
-        logits, decoder = self._targets(h, x, any(r.drafter is not None and r.drafter.wants_decoder_start for r in rows))
+        h, logits, decoder = self._forward(rows, x, cache, positions, mask)
         longest = 0
         for i, (row, draft) in enumerate(zip(rows, drafts)):
             n = len(inputs[i])
@@ -590,7 +567,6 @@ class DecodeSession:
             self.stats.accepted_tokens += len(path) - 1
             self._emit(row, new, logits[i], path, events)
         cache.length = start + longest
-        self.stats.target_forwards += len(rows)
         return draft_time
 
     def _keep(self, i: int, start: int, path: list[int]) -> None:
@@ -626,17 +602,12 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLo
     """Each token's log-probability under logits (one row each) and the `top` most likely alternatives."""
     logp = logits.float().log_softmax(-1)
     chosen = logp.gather(1, torch.tensor(tokens, device=logp.device)[:, None])[:, 0].tolist()
-    best = logp.topk(top, dim=-1) if top else None
-    out = []
-    for j, (token, lp) in enumerate(zip(tokens, chosen)):
-        alts = list(zip(best.indices[j].tolist(), best.values[j].tolist())) if best is not None else []
-        out.append(TokenLogprob(token, lp, alts))
-    return out
+    best = logp.topk(top, dim=-1)
+    alts = [list(zip(i, v)) for i, v in zip(best.indices.tolist(), best.values.tolist())]
+    return [TokenLogprob(token, lp, alt) for token, lp, alt in zip(tokens, chosen, alts)]
 
 
-# ------------------------------------------------------------------------------------------------------
-# the session's usual callers
-# ------------------------------------------------------------------------------------------------------
+# --- the session's usual callers ----------------------------------------------------------------------------
 def as_config(config: GenerationConfig | int | None = None, sampling: Sampling | None = None,
               options: dict[str, Any] | None = None) -> GenerationConfig:
     """generate's arguments as one GenerationConfig: a config, or max_new_tokens [+ Sampling] [+ its fields]."""

@@ -5,16 +5,12 @@
     POST /v1/embeddings    input (str or list of str), encoding_format float|base64, pooling mean|last (extension)
     GET  /v1/models, /v1/models/{id}, /health
 
-One worker thread owns the model: request handlers hand it jobs and await the results, so the model never runs on
-two threads at once. Completions are rows of one decoding session (ftplm.generate.DecodeSession), batched
-continuously: every step advances all active completions in one forward, new requests join at the next step and
-finished ones leave, and each step's tokens stream out at once. The worker pushes results into the request's
-asyncio queue with `call_soon_threadsafe` and never waits on a client socket: a slow or vanished client holds up
-nobody (a vanished client's row is dropped at the next step). echo with logprobs and max_tokens 0 scores a text
-(the log-likelihoods lm-evaluation-harness asks an OpenAI-style server for).
-Completions use lossless speculative decoding (greedy output equals plain decoding, sampled output has its
-distribution), with the drafter chosen per request by default (`auto_drafter`). Client mistakes always get a 4xx
-with an OpenAI-style JSON error, never a 5xx.
+One worker thread owns the model; request handlers hand it jobs and await the results. Completions are rows of one
+decoding session (ftplm.generate.DecodeSession), batched continuously: requests join at the next step, finished
+ones leave, and each step's tokens stream out at once. The worker never waits on a client socket, so a slow or
+vanished client holds up nobody. echo with logprobs and max_tokens 0 scores a text (what lm-evaluation-harness
+asks for). Completions use lossless speculative decoding, the drafter chosen per request (`auto_drafter`). Client
+mistakes always get a 4xx with an OpenAI-style JSON error, never a 5xx.
 """
 
 from __future__ import annotations
@@ -31,11 +27,10 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -45,16 +40,14 @@ from starlette.exceptions import HTTPException
 from ftplm.api import TextModel, load
 from ftplm.drafters import auto_drafter, get_drafter
 from ftplm.errors import FtplmError
-from ftplm.generate import MAX_STOP, DecodeSession, GenerationConfig, Row, TokenLogprob
+from ftplm.generate import DecodeSession, GenerationConfig, Row, TokenLogprob
 
 MAX_BODY_BYTES = 1 << 20  # request bodies above this get 413
 MAX_EMBED_INPUTS = 256
 MAX_BATCH = 64  # completions decoded together; more wait for a free row
 
 
-# ------------------------------------------------------------------------------------------------------
-# errors
-# ------------------------------------------------------------------------------------------------------
+# --- errors -------------------------------------------------------------------------------------------------
 class APIError(Exception):
     """A client-visible error: HTTP status + OpenAI's {"error": {message, type, param, code}} body."""
 
@@ -96,9 +89,7 @@ class BodyLimit:
         await self.app(scope, limited_receive, send)
 
 
-# ------------------------------------------------------------------------------------------------------
-# requests (extra fields are accepted and ignored, as OpenAI does; types are strict: "5" is not a number)
-# ------------------------------------------------------------------------------------------------------
+# --- requests (extra fields are accepted and ignored, as OpenAI does; types are strict: "5" is not a number) ---
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
@@ -132,9 +123,7 @@ class EmbeddingRequest(BaseModel):
     pooling: Literal["mean", "last"] = "mean"  # extension
 
 
-# ------------------------------------------------------------------------------------------------------
-# the worker thread that owns the model
-# ------------------------------------------------------------------------------------------------------
+# --- the worker thread that owns the model ------------------------------------------------------------------
 class Job:
     """A request's work on the worker thread; its results flow to an asyncio queue: ("item", value)..., then
     ("done", None) or ("error", exception)."""
@@ -156,13 +145,9 @@ class Job:
         self.cancelled = True
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        while True:
-            kind, value = await self.results.get()
-            if kind == "done":
-                return
-            if kind == "error":
-                raise value
-            yield value
+        async for items in self.batches():
+            for item in items:
+                yield item
 
     async def batches(self) -> AsyncIterator[list[Any]]:
         """The items as they come, those already waiting taken together (a stream that lags behind sends fewer,
@@ -308,9 +293,7 @@ class ModelWorker:
         self._finish(job)
 
 
-# ------------------------------------------------------------------------------------------------------
-# completions
-# ------------------------------------------------------------------------------------------------------
+# --- completions --------------------------------------------------------------------------------------------
 class TextAssembler:
     """Generated ids -> text deltas. Cuts at EOS and at stop strings; holds back text that may still become a stop
     string or is an incomplete UTF-8 character, so the deltas always add up to the final text."""
@@ -354,9 +337,7 @@ class TextAssembler:
         return delta
 
 
-# ------------------------------------------------------------------------------------------------------
-# the app
-# ------------------------------------------------------------------------------------------------------
+# --- the app ------------------------------------------------------------------------------------------------
 def _drafters(tm: TextModel, speculative: str | None, adaptive: bool = False) -> dict[str, str | None]:
     """The drafter for greedy and for sampled requests ("auto": `auto_drafter`; None = plain decoding). Checked
     here, at startup: an unknown drafter or ftp on a GPT model is one clear line."""
@@ -387,14 +368,14 @@ def completion_config(req: CompletionRequest, cap: int, drafters: dict[str, str 
     max_tokens = 16 if req.max_tokens is None else req.max_tokens
     if max_tokens > cap:
         raise APIError(400, f"max_tokens is at most {cap}, got {max_tokens}", "max_tokens")
-    temperature = 1.0 if req.temperature is None else req.temperature
-    drafter = drafters["greedy" if temperature == 0 else "sampled"]
+    # the options a request shares with the engine, by name; those it leaves unset keep the engine's defaults
+    options = {f.name: getattr(req, f.name) for f in fields(GenerationConfig)
+               if f.name in CompletionRequest.model_fields and getattr(req, f.name) is not None}
+    options["stop"] = req.stop or ()
+    drafter = drafters["greedy" if options.get("temperature", GenerationConfig.temperature) == 0 else "sampled"]
+    options["adaptive"] = bool(drafter) and options.get("adaptive", adaptive)
     try:
-        return GenerationConfig(
-            max_new_tokens=max_tokens, temperature=temperature, top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-            stop=req.stop or (), speculative=drafter, adaptive=bool(drafter) and (adaptive if req.adaptive is None
-                                                                                  else req.adaptive),
-            logprobs=req.logprobs, echo=bool(req.echo))
+        return GenerationConfig(**options, max_new_tokens=max_tokens, speculative=drafter)
     except FtplmError as e:
         raise APIError(400, str(e)) from None
 
@@ -471,14 +452,17 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0] if e.errors() else {}
-        loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+        def field(err: dict) -> str | None:
+            return next((str(x) for x in err.get("loc", ()) if x != "body"), None)
+
+        errors = e.errors()
+        err = errors[0] if errors else {}
         if err.get("type") == "json_invalid":
             return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
                             code="invalid_json").response()
-        param = loc[0] if loc else None
+        param = field(err)
         # a union field (e.g. prompt: str | list[str]) fails once per member: say all of it, under the field's name
-        msgs = dict.fromkeys(x.get("msg", "invalid value") for x in e.errors() if [str(y) for y in x.get("loc", ()) if y != "body"][:1] == loc[:1])
+        msgs = dict.fromkeys(x.get("msg", "invalid value") for x in errors if field(x) == param)
         return APIError(400, f"{param or 'body'}: {'; or '.join(msgs)}", param, "invalid_value").response()
 
     @app.exception_handler(FtplmError)
@@ -553,18 +537,13 @@ def create_app(
             return {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
 
         if not req.stream:
-            parts, chunks = [echo], []
             try:
-                async for chunk in job:
-                    chunks.append(chunk)
-                    parts.append(asm.add(chunk.tokens))
-                    if asm.finish_reason:
-                        break
+                whole = Chunk.merge([chunk async for chunk in job])  # one at most: the worker holds them till the end
             finally:
                 job.cancel()
-            parts.append("" if asm.finish_reason else asm.flush())
-            whole = Chunk.merge(chunks)
-            return JSONResponse({**head, "choices": [choice("".join(parts), asm.finish_reason or "length", whole)],
+            text = echo + asm.add(whole.tokens)
+            text += "" if asm.finish_reason else asm.flush()
+            return JSONResponse({**head, "choices": [choice(text, asm.finish_reason or "length", whole)],
                                  "usage": usage()})
 
         def sse(obj: Any) -> str:
@@ -612,10 +591,7 @@ def create_app(
                                "context_length_exceeded")
             n_tokens.append(n)
 
-        vectors = None
-        async for vectors in worker.submit(lambda: tm.embed(texts, req.pooling)):
-            pass
-        assert vectors is not None
+        (vectors,) = [v async for v in worker.submit(lambda: tm.embed(texts, req.pooling))]  # the job's one item
         if req.encoding_format == "base64":
             data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
         else:
@@ -629,12 +605,10 @@ def create_app(
     return app
 
 
-# ------------------------------------------------------------------------------------------------------
-# running it
-# ------------------------------------------------------------------------------------------------------
+# --- running it ---------------------------------------------------------------------------------------------
 def set_cpu_threads(threads: int | None = None) -> int:
-    """Torch CPU threads for serving: by default one core is left to the HTTP thread. Batch-1 decoding with more
-    OpenMP threads than free cores spin-waits: on a busy 2-core machine 2 threads were ~50x slower than 1."""
+    """Torch CPU threads for serving: by default one core is left to the HTTP thread (OpenMP threads spin-wait for
+    busy cores: on a busy 2-core machine 2 threads were ~50x slower than 1)."""
     import os
 
     import torch
@@ -661,8 +635,8 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: i
     import uvicorn
 
     set_cpu_threads(threads)
-    # the model thread gives the GIL up at every torch op; with the default 5 ms switch interval it then waits up
-    # to 5 ms for the HTTP thread to hand it back. 1 ms: 50-client bench serve p99 ~1 s -> ~0.4 s in most runs
+    # the model thread gives the GIL up at every torch op and waits up to a switch interval to get it back: 1 ms
+    # instead of 5 took 50-client `bench serve` p99 from ~1 s to ~0.4 s
     sys.setswitchinterval(0.001)
     app = create_app(run, **app_kwargs)
     sock = bind(host, port)

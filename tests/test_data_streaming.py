@@ -57,9 +57,11 @@ def test_streams_into_bounded_shards_in_order(saved, rows, tmp_path):
     datasets.Dataset.from_list(rows[:400]).save_to_disk(str(small))
     _, small_peak = _traced_peak(f"hf:{small}", tmp_path / "small_data")
     meta, peak = _traced_peak(f"hf:{saved}", tmp_path / "data")
-    # 3x the corpus, about the same peak: memory follows the batch sizes, not the corpus
+    # 3x the corpus, about the same peak: memory follows the batch sizes, not the corpus, but for the duplicate
+    # filter's hash per document (~70 bytes, against ~700 bytes of text each here)
     extra_bytes = sum(len(r["text"]) for r in rows[400:])
-    assert peak - small_peak < extra_bytes / 4, f"peak grew {peak - small_peak:,} bytes for {extra_bytes:,} more text"
+    allowed = extra_bytes / 4 + 100 * len(rows[400:])
+    assert peak - small_peak < allowed, f"peak grew {peak - small_peak:,} bytes for {extra_bytes:,} more text"
     train = meta["splits"]["train"]
     assert len(train["shards"]) > 5 and all(s["tokens"] <= 20_000 for s in train["shards"])
     assert sum(s["tokens"] for s in train["shards"]) == train["tokens"] == TokenData(tmp_path / "data").num_tokens("train")

@@ -57,14 +57,13 @@ class Draft:
     def truncated(self, max_depth: int, max_nodes: int) -> "Draft":
         """The largest sub-draft with depth <= max_depth and at most max_nodes nodes (ancestors kept)."""
         keep = [i for i, d in enumerate(self.depths()) if d <= max_depth][: max(max_nodes, 0)]
-        if len(keep) == len(self):
-            return self
-        new_index = {old: new for new, old in enumerate(keep)}
-        return Draft(
-            [self.tokens[i] for i in keep],
-            [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in keep],
-            [self.q[i] for i in keep],
-        )
+        return self if len(keep) == len(self) else self.select(keep)
+
+    def select(self, nodes: list[int]) -> "Draft":
+        """The draft of these nodes in this order (every node's parent among them, before it)."""
+        new_index = {old: new for new, old in enumerate(nodes)}
+        parents = [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in nodes]
+        return Draft([self.tokens[i] for i in nodes], parents, [self.q[i] for i in nodes])
 
 
 @dataclass
@@ -91,14 +90,11 @@ def round_cost(nodes: int, node_cost: float, fixed_cost: float) -> float:
 class AdaptiveDepth:
     """Adaptive draft length: each round, the depth with the most expected tokens per unit of cost.
 
-    Per depth d it keeps how often a draft reached d with every shallower draft token accepted, and how often the
-    token at depth d was then accepted too. The acceptance rate r_d is estimated as (accepted + 2 r_{d-1}) /
-    (reached + 2), i.e. with little evidence a depth is assumed to do as well as the one above it (r_0's prior is
-    1/2): acceptance is much alike from depth to depth, and this keeps deeper drafts worth trying. A depth-L draft is
-    expected to give 1 + sum_{i<=L} prod_{j<=i} r_j tokens (bonus included) for round_cost(its nodes) target
-    forwards, with each level's width as last drafted. Counts are forgotten geometrically (`decay` per round), so
-    that a depth left undrafted drifts back to its prior and is tried again. Only past acceptances are used, so the
-    output stays lossless; depth 0 (no draft: a plain step) is a valid choice where drafts keep failing.
+    Per depth d: how often a draft reached d with every shallower token accepted, and how often d's token was then
+    accepted. Its rate r_d = (accepted + 2 r_{d-1}) / (reached + 2) (r_0's prior 1/2): with little evidence a depth
+    does as well as the one above it, so deeper drafts stay worth trying. A depth-L draft gives
+    1 + sum_{i<=L} prod_{j<=i} r_j tokens for round_cost(its nodes). Counts decay geometrically, so an undrafted depth
+    drifts back to its prior. Only past acceptances are used (lossless); depth 0 is a plain step.
     """
 
     def __init__(self, max_depth: int, node_cost: float, fixed_cost: float = 0.0, decay: float = 0.95) -> None:
@@ -145,10 +141,8 @@ class Drafter:
     name = ""
     default_draft_len = 4
     wants_decoder_start = False  # FTP drafters continue from the verification's first decoder step
-    # what a draft costs, in target forwards (plain steps), for adaptive draft length (see round_cost): verifying
-    # a draft is a multi-token forward, ~0.2 more than a plain step on `small`, 2 CPU threads, and each node (a trunk
-    # row and its target logits) ~0.05 more (a round with a 23-node Recycling tree: 5.8 ms against 2.4); drafters
-    # that run a model add their own cost
+    # a draft's cost in plain steps (round_cost): verifying ~0.2 more, each node ~0.05 (`small`, 2 threads: a
+    # 23-node Recycling tree round 5.8 ms against 2.4); drafters that run a model add their own
     fixed_cost = 0.2
     node_cost = 0.05
 
@@ -225,11 +219,8 @@ def get_drafter(name: str, model, draft_len: int | None = None, tree: bool | Tem
 
 
 def auto_drafter(model_type: str, greedy: bool) -> str | None:
-    """The drafter "auto" stands for, per request: what `ftplm bench decode` found fastest on our `small` models.
-
-    FTP: `ftp-lookup`, prompt lookup's copies where the text repeats (greedy), the model's own decoder where it
-    does not (sampling). GPT: `lookup` for greedy requests, plain decoding for sampled ones, where copies are
-    rarely accepted and verifying them costs more than they save (0.85x in the 2026-11-26 runs)."""
+    """The drafter "auto" stands for: the fastest in `ftplm bench decode` on our `small` models. FTP: `ftp-lookup`.
+    GPT: `lookup` when greedy; plain when sampling, where copies are rarely accepted (0.85x)."""
     if model_type == "ftp":
         return "ftp-lookup"
     return "lookup" if greedy else None

@@ -1,20 +1,11 @@
 """FTP self-drafting: the model's own N-token decoder is its drafter, trained with it, at no extra trunk cost.
 
-The verification pass already yields the state vector h at every verified position, and its target distributions
-are the decoder's first step there. From h at the position before the root (the last accepted token), the decoder
-fed [x_prev, root] gives, first, the distribution the root was drawn from, then continues autoregressively (decoder
-KV cache, cross-attention keys/values of the pseudo-sequence computed once) to draft the following tokens, up to
-N-1 of them (the decoder has N positions). The engine hands over that first step (`ctx.decoder_start`: its
-cross-attention keys/values and self-attention cache), so drafting starts by feeding the root alone.
-
-chain: greedy = argmax at each step; under sampling the tokens are sampled from the decoder's (transformed)
-distribution q and verified with the min(1, p/q) rule. tree: at each node, the top-k candidates (greedy) or k
-independent draws from q (sampling), following a template of rank paths, expanded level by level (one batched
-decoder step per level).
-
-Drafting runs the model's own decoder step (FTP.decode) on DraftDecoder, a lean copy of the decoder made for
-one-token steps, whose greedy steps score only the first quarter of the token ids (see there). The copy is derived
-from the weights alone, so it is shared by every session of a model (built once, rebuilt when a weight changes).
+The verification's targets are the decoder's first step at each state vector h. From h before the root (the last
+accepted token) the decoder continues autoregressively to draft up to N-1 tokens; the engine hands that first step
+over (`ctx.decoder_start`), so drafting starts by feeding the root alone. chain: argmax (greedy) or draws from the
+decoder's distribution q (sampling, verified by min(1, p/q)); tree: the top-k candidates or k draws from q at each
+node, along a template of rank paths, one batched decoder step per level. Drafting runs FTP.decode on
+DraftDecoder, a lean copy of the decoder shared by every session of a model (rebuilt when a weight changes).
 """
 
 from __future__ import annotations
@@ -27,21 +18,17 @@ import torch.nn.functional as F
 
 from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
 from ftplm.errors import FtplmError
-from ftplm.model import FTP, ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
+from ftplm.model import FTP, MASK, ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
 
 # 5 nodes, depth 3 (cut to draft_len): the two best first drafts, each continued, the best path one deeper. It beat
-# the 11-node tree used before (two-three candidates per level) in 21 of 24 `bench decode` runs (4 models x greedy
-# and T=1 x 3 runs, 2026-11-26, docs/results.md): verifying 12 tokens instead of 6 costs more than the extra
-# acceptances repay, except at greedy on the 4M-token N = 8 model.
+# an 11-node tree in 21 of 24 `bench decode` runs (docs/results.md): more nodes cost more than they gain.
 DEFAULT_TREE: Template = [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]
 
 
 def require_ftp(model, name: str) -> None:
     if getattr(model, "cfg", None) is None or model.cfg.model_type != "ftp":
-        raise FtplmError(
-            f"speculative={name!r} needs an FTP model (its decoder is the drafter); this is a GPT model: "
-            "use 'recycling' or 'lookup'"
-        )
+        raise FtplmError(f"speculative={name!r} needs an FTP model (its decoder is the drafter); this is a GPT "
+                         "model: use 'recycling' or 'lookup'")
 
 
 class _Product:
@@ -86,25 +73,18 @@ class _Lean:
 
 
 class DraftDecoder(_Lean):
-    """The FTP decoder made for drafting: the model's own decoder step (FTP.decode, the code training and
-    verification run) on a lean copy of its decoder, one token per call for M rows.
+    """The FTP decoder made for drafting: the model's own decoder step (FTP.decode) on a lean copy of its decoder,
+    one token per call for M rows.
 
-    Drafts need only be good, never exact: verification recomputes every target with the model's own modules and
-    precision, so what the copy changes alters speed and τ, not the output. It removes two costs of a one-token
-    decoder step on CPU: per-module dispatch (nn.Module.__call__ and the checks of Linear.forward: a third of the
-    step on `mini`), and float32 products: on CPUs with native bfloat16 its large products run in bf16 through
-    oneDNN with prepacked weights (float32 packed on others). Measured in `ftplm bench decode`, 2 threads:
-    drafting 1.2-1.4 -> 0.9-1.05 ms per round on `small`, 0.75 -> 0.5 on `mini` (docs/results.md). Elsewhere (GPU,
-    float64 test models) it computes in the model's dtype through F.linear, and equals FTP.decode up to rounding
-    (tested).
+    Drafts need only be good, never exact (verification recomputes every target), so the copy may trade precision
+    for speed: no per-module dispatch, and on CPUs with native bfloat16 its large products run in bf16 through
+    oneDNN with prepacked weights (drafting 1.2-1.4 -> 0.9-1.05 ms per round on `small`). Elsewhere (GPU, float64)
+    it equals FTP.decode up to rounding (tested).
 
     Greedy drafts choose among the first quarter of the token ids only (vocabularies of GREEDY_MIN_VOCAB and more),
-    as FR-Spec (Zhao et al., 2025) restricts drafts to the most frequent tokens: byte-level BPE numbers its tokens
-    in merge order, roughly most frequent first (the first 2,048 of 8,192 cover 78% of our training text, the 2,048
-    most frequent 82%), so they hold nearly every greedy draft, and the LM head, the largest product of a step,
-    shrinks 4x. Measured (2026-11-26, in one process, greedy): drafting ~0.15 ms less per round,
-    3.6-5.6% faster generation on the four `small` FTP models, τ unchanged. Under sampling the whole head is kept:
-    a draft distribution q without the tail costs acceptance (T = 1: τ 3.76 -> 2.68).
+    as in FR-Spec (Zhao et al., 2025): BPE numbers tokens roughly most frequent first (the first 2,048 of 8,192
+    cover 78% of our text), so the LM head shrinks 4x (3.6-5.6% faster generation, τ unchanged). Sampling keeps the
+    whole head: a q without the tail costs acceptance (T = 1: τ 3.76 -> 2.68).
     """
 
     GREEDY_VOCAB_SHARE, GREEDY_MIN_VOCAB = 4, 4096
@@ -127,11 +107,10 @@ class DraftDecoder(_Lean):
                 return _identity
             if isinstance(module, torch.nn.ModuleList):
                 return [leaf(child) for child in module]
-            if isinstance(module, torch.nn.Embedding):
-                return _Lean(module, leaf)
             return _Lean(module, leaf)
 
         super().__init__(model, leaf, children=("dec_wte", "dec_wpe", "dec_h", "dec_ln_f"))
+        self.masked = model.masked_inputs
         self.head = _Product(model.lm_head, self.product_dtype, packed)
         vocab = model.lm_head.out_features
         self.greedy_vocab = vocab // self.GREEDY_VOCAB_SHARE if vocab >= self.GREEDY_MIN_VOCAB else vocab
@@ -144,10 +123,13 @@ class DraftDecoder(_Lean):
         return DecoderStart(list(memory_kv), cache)
 
     def step(self, state: DecoderStart, tokens: torch.Tensor, greedy: bool = False) -> torch.Tensor:
-        """Feed one token per row (M,) at the next decoder position; its next-token logits (M, V), or with greedy
-        those of the first `greedy_vocab` token ids only (M, greedy_vocab): what an argmax or top-k draft needs."""
-        hidden = self.decode(tokens.view(-1, 1), state.memory_kv, state.cache)[:, 0]
-        return (self.greedy_head if greedy else self.head)(hidden)
+        """Feed one token per row (M,) at the next decoder position, or n of them (M, n) at the next n; their
+        next-token logits (M, V) or (M, n, V), or with greedy those of the first `greedy_vocab` token ids only: what
+        an argmax or top-k draft needs. A masked-inputs model is fed MASK whatever the tokens."""
+        if self.masked:
+            tokens = torch.full_like(tokens, MASK)
+        hidden = self.decode(tokens.view(tokens.size(0), -1), state.memory_kv, state.cache)
+        return (self.greedy_head if greedy else self.head)(hidden if tokens.dim() == 2 else hidden[:, 0])
 
 
 # model -> (its decoder weights' keys, the draft copy): built once per model, rebuilt if a weight changes
@@ -156,7 +138,8 @@ _DRAFT_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, DraftD
 
 def draft_decoder(model) -> DraftDecoder:
     """This model's draft copy (packing the LM head takes ~5 ms: not something to redo per generation)."""
-    params = [model.dec_wte.weight, model.dec_wpe.weight, *model.dec_h.parameters(), *model.dec_ln_f.parameters()]
+    params = [model.dec_wte.weight, model.dec_wpe.weight, *model.dec_h.parameters(), *model.dec_ln_f.parameters(),
+              *([] if model.dec_mask is None else [model.dec_mask])]
     key = tuple(weight_key(p) for p in params)
     cached = _DRAFT_DECODERS.get(model)
     if cached is None or cached[0] != key:
@@ -172,13 +155,12 @@ class FTPDrafter(Drafter):
 
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         require_ftp(model, "ftp")
-        self.default_draft_len = model.cfg.n_future - 1
+        n = model.cfg.n_future
+        self.default_draft_len = n - 1
         super().__init__(model, draft_len, tree)
-        if self.draft_len > model.cfg.n_future - 1:
-            raise FtplmError(
-                f"draft_len for 'ftp' is at most n_future-1 = {model.cfg.n_future - 1} (the decoder predicts "
-                f"{model.cfg.n_future} tokens, the first being the target's own), got {self.draft_len}"
-            )
+        if self.draft_len > n - 1:
+            raise FtplmError(f"draft_len for 'ftp' is at most n_future-1 = {n - 1} (the decoder predicts {n} tokens, "
+                             f"the first being the target's own), got {self.draft_len}")
         self.template = None if not tree else DEFAULT_TREE if tree is True else check_template(tree)
         # taken now, not per round (a drafter lives for one generation); were the weights changed later, stale
         # drafts would still be verified: only speed would suffer
@@ -186,13 +168,10 @@ class FTPDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
-        m = self.model
+        m, decoder, start = self.model, self.decoder, ctx.decoder_start
         depth = min(self.draft_len, ctx.max_depth)
-        draft = Draft()
         if depth <= 0 or ctx.max_nodes <= 0:
-            return draft
-        decoder = self.decoder
-        start: DecoderStart | None = ctx.decoder_start
+            return Draft()
         if start is not None:  # the verification already ran the decoder's first step at h_prev
             state, inputs = decoder.start(start.memory_kv, start.cache), ctx.tokens[-1:]
         else:
@@ -201,7 +180,7 @@ class FTPDrafter(Drafter):
             logits = decoder.step(state, torch.tensor([token], device=ctx.h_prev.device), ctx.sampling.greedy)
         if self.template is None:
             return self._chains(state, logits, [min(depth, ctx.max_nodes)], [ctx])[0]
-        return self._tree(decoder, ctx, depth, state, logits, draft)
+        return self._tree(ctx, depth, state, logits)
 
     def batch_key(self) -> object:
         """FTP drafts keep no state: every row with the same settings can be drafted by any of them."""
@@ -217,12 +196,10 @@ class FTPDrafter(Drafter):
         live = [i for i, depth in enumerate(depths) if depth > 0]
         if not live:
             return drafts
-        device = ctxs[0].h_prev.device
         state = DecoderStart.cat([ctxs[i].decoder_start for i in live])  # type: ignore[misc]
-        tokens = torch.tensor([ctxs[i].tokens[-1] for i in live], device=device)
+        tokens = torch.tensor([ctxs[i].tokens[-1] for i in live], device=ctxs[0].h_prev.device)
         logits = self.decoder.step(state, tokens, ctxs[0].sampling.greedy)
-        chains = self._chains(state, logits, [depths[i] for i in live], [ctxs[i] for i in live])
-        for i, chain in zip(live, chains):
+        for i, chain in zip(live, self._chains(state, logits, [depths[i] for i in live], [ctxs[i] for i in live])):
             drafts[i] = chain
         return drafts
 
@@ -233,6 +210,9 @@ class FTPDrafter(Drafter):
         drafts = [Draft() for _ in depths]
         deepest = max(depths)
         greedy = ctxs[0].sampling.greedy
+        # masked inputs: the drafts do not feed the decoder, so every level's logits come from one pass (Medusa-like)
+        ahead = self.decoder.step(state, logits.new_zeros(len(depths), deepest - 1, dtype=torch.long), greedy) \
+            if self.decoder.masked and deepest > 1 else None
         for level in range(deepest):
             if greedy:
                 tokens, q = logits.argmax(-1), None
@@ -243,17 +223,16 @@ class FTPDrafter(Drafter):
                 if level < depth:
                     drafts[j].add(int(tokens[j]), level - 1, None if q is None else q[j])
             if level + 1 < deepest:
-                logits = self.decoder.step(state, tokens, greedy)
+                logits = self.decoder.step(state, tokens, greedy) if ahead is None else ahead[:, level]
         return drafts
 
-    def _tree(self, decoder: DraftDecoder, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor,
-              draft: Draft) -> Draft:
+    def _tree(self, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor) -> Draft:
         """Greedy: the children of a node are the top-k of its q (deterministic: q is left out, one-hot acceptance).
         Sampling: they are k independent draws from q, recorded with it, as in SpecInfer's multi-draft speculative
         sampling: the verifier tests them in turn, each against the residual left by the rejected ones before it,
         which keeps the output distribution exact (a repeated draw is a wasted node, never a wrong one)."""
         paths, parents = build_template_tree(self.template, depth, ctx.max_nodes)
-        has_child = {parent for parent in parents}
+        draft, has_child = Draft(), set(parents)
         row_of = {-1: 0}  # node -> its row in `logits`
         level_start = 0
         for level in range(1, depth + 1):
@@ -278,6 +257,6 @@ class FTPDrafter(Drafter):
                 break
             state = state.select(torch.tensor([row_of[parents[i]] for i in expand], device=logits.device))
             tokens = torch.tensor([draft.tokens[i] for i in expand], device=logits.device)
-            logits = decoder.step(state, tokens, ctx.sampling.greedy)
+            logits = self.decoder.step(state, tokens, ctx.sampling.greedy)
             row_of = {i: r for r, i in enumerate(expand)}
         return draft

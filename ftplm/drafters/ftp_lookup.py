@@ -1,18 +1,11 @@
 """FTP drafting or prompt lookup, chosen each round by which has lately given more tokens per unit of cost.
 
-The two are good at opposite things (docs/results.md): when a small model's greedy text loops, prompt lookup copies
-the loop at almost no cost and runs far ahead of the decoder's N-1 tokens; under sampling nothing repeats, copied
-drafts are deterministic and mostly rejected, and only FTP's own drafts help. This drafter keeps, per source, a
-moving average of the tokens a round gained (accepted drafts + the bonus) per unit of cost (`round_cost`, in
-target forwards, with the source's own costs), and each round drafts from lookup if it has a match in the context
-and has been the better of the two, else from the FTP decoder. Lookup is scored every round, also when FTP
-drafts: its copy is cheap to make, and once the text has gone on, the tokens it would have had accepted are those
-it shares with what was generated (for a copied token x, the chance that a verifier accepts it, p(x), is the
-chance that sampling produces it). FTP, which costs a decoder run to ask, keeps its last score, drifting back to a
-prior while unused. The choice depends only on past rounds, so the output stays lossless (and seeded runs
-reproducible).
-
-This is a composition of two drafters, not FTP's own drafting: `ftplm bench decode` reports it on its own line.
+When greedy text loops, lookup copies the loop at almost no cost and runs far ahead of the decoder's N-1 tokens;
+under sampling copies are mostly rejected and only FTP's own drafts help. Per source, a moving average of the tokens
+a round gained per `round_cost`; each round drafts from lookup if it has a match and has been the better, else from
+FTP. Lookup is scored every round, also when FTP drafts: once the text has gone on, its copy would have had
+accepted what it shares with the generated text. FTP, unused, drifts back to a prior. The choice depends only on
+past rounds, so the output stays lossless. A composition of two drafters, reported on its own by `bench decode`.
 """
 
 from __future__ import annotations
@@ -29,8 +22,7 @@ from ftplm.errors import FtplmError
 PRIOR = 1.25  # tokens per unit of cost assumed before any evidence (~an FTP chain with 1 of its 3 drafts accepted)
 DECAY = 0.8  # weight of the past in the moving averages
 ANCHOR = 4  # tokens before a copy kept aside, to recognise its row's text later
-MAX_AGE = 8  # rounds a copy kept aside waits for its row's text (a copy is settled within a round or two; older
-# ones belong to rows that have ended)
+MAX_AGE = 8  # rounds a copy kept aside waits for its row's text (settled in a round or two; older: rows that ended)
 
 
 @drafter("ftp-lookup")
@@ -48,12 +40,10 @@ class FTPLookupDrafter(Drafter):
         self.lookup = LookupDrafter(model, draft_len, tree=bool(tree))
         super().__init__(model, max(self.ftp.draft_len, self.lookup.draft_len))
         self.value = {self.ftp: PRIOR, self.lookup: PRIOR}
-        # per row drafted this round, in order (a batch's rows are observed in the order they were proposed):
-        # the source and the draft's size
+        # per row drafted this round, in the order proposed (and observed): the source and the draft's size
         self.chosen: deque[tuple[Drafter, int]] = deque()
         # lookup's copies in rounds FTP drafted, until the text after them is known: (at, the ANCHOR tokens before,
-        # copies, nodes, the round it was made in); the tokens before tell its row's text from the other rows' of a
-        # batch, and the round lets it go once its row must have ended (the drafter outlives a generation)
+        # which tell its row from the batch's others, copies, nodes, the round it was made in, to drop it at MAX_AGE)
         self.shadow: list[tuple[int, list[int], list[list[int]], int, int]] = []
         self.round = 0  # propose_batch calls so far
 
@@ -83,7 +73,6 @@ class FTPLookupDrafter(Drafter):
                 pending.append(entry)
         self.shadow = pending
 
-    @torch.inference_mode()
     def propose(self, ctx: DraftContext) -> Draft:
         return self.propose_batch([ctx])[0]
 

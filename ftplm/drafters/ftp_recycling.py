@@ -1,13 +1,9 @@
 """FTP drafting extended by Token Recycling: past the decoder's horizon, recycled candidates continue the draft.
 
-FTP's decoder drafts at most N-1 tokens (it has N positions), so self-speculative decoding accepts at most N tokens
-per target forward. When the model's drafts are good, the round ends with the verifier idle on the tokens after
-them. This drafter hangs a small Token Recycling tree (ftplm.drafters.recycling, its adjacency matrix shared with
-the plain recycling drafter) off the last FTP draft token, so that one forward can accept more than N tokens. Both
-parts are checked by the same verification, so the output is unchanged (greedy) / exactly distributed (sampling:
-FTP's tokens carry their q, recycled ones are deterministic).
-
-This is a composition of the two drafters, not FTP's own drafting: `ftplm bench decode` reports it on its own line.
+FTP's decoder drafts at most N-1 tokens, so a forward accepts at most N. This drafter hangs a small Token Recycling
+tree off the last FTP draft token, so that one forward can accept more; one verification checks both parts, so the
+output stays lossless (FTP's tokens carry their q, recycled ones are deterministic). A composition of two drafters,
+reported on its own by `ftplm bench decode`.
 """
 
 from __future__ import annotations

@@ -68,14 +68,5 @@ def trie(continuations: list[list[int]], ctx: DraftContext) -> Draft:
             parent = node
     order = sorted(range(len(draft)), key=draft.depths().__getitem__)  # breadth-first, for truncation
     if order != list(range(len(draft))):
-        draft = _reorder(draft, order)
+        draft = draft.select(order)
     return draft.truncated(ctx.max_depth, ctx.max_nodes)
-
-
-def _reorder(draft: Draft, order: list[int]) -> Draft:
-    new_index = {old: new for new, old in enumerate(order)}
-    out = Draft()
-    for old in order:
-        p = draft.parents[old]
-        out.add(draft.tokens[old], new_index[p] if p >= 0 else -1, draft.q[old])
-    return out
