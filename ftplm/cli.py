@@ -390,6 +390,7 @@ def experiment_paper(
     set: list[str] = [],  # noqa: A002 - the option is called --set
     train_set: list[str] = [],
     model_set: list[str] = [],
+    variant: list[str] = [],
     config: Optional[str] = None,
 ) -> None:
     """The paper's four claims: train FTP and GPT per seed (or reuse/resume runs in OUT), match perplexity, evaluate, report.
@@ -407,6 +408,8 @@ def experiment_paper(
         train_set: training config for runs started here, e.g. --train-set save_interval=10
         model_set: model config of every run over the preset, e.g. an FTP variant: --model-set decoder_inputs=masked
             (FTP-only fields leave GPT unchanged)
+        variant: an FTP variant trained beside the paper's design and compared with the same GPT runs at its own
+            matched perplexity, NAME:FIELD=VALUE[,FIELD=VALUE], e.g. --variant masked:decoder_inputs=masked
         config: YAML or JSON file of settings: any option above, eval --set field or training field (flags given
             here win); the resolved settings are saved as OUT/experiment_config.yaml
     """
@@ -417,16 +420,31 @@ def experiment_paper(
         raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
     options, train_overrides = dict(parse_override(x) for x in set), dict(parse_override(x) for x in train_set)
     model_overrides = dict(parse_override(x) for x in model_set)
+    variants = dict(_variant(x) for x in variant)
     resolved = {"preset": preset, "seeds": seeds, "max_tokens": max_tokens, "coding_max_tokens": coding_max_tokens,
                 "quick": quick, "skip_coding": skip_coding, "ppl_batches": ppl_batches, **options, **train_overrides,
-                **model_overrides}
+                **model_overrides, **({"variant": variant} if variant else {})}
     Path(out).mkdir(parents=True, exist_ok=True)
     write_config_file(Path(out) / "experiment_config.yaml", resolved,
                       f"The settings of this experiment, resolved.\nftplm experiment paper --config THIS_FILE --out {out} runs it again.")
     paper_experiment(
         out, preset, seeds, max_tokens, coding_max_tokens, quick, skip_coding,
         options=options, train_overrides=train_overrides, model_overrides=model_overrides, ppl_batches=ppl_batches,
+        variants=variants,
     )
+
+
+def _variant(text: str) -> tuple[str, dict[str, Any]]:
+    """NAME:FIELD=VALUE[,FIELD=VALUE] -> (NAME, {FIELD: VALUE}), checked now (not after hours of training) as an
+    FTP model config."""
+    from ftplm.config import ModelConfig, parse_override, with_overrides
+
+    name, _, settings = text.partition(":")
+    if not name or not name.replace("-", "").replace("_", "").isalnum() or not settings:
+        raise FtplmError(f"--variant expects NAME:FIELD=VALUE[,FIELD=VALUE] (NAME letters, digits, - or _), got {text!r}")
+    overrides = dict(parse_override(x) for x in settings.split(","))
+    with_overrides(ModelConfig(), overrides).validate()
+    return name, overrides
 
 
 @command(name="bench train")

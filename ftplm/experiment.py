@@ -211,18 +211,20 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def claim_rows(evals_by_seed: dict[str, list[dict[str, Any]]], coding: dict[str, list[dict[str, Any]]], seed: int) -> list[dict[str, Any]]:
+def claim_rows(evals_by_seed: dict[str, list[dict[str, Any]]], coding: dict[str, list[dict[str, Any]]], seed: int,
+               ftp: str = "ftp", baselines: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Per claim: FTP - GPT (matched and equal tokens), paired over the same items within each seed, with the
-    hierarchical CI over seeds and items (ftplm.eval.stats.paired_seed_diff)."""
+    hierarchical CI over seeds and items (ftplm.eval.stats.paired_seed_diff). baselines: column -> label of the
+    GPT results it compares with (a variant has a matched checkpoint of its own)."""
     from ftplm.eval.stats import paired_seed_diff
 
     rows = []
     for claim, suite_name, metric in CLAIMS:
         source = coding if suite_name == "coding" else evals_by_seed
         row: dict[str, Any] = {"claim": claim, "suite": suite_name, "metric": metric}
-        for other in BASELINES:
+        for column, other in (baselines or {k: k for k in BASELINES}).items():
             a, b = [], []
-            for ra, rb in zip(source.get("ftp", []), source.get(other, [])):
+            for ra, rb in zip(source.get(ftp, []), source.get(other, [])):
                 ia = ra.get(suite_name, {}).get("_items", {}).get(metric)
                 ib = rb.get(suite_name, {}).get("_items", {}).get(metric)
                 if ia is not None and ib is not None and len(ia) == len(ib) and len(ia):
@@ -232,9 +234,85 @@ def claim_rows(evals_by_seed: dict[str, list[dict[str, Any]]], coding: dict[str,
                 d = paired_seed_diff(a, b, seed)
                 lo, hi = d["ci95"]
                 d["verdict"] = "FTP higher" if lo > 0 else "FTP lower" if hi < 0 else "no significant difference"
-                row[other] = d
+                row[column] = d
         rows.append(row)
     return rows
+
+
+def speculative_cached(path: Path, cache: Path) -> dict[str, Any]:
+    """Self-speculative drafting of one FTP model (bench decode: 8 held-out prompts of 32 tokens, 64 new ones, plain
+    and 'ftp', greedy and T = 1; less in a short context), cached like the suites."""
+    from ftplm.bench.decode import bench_decode
+
+    have = json.loads(cache.read_text()) if cache.is_file() else {}
+    if have.get("checkpoint") == str(path.resolve()):
+        return have["results"]
+    log(f"self-speculative decoding of {path}")
+    block = json.loads((path / "config.json").read_text())["block_size"]
+    prompt = min(32, block // 4)
+    results = bench_decode(path, prompts=8, max_new_tokens=min(64, block - prompt), prompt_tokens=prompt,
+                           methods=["plain", "ftp"])["results"]
+    write_json(cache, {"checkpoint": str(path.resolve()), "results": results})
+    return results
+
+
+def training_rate(run: Path) -> float:
+    """Training tokens per second of a finished run (wall clock, evaluations and checkpoints included)."""
+    state = run_state(run) or {}
+    return state.get("tokens", 0) / max(state.get("elapsed", 0.0), 1e-9)
+
+
+def model_rows(out: Path, ftp_labels: list[str], seeds: int, evals: dict[str, Any], decode: dict[str, Any]) -> list[list[str]]:
+    """Rows of the variants table besides the claims: per-offset accuracy, training throughput against GPT's, and
+    self-speculative τ and speedup (greedy / T = 1)."""
+    def offsets(label: str) -> str:
+        acc = evals[label_name(label)].get("ppl", {}).get("metrics", {}).get("offset_acc", {}).get("value")
+        return " / ".join(f"{a:.3f}" for a in acc) if acc else "-"
+
+    def rate(label: str) -> str:
+        ratios = [training_rate(out / f"{label}-s{s}") / training_rate(out / f"gpt-s{s}") for s in range(seeds)]
+        return f"{np.mean(ratios):.2f}"
+
+    def spec(label: str, key: str, fmt: str) -> str:
+        values = [decode[label][mode]["ftp"][key] for mode in decode[label]]
+        return " / ".join("-" if v is None else format(v, fmt) for v in values)
+
+    return [["per-offset accuracy (k = 1..N)", "offset_acc", *(offsets(x) for x in ftp_labels)],
+            ["training tokens/s ÷ GPT's", "throughput", *(rate(x) for x in ftp_labels)],
+            ["self-speculative τ (greedy / T = 1)", "tau", *(spec(x, "tau", ".2f") for x in ftp_labels)],
+            ["self-speculative speedup (greedy / T = 1)", "speedup", *(spec(x, "speedup", ".2f") for x in ftp_labels)]]
+
+
+def matched_label(ftp_label: str) -> str:
+    """The label of the GPT checkpoint matched to an FTP model: gpt-matched, or gpt-matched-{variant}."""
+    return "gpt-matched" + ftp_label.removeprefix("ftp")
+
+
+def label_name(label: str) -> str:
+    """A label's name in reports: LABELS', or the variant's ("FTP masked", "GPT (matched to FTP masked)")."""
+    if label in LABELS:
+        return LABELS[label]
+    if label.startswith("gpt-matched-"):
+        return f"GPT (matched to FTP {label.removeprefix('gpt-matched-')})"
+    return f"FTP {label.removeprefix('ftp-')}"
+
+
+def variant_tables(variants: dict[str, dict[str, Any]], claims: list[dict[str, Any]],
+                   variant_claims: dict[str, list[dict[str, Any]]], matched: dict[str, list[dict[str, Any]]],
+                   extra_rows: list[list[str]]) -> list[tuple]:
+    """One table of every FTP model (the paper's design and each variant): each claim against GPT at its own matched
+    perplexity, the perplexities matched, then `extra_rows` (model_rows)."""
+    if not variants:
+        return []
+    models = {"FTP": claims} | {f"FTP {label.removeprefix('ftp-')}": rows for label, rows in variant_claims.items()}
+    header = ["claim", "metric", *models]
+    rows = [[row["claim"], row["metric"], *(_fmt_diff(m[i].get("gpt-matched")) for m in models.values())]
+            for i, row in enumerate(claims)]
+    rows.append(["matched val ppl (FTP / GPT)", "ppl", *(", ".join(f"{m['ftp_ppl']:.1f} / {m['matched']['ppl']:.1f}" for m in ms)
+                                                      for ms in matched.values())])
+    rows += extra_rows
+    settings = "; ".join(f"**{name}**: " + ", ".join(f"{k} = {v}" for k, v in over.items()) for name, over in variants.items())
+    return [(f"FTP variants − GPT at matched perplexity ({settings})", header, rows)]
 
 
 def _fmt_diff(d: dict[str, Any] | None) -> str:
@@ -258,10 +336,12 @@ def paper_experiment(
     train_overrides: dict[str, Any] | None = None,
     ppl_batches: int = 20,
     model_overrides: dict[str, Any] | None = None,
+    variants: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Train (or reuse), match perplexity, evaluate every suite for every seed, aggregate, write the report."""
-    from ftplm.report import write_report
+    """Train (or reuse), match perplexity, evaluate every suite for every seed, aggregate, write the report.
 
+    variants: name -> model fields of an FTP variant trained beside the paper's design (OUT/ftp-{name}-s{seed}),
+    each compared with the same GPT runs at its own matched perplexity."""
     if seeds < 1:
         raise FtplmError(f"--seeds must be at least 1, got {seeds}")
     out = Path(out)
@@ -275,67 +355,109 @@ def paper_experiment(
 
     data = ensure_data(out / "data", TEXT_CORPUS)
     flops_tokens = equal_flops_tokens(preset, data, max_tokens, model_overrides)
+    ftp_models = {"ftp": dict(model_overrides or {})} | {f"ftp-{name}": {**(model_overrides or {}), **v} for name, v in (variants or {}).items()}
     for seed in range(seeds):
-        for model_type in ("ftp", "gpt"):
-            ensure_trained(out / f"{model_type}-s{seed}", data, model_type, preset, max_tokens, seed, overrides,
-                           model_overrides=model_overrides)
+        for label, model_set in ftp_models.items():
+            ensure_trained(out / f"{label}-s{seed}", data, "ftp", preset, max_tokens, seed, overrides, model_overrides=model_set)
+        ensure_trained(out / f"gpt-s{seed}", data, "gpt", preset, max_tokens, seed, overrides, model_overrides=model_overrides)
         # only its final checkpoint is evaluated: no checkpoint every 5 steps
         ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", preset, flops_tokens, seed,
                        {**overrides, "save_interval": 200, "keep_checkpoints": 0}, model_overrides=model_overrides)
-
-    matched: list[dict[str, Any]] = []
-    by_label: dict[str, list[dict[str, Any]]] = {k: [] for k in LABELS}
-    for seed in range(seeds):
-        ftp, gpt = out / f"ftp-s{seed}", out / f"gpt-s{seed}"
-        log(f"seed {seed}: matching GPT checkpoints to FTP's val perplexity")
-        m = match_perplexity(ftp, gpt, data, ppl_batches, evals_dir / f"matched-s{seed}.json")
-        matched.append(m)
-        paths = {"ftp": ftp / "latest", "gpt-matched": Path(m["matched"]["checkpoint"]), "gpt-tokens": gpt / "latest",
-                 "gpt-flops": out / f"gpt-flops-s{seed}" / "latest"}
-        for label, path in paths.items():
-            by_label[label].append(evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options))
-
-    coding_by_label: dict[str, list[dict[str, Any]]] = {}
-    coding_match = None
+    matched, by_label = match_and_evaluate(out, data, seeds, list(ftp_models), ppl_batches, quick, options)
+    coding_by_label, coding_match = {}, None
     if not skip_coding:
-        cdata = ensure_data(out / "coding-data", "coding", vocab_size=2048)
-        budget = coding_max_tokens or max_tokens
-        for model_type in ("ftp", "gpt"):
-            ensure_trained(out / f"coding-{model_type}-s0", cdata, model_type, preset, budget, 0, overrides,
-                           model_overrides=model_overrides)
-        cftp, cgpt = out / "coding-ftp-s0", out / "coding-gpt-s0"
-        coding_match = match_perplexity(cftp, cgpt, cdata, ppl_batches, evals_dir / "coding-matched-s0.json")
-        cpaths = {"ftp": cftp / "latest", "gpt-matched": Path(coding_match["matched"]["checkpoint"]), "gpt-tokens": cgpt / "latest"}
-        for label, path in cpaths.items():
-            coding_by_label[label] = [evaluate_cached(path, ["coding"], cdata, evals_dir / f"coding-{label}-s0.json", quick, options)]
+        coding_by_label, coding_match = coding_experiment(out, preset, coding_max_tokens or max_tokens, overrides,
+                                                          model_overrides, ppl_batches, quick, options)
 
-    evals = {LABELS[k]: {**aggregate(v), **(aggregate(coding_by_label[k]) if k in coding_by_label else {})} for k, v in by_label.items()}
-    claims = claim_rows(by_label, coding_by_label, 0)
+    evals = {label_name(k): {**aggregate(v), **(aggregate(coding_by_label[k]) if k in coding_by_label else {})} for k, v in by_label.items()}
+    decode = {label: speculative_cached(out / f"{label}-s0" / "latest", evals_dir / f"decode-{label}-s0.json")
+              for label in ftp_models} if variants else {}
     summary = {
         "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "preset": preset, "seeds": seeds,
         "max_tokens": max_tokens, "equal_flops_tokens": flops_tokens, "coding_max_tokens": None if skip_coding else (coding_max_tokens or max_tokens),
-        "quick": quick, "options": options, "model_overrides": model_overrides or {},
-        "matched": [{k: v for k, v in m.items() if k != "key"} for m in matched],
-        "coding_matched": None if coding_match is None else {k: v for k, v in coding_match.items() if k != "key"},
-        "evals": evals, "claims": claims, "seconds": round(time.perf_counter() - started, 1),
+        "quick": quick, "options": options, "model_overrides": model_overrides or {}, "variants": variants or {},
+        "matched": [_public(m) for m in matched["ftp"]],
+        "variant_matched": {label: [_public(m) for m in ms] for label, ms in matched.items() if label != "ftp"},
+        "coding_matched": None if coding_match is None else _public(coding_match),
+        "evals": evals, "claims": claim_rows(by_label, coding_by_label, 0),
+        "variant_claims": {label: claim_rows(by_label, {}, 0, label, {"gpt-matched": matched_label(label), "gpt-tokens": "gpt-tokens",
+                                                                       "gpt-flops": "gpt-flops"})
+                           for label in ftp_models if label != "ftp"},
+        "variant_rows": model_rows(out, list(ftp_models), seeds, evals, decode) if variants else [],
+        "speculative": decode, "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(evals_dir / "summary.json", summary)
+    experiment_report(out, summary, by_label, list(ftp_models), matched)
+    return summary
 
-    match_rows = [[f"s{s}", f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})", f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"),
-                   f"{m['final']['ppl']:.3f} (step {m['final']['step']})", f"{by_label['gpt-flops'][s]['ppl']['metrics']['ppl']['value']:.3f}"]
-                  for s, m in enumerate(matched)]
-    if coding_match:
-        m = coding_match
-        match_rows.append(["coding s0", f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})", f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"), f"{m['final']['ppl']:.3f} (step {m['final']['step']})", "-"])
-    claim_table = [[r["claim"], r["metric"], *(_fmt_diff(r.get(k)) for k in BASELINES)] for r in claims]
-    runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in ("ftp", "gpt", "gpt-flops")}
-    samples = {LABELS[k]: v[0]["coherence"]["examples"] for k, v in by_label.items() if v and v[0].get("coherence", {}).get("examples")}
+
+def _public(match: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in match.items() if k != "key"}
+
+
+def match_and_evaluate(out: Path, data: Path, seeds: int, ftp_labels: list[str], ppl_batches: int, quick: bool,
+                       options: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+    """Per seed: each FTP model matched to the GPT checkpoint closest to its perplexity; every suite of every model
+    (cached). Returns the matches per FTP label and the suite results per label, seed by seed."""
+    evals_dir = out / "evals"
+    matched: dict[str, list[dict[str, Any]]] = {label: [] for label in ftp_labels}
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for seed in range(seeds):
+        gpt = out / f"gpt-s{seed}"
+        paths = {"gpt-tokens": gpt / "latest", "gpt-flops": out / f"gpt-flops-s{seed}" / "latest"}
+        for label in ftp_labels:
+            log(f"seed {seed}: matching GPT checkpoints to {label}'s val perplexity")
+            cache = evals_dir / (f"matched-s{seed}.json" if label == "ftp" else f"matched-{label}-s{seed}.json")
+            m = match_perplexity(out / f"{label}-s{seed}", gpt, data, ppl_batches, cache)
+            matched[label].append(m)
+            paths[label] = out / f"{label}-s{seed}" / "latest"
+            paths[matched_label(label)] = Path(m["matched"]["checkpoint"])
+        for label, path in paths.items():
+            by_label.setdefault(label, []).append(
+                evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options))
+    return matched, by_label
+
+
+def coding_experiment(out: Path, preset: str, budget: int, overrides: dict[str, Any], model_overrides: dict[str, Any] | None,
+                      ppl_batches: int, quick: bool, options: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """FTP and GPT trained on the coding corpus (seed 0), matched, and scored on the coding suite."""
+    cdata = ensure_data(out / "coding-data", "coding", vocab_size=2048)
+    for model_type in ("ftp", "gpt"):
+        ensure_trained(out / f"coding-{model_type}-s0", cdata, model_type, preset, budget, 0, overrides,
+                       model_overrides=model_overrides)
+    cftp, cgpt = out / "coding-ftp-s0", out / "coding-gpt-s0"
+    match = match_perplexity(cftp, cgpt, cdata, ppl_batches, out / "evals" / "coding-matched-s0.json")
+    paths = {"ftp": cftp / "latest", "gpt-matched": Path(match["matched"]["checkpoint"]), "gpt-tokens": cgpt / "latest"}
+    results = {label: [evaluate_cached(path, ["coding"], cdata, out / "evals" / f"coding-{label}-s0.json", quick, options)]
+               for label, path in paths.items()}
+    return results, match
+
+
+def experiment_report(out: Path, summary: dict[str, Any], by_label: dict[str, list[dict[str, Any]]], ftp_labels: list[str],
+                      matched: dict[str, list[dict[str, Any]]]) -> None:
+    """OUT/report/report.md + .html from the summary."""
+    from ftplm.report import write_report
+
+    def match_row(name: str, m: dict[str, Any], flops: str) -> list[str]:
+        return [name, f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})",
+                f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"), f"{m['final']['ppl']:.3f} (step {m['final']['step']})", flops]
+
+    seeds, variants = summary["seeds"], summary["variants"]
+    match_rows = [match_row(f"s{s}", m, f"{by_label['gpt-flops'][s]['ppl']['metrics']['ppl']['value']:.3f}")
+                  for s, m in enumerate(matched["ftp"])]
+    if summary["coding_matched"]:
+        match_rows.append(match_row("coding s0", summary["coding_matched"], "-"))
+    claim_table = [[r["claim"], r["metric"], *(_fmt_diff(r.get(k)) for k in BASELINES)] for r in summary["claims"]]
+    runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, "gpt", "gpt-flops")}
+    samples = {label_name(k): v[0]["coherence"]["examples"] for k, v in by_label.items() if v and v[0].get("coherence", {}).get("examples")}
+    command = summary["command"]
     notes = [
-        f"Preset `{preset}`, {seeds} seed(s), {max_tokens:,} training tokens per text model ({flops_tokens:,} for GPT at "
-        "equal FLOPs)"
-        + ("" if skip_coding else f", {summary['coding_max_tokens']:,} per coding model") + f"; {'quick' if quick else 'full'} suite sizes"
-        + "".join(f", {k} = {v}" for k, v in (model_overrides or {}).items()) + ".",
+        f"Preset `{summary['preset']}`, {seeds} seed(s), {summary['max_tokens']:,} training tokens per text model "
+        f"({summary['equal_flops_tokens']:,} for GPT at equal FLOPs)"
+        + ("" if summary["coding_max_tokens"] is None else f", {summary['coding_max_tokens']:,} per coding model")
+        + f"; {'quick' if summary['quick'] else 'full'} suite sizes"
+        + "".join(f", {k} = {v}" for k, v in summary["model_overrides"].items()) + ".",
         f"Date {summary['date']}, machine {summary['machine']}" + (f", command `{command}`" if command else "") + ".",
         "Values are means over seeds ± std across seeds, with a 95% CI in brackets: a hierarchical bootstrap (seeds, "
         "then items within seeds) where the metric has per-item scores, else a t interval over seeds (one seed: a "
@@ -343,11 +465,11 @@ def paper_experiment(
         "seed, averaged over seeds, with the hierarchical bootstrap 95% CI.",
     ]
     paths = write_report(
-        out / "report", runs, evals, samples, title="ftplm experiment paper: FTP vs GPT", notes=notes,
+        out / "report", runs, summary["evals"], samples, title="ftplm experiment paper: FTP vs GPT", notes=notes,
         extra_tables=[
             ("Matched perplexity (val ppl on identical windows)", ["seed", "FTP", "GPT matched checkpoint", "gap", "GPT (equal tokens)", "GPT (equal FLOPs)"], match_rows),
             ("The paper's claims: FTP − GPT", ["claim", "metric", "vs GPT matched ppl", "vs GPT equal tokens", "vs GPT equal FLOPs"], claim_table),
+            *variant_tables(variants, summary["claims"], summary["variant_claims"], matched, summary["variant_rows"]),
         ],
     )
     log(f"report: {paths['md']} / {paths['html']} ({summary['seconds']:.0f}s)")
-    return summary

@@ -356,17 +356,24 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     from ftplm.experiment import paper_experiment
 
     args = dict(preset="tiny", seeds=1, max_tokens=3000, quick=True, skip_coding=True, ppl_batches=1,
-                train_overrides={"batch_size": 4, "eval_interval": 5})
+                train_overrides={"batch_size": 4, "eval_interval": 5}, variants={"masked": {"decoder_inputs": "masked"}})
     out = tmp_path / "exp"
     first = paper_experiment(out, **args)
     assert first["equal_flops_tokens"] > 3000 and json.loads((out / "data" / "meta.json").read_text())["duplicates_dropped"] > 0
+    # the variant: its own run, matched to its own GPT checkpoint, in the one table of FTP models
+    assert json.loads((out / "ftp-masked-s0" / "config.json").read_text())["decoder_inputs"] == "masked"
+    rows = first["variant_claims"]["ftp-masked"]
+    assert [r["metric"] for r in rows] == [r["metric"] for r in first["claims"]] and "gpt-matched" in rows[0]
+    assert "GPT (matched to FTP masked)" in first["evals"] and "FTP masked" in first["evals"]
+    assert "FTP variants − GPT at matched perplexity (**masked**: decoder_inputs = masked)" in (out / "report" / "report.md").read_text()
     evals = {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json")}
-    steps = {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"] for r in ("ftp-s0", "gpt-s0", "gpt-flops-s0")}
+    steps = {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"]
+             for r in ("ftp-s0", "ftp-masked-s0", "gpt-s0", "gpt-flops-s0")}
     (out / "evals" / "gpt-flops-s0.json").unlink()
     capsys.readouterr()
     second = paper_experiment(out, **args)
     log = capsys.readouterr().out
-    assert "training" not in log and "resuming" not in log and log.count("reusing") >= 4
+    assert "training" not in log and "resuming" not in log and log.count("reusing") >= 6
     assert {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json") if p.name != "gpt-flops-s0.json"} == \
         {k: v for k, v in evals.items() if k != "gpt-flops-s0.json"}
     assert steps == {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"] for r in steps}
