@@ -16,7 +16,8 @@ number that is only known once the rest of the function has been planned:
 
 Kinds: `range` (count the terms of an arithmetic progression before writing them), `words` (count the words to be
 copied), `squares` (declare the SUM of the squares before writing them: `total = 26`, checked by
-`assert sum(out) == total`). An answer passes when, run in a separate restricted Python process, solve() returns
+`assert sum(out) == total`). Problems come in four levels (LEVELS), by how many lines the first statement commits
+to: 1-2 copied words at level 1, up to 8 terms or a sum of 4 squares at level 4. An answer passes when, run in a separate restricted Python process, solve() returns
 the expected list, its own asserts hold, and its first statement declares the right number (checked on the syntax
 tree, so the declaration cannot be skipped). The model sees the prompt (the `def` line and the docstring) and writes
 the body; pass@1 = greedy completions that pass.
@@ -68,6 +69,7 @@ class Problem:
     solution: str  # a reference body (starts with a newline)
     expected: list[Any]  # what solve() must return
     declared: tuple[str, int]  # the first statement must be `name = value`
+    level: int = 4  # its rung of the ladder (LEVELS)
 
     @property
     def program(self) -> str:
@@ -79,29 +81,42 @@ def _body(declare: str, items: list[Any], check: str) -> str:
     return "".join("\n    " + line for line in lines)
 
 
-def _problem(kind: str, key_parts: str, doc: str, expected: list[Any], declared: tuple[str, int], check: str) -> Problem:
+def _problem(kind: str, level: int, key_parts: str, doc: str, expected: list[Any], declared: tuple[str, int], check: str) -> Problem:
     prompt = f'def solve():\n    """{doc}"""'
     body = _body(f"{declared[0]} = {declared[1]}", expected, check)
-    return Problem(f"{kind}:{key_parts}", kind, prompt, body, expected, declared)
+    return Problem(f"{kind}:{key_parts}", kind, prompt, body, expected, declared, level)
 
 
-def make_problem(rng: random.Random) -> Problem:
-    """One random problem (any kind), drawn from rng."""
-    kind = rng.choice(("range", "words", "squares"))
+# The ladder: a level is the length of the plan, i.e. how many lines the declared number commits to, and which
+# kinds reach that far. Level 4 is the task as first built (every model scored 0 on it at <= 4M tokens); level 1
+# (one or two words to copy and count) is within reach of a small model, so the ladder shows where planning fails.
+LEVELS: dict[int, dict[str, tuple[int, int]]] = {
+    1: {"words": (1, 2)},
+    2: {"words": (3, 3), "range": (2, 3)},
+    3: {"words": (4, 5), "range": (4, 5), "squares": (2, 2)},
+    4: {"words": (6, 7), "range": (6, 8), "squares": (3, 4)},
+}
+
+
+def make_problem(rng: random.Random, level: int | None = None) -> Problem:
+    """One random problem of a level (any level when None), drawn from rng."""
+    level = rng.choice(list(LEVELS)) if level is None else level
+    kind = rng.choice(list(LEVELS[level]))
+    count = rng.randint(*LEVELS[level][kind])
     if kind == "range":
-        start, step, count = rng.randint(0, 40), rng.randint(1, 7), rng.randint(2, 8)
+        start, step = rng.randint(0, 40), rng.randint(1, 7)
         stop = start + step * (count - 1) + rng.randint(0, step - 1)
         expected = list(range(start, stop + 1, step))
         doc = f"Return the numbers from {start} to {stop} in steps of {step}."
-        return _problem(kind, f"{start}:{stop}:{step}", doc, expected, ("n", len(expected)), "assert len(out) == n")
+        return _problem(kind, level, f"{start}:{stop}:{step}", doc, expected, ("n", len(expected)), "assert len(out) == n")
     if kind == "words":
-        words = [rng.choice(WORDS) for _ in range(rng.randint(2, 7))]
+        words = [rng.choice(WORDS) for _ in range(count)]
         doc = f"Return the words of: {' '.join(words)}."
-        return _problem(kind, " ".join(words), doc, words, ("n", len(words)), "assert len(out) == n")
-    numbers = [rng.randint(1, 9) for _ in range(rng.randint(2, 4))]
+        return _problem(kind, level, " ".join(words), doc, words, ("n", len(words)), "assert len(out) == n")
+    numbers = [rng.randint(1, 9) for _ in range(count)]
     squares = [x * x for x in numbers]
     doc = f"Return the squares of {', '.join(map(str, numbers))}."
-    return _problem(kind, ",".join(map(str, numbers)), doc, squares, ("total", sum(squares)), "assert sum(out) == total")
+    return _problem(kind, level, ",".join(map(str, numbers)), doc, squares, ("total", sum(squares)), "assert sum(out) == total")
 
 
 def is_heldout(key: str) -> bool:
@@ -109,13 +124,14 @@ def is_heldout(key: str) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < HELDOUT_FRAC
 
 
-def problems(split: str, n: int, seed: int = 0) -> list[Problem]:
-    """n problems of the 'train' or 'test' (held-out) split; test problems are distinct, training ones may repeat."""
-    rng = random.Random(f"{split}:{seed}")
+def problems(split: str, n: int, seed: int = 0, level: int | None = None) -> list[Problem]:
+    """n problems of the 'train' or 'test' (held-out) split, of one level or (None) of all levels evenly; test
+    problems are distinct, training ones may repeat."""
+    rng = random.Random(f"{split}:{seed}" if level is None else f"{split}:{seed}:L{level}")
     out: list[Problem] = []
     seen: set[str] = set()
     while len(out) < n:
-        p = make_problem(rng)
+        p = make_problem(rng, level)
         if is_heldout(p.key) != (split == "test") or (split == "test" and p.key in seen):
             continue
         seen.add(p.key)

@@ -53,6 +53,7 @@ CLAIMS = [
     ("(c) topic classification, wiki-vital, last-token", "classify", "wiki-vital/last"),
     ("(c) topic classification, bbc-news, mean-pooled", "classify", "bbc-news/mean"),
     ("(d) coding pass@1", "coding", "pass@1"),
+    *((f"(d) coding pass@1, level {level}", "coding", f"pass@1/L{level}") for level in (1, 2, 3, 4)),
 ]
 
 

@@ -117,7 +117,7 @@ def test_cross_validation_separable_toy_is_perfect():
 # the coding task and the executor
 # ------------------------------------------------------------------------------------------------------
 def test_problems_split_and_reference_solutions_pass():
-    from ftplm.coding import check_many, is_heldout, problems, training_programs
+    from ftplm.coding import LEVELS, check_many, is_heldout, problems, training_programs
 
     test = problems("test", 600)
     assert len({p.key for p in test}) == 600 and all(is_heldout(p.key) for p in test)
@@ -125,6 +125,12 @@ def test_problems_split_and_reference_solutions_pass():
     assert not {p.key for p in train} & {p.key for p in problems("test", 2000)}
     assert {p.kind for p in test} == {"range", "words", "squares"}
     assert problems("test", 5) == problems("test", 5)  # deterministic
+    for level, kinds in LEVELS.items():  # the ladder: each level's problems commit to plans of its lengths
+        rung = problems("test", 100, level=level)
+        assert len({p.key for p in rung}) == 100 and all(p.level == level and p.kind in kinds for p in rung)
+        assert all(kinds[p.kind][0] <= len(p.expected) <= kinds[p.kind][1] for p in rung)
+        assert all(ok for ok, _ in check_many(rung[:2], [p.solution for p in rung[:2]]))
+    assert {p.level for p in train} == set(LEVELS)  # training covers every rung
     docs = list(training_programs(50))
     assert docs[0][1] == train[0].program and all(t.startswith("def solve():") for _, t in docs)
     sample = test[:6]
@@ -212,7 +218,8 @@ def test_all_suites_on_tiny_runs(both, tiny_ftp_run, tiny_gpt_run):
         cls = s["classify"]
         assert set(cls["corpora"]) == {"wiki-vital", "bbc-news"} and "Uncategorized" not in cls["corpora"]["wiki-vital"]["classes"]
         assert len(cls["metrics"]["wiki-vital/mean"]["folds"]) == 5
-        assert s["coding"]["n"] == 6 and 0 <= s["coding"]["metrics"]["pass@1"]["value"] <= 1
+        assert s["coding"]["n"] == 4 and 0 <= s["coding"]["metrics"]["pass@1"]["value"] <= 1  # 6 // 4 per level
+        assert all(s["coding"]["metrics"][f"pass@1/L{level}"]["n"] == 1 for level in (1, 2, 3, 4))
     assert both["runs"]["ftp"]["suites"]["ppl"]["metrics"]["offset_acc"]["offsets"] == [1, 2, 3, 4]
     assert "offset_acc" not in both["runs"]["gpt"]["suites"]["ppl"]["metrics"]
     # identical data for both: the same TF-IDF folds give the same reference accuracy

@@ -1,8 +1,9 @@
-"""Suite `coding`: pass@1 on held-out problems of the planning-ahead coding task (ftplm.coding, README "evaluation").
+"""Suite `coding`: pass@1 on held-out problems of the planning-ahead coding task (ftplm.coding, README "evaluation"),
+per level of its ladder.
 
-Each of >= 500 held-out problems (never in the training corpus) gives a prompt (`def solve():` + docstring); the
+Each of >= 500 held-out problems (a quarter per level) (never in the training corpus) gives a prompt (`def solve():` + docstring); the
 model writes the body greedily (batched, KV cache) until EOS or the end of the function body; the completion is
-checked by running it in the restricted subprocess executor. Reported: pass@1 (greedy), per kind too, and the
+checked by running it in the restricted subprocess executor. Reported: pass@1 (greedy), per level and per kind, and the
 planning diagnostic `declared_correct` (the first statement declares the right number: the plan was right).
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ftplm.coding import check_many, declared_value, problems
+from ftplm.coding import LEVELS, check_many, declared_value, problems
 from ftplm.eval import EvalContext, provenance, suite
 from ftplm.eval.coherence import sample_continuations
 from ftplm.eval.stats import mean_ci
@@ -33,7 +34,8 @@ def coding(ctx: EvalContext) -> dict[str, Any]:
     """pass@1 (greedy) on held-out planning-ahead coding problems, checked by executing the answers."""
     tm = ctx.model
     n = ctx.size("coding_problems", 500, 40)
-    probs = problems("test", n, seed=0)  # the same problems whatever the eval seed: the benchmark is fixed
+    # the same problems whatever the eval seed (the benchmark is fixed), n / 4 per level of the ladder
+    probs = [p for level in LEVELS for p in problems("test", max(1, n // len(LEVELS)), seed=0, level=level)]
     prompts = [tm.encode(p.prompt) for p in probs]
     longest = max(len(p) for p in prompts)
     # a right answer never needs much more than the longest reference body: no budget for rambling
@@ -45,6 +47,10 @@ def coding(ctx: EvalContext) -> dict[str, Any]:
     passed = np.array([ok for ok, _ in verdicts], dtype=float)
     declared = np.array([declared_value(p.prompt + c) == p.declared for p, c in zip(probs, completions)], dtype=float)
     metrics: dict[str, Any] = {"pass@1": mean_ci(passed, ctx.seed), "declared_correct": mean_ci(declared, ctx.seed)}
+    for level in LEVELS:
+        mask = np.array([p.level == level for p in probs])
+        metrics[f"pass@1/L{level}"] = mean_ci(passed[mask], ctx.seed)
+        metrics[f"declared_correct/L{level}"] = mean_ci(declared[mask], ctx.seed)
     for kind in sorted({p.kind for p in probs}):
         mask = np.array([p.kind == kind for p in probs])
         metrics[f"pass@1/{kind}"] = mean_ci(passed[mask], ctx.seed)
@@ -57,6 +63,7 @@ def coding(ctx: EvalContext) -> dict[str, Any]:
     return {
         "suite": "coding", **provenance(ctx.run), "model_type": tm.config.model_type, "n": len(probs),
         "max_new_tokens": max_new, "decoding": "greedy", "failures": dict(sorted(failures.items())),
-        "metrics": metrics, "examples": examples, "headline": ["pass@1", "declared_correct"],
-        "_items": {"pass@1": passed.tolist(), "declared_correct": declared.tolist()},
+        "metrics": metrics, "examples": examples, "headline": ["pass@1", *(f"pass@1/L{level}" for level in LEVELS)],
+        "_items": {"pass@1": passed.tolist(), "declared_correct": declared.tolist(),
+                   **{f"pass@1/L{level}": passed[[p.level == level for p in probs]].tolist() for level in LEVELS}},
     }
