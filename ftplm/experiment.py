@@ -358,8 +358,9 @@ def paper_experiment(
     flops_tokens = equal_flops_tokens(preset, data, max_tokens, model_overrides)
     ftp_models = {"ftp": dict(model_overrides or {})} | {f"ftp-{name}": {**(model_overrides or {}), **v} for name, v in (variants or {}).items()}
     for seed in range(seeds):
-        for label, model_set in ftp_models.items():
-            ensure_trained(out / f"{label}-s{seed}", data, "ftp", preset, max_tokens, seed, overrides, model_overrides=model_set)
+        for label, model_set in ftp_models.items():  # only GPT's checkpoints are matched: FTP keeps its latest
+            ensure_trained(out / f"{label}-s{seed}", data, "ftp", preset, max_tokens, seed,
+                           {"keep_checkpoints": 0, **overrides}, model_overrides=model_set)
         ensure_trained(out / f"gpt-s{seed}", data, "gpt", preset, max_tokens, seed, overrides, model_overrides=model_overrides)
         # only its final checkpoint is evaluated: no checkpoint every 5 steps
         ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", preset, flops_tokens, seed,
