@@ -525,6 +525,8 @@ class FTP(LanguageModel):
             raise FtplmError(f"the decoder predicts at most n_future={self.cfg.n_future} tokens")
         if self.dec_mask is None:
             x = self.dec_wte(tokens)
+        elif self.cfg.decoder_inputs == "masked":  # whatever the tokens: h_t alone predicts (verification, drafting)
+            x = self.dec_mask.expand(*tokens.shape, -1)
         else:  # MASK inputs take the mask embedding
             x = torch.where((tokens == MASK).unsqueeze(-1), self.dec_mask, self.dec_wte(tokens.clamp(min=0)))
         x = x + self.dec_wpe.weight[start : start + n]
@@ -547,8 +549,7 @@ class FTP(LanguageModel):
         B, T, _ = state_vectors.shape
         memory = self.memory_kv(self.pseudo_sequence(state_vectors).flatten(0, 1))
         cache = self.new_decoder_cache() if keep else None
-        inputs = torch.full_like(idx, MASK) if self.masked_inputs else idx
-        hidden = self.decode(inputs.reshape(B * T, 1), memory, cache)
+        hidden = self.decode(idx.reshape(B * T, 1), memory, cache)
         logits = self.lm_head(hidden[:, 0]).view(B, T, -1)
         return logits, DecoderStart(memory, cache) if keep else None
 

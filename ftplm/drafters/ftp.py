@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
 from ftplm.errors import FtplmError
-from ftplm.model import FTP, MASK, ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
+from ftplm.model import FTP, ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
 
 # 5 nodes, depth 3 (cut to draft_len): the two best first drafts, each continued, the best path one deeper. It beat
 # an 11-node tree in 21 of 24 `bench decode` runs (docs/results.md): more nodes cost more than they gain.
@@ -110,7 +110,6 @@ class DraftDecoder(_Lean):
             return _Lean(module, leaf)
 
         super().__init__(model, leaf, children=("dec_wte", "dec_wpe", "dec_h", "dec_ln_f"))
-        self.masked = model.masked_inputs
         self.head = _Product(model.lm_head, self.product_dtype, packed)
         vocab = model.lm_head.out_features
         self.greedy_vocab = vocab // self.GREEDY_VOCAB_SHARE if vocab >= self.GREEDY_MIN_VOCAB else vocab
@@ -125,9 +124,7 @@ class DraftDecoder(_Lean):
     def step(self, state: DecoderStart, tokens: torch.Tensor, greedy: bool = False) -> torch.Tensor:
         """Feed one token per row (M,) at the next decoder position, or n of them (M, n) at the next n; their
         next-token logits (M, V) or (M, n, V), or with greedy those of the first `greedy_vocab` token ids only: what
-        an argmax or top-k draft needs. A masked-inputs model is fed MASK whatever the tokens."""
-        if self.masked:
-            tokens = torch.full_like(tokens, MASK)
+        an argmax or top-k draft needs (a masked-inputs model ignores the tokens: FTP.decode)."""
         hidden = self.decode(tokens.view(tokens.size(0), -1), state.memory_kv, state.cache)
         return (self.greedy_head if greedy else self.head)(hidden if tokens.dim() == 2 else hidden[:, 0])
 
@@ -212,7 +209,7 @@ class FTPDrafter(Drafter):
         greedy = ctxs[0].sampling.greedy
         # masked inputs: the drafts do not feed the decoder, so every level's logits come from one pass (Medusa-like)
         ahead = self.decoder.step(state, logits.new_zeros(len(depths), deepest - 1, dtype=torch.long), greedy) \
-            if self.decoder.masked and deepest > 1 else None
+            if self.model.masked_inputs and deepest > 1 else None
         for level in range(deepest):
             if greedy:
                 tokens, q = logits.argmax(-1), None
