@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import threading
 import time
 
@@ -536,10 +537,11 @@ def test_logprobs_and_echo_score_a_text(gpt_server):
     assert [t for e in streamed for c in e["choices"] if c["logprobs"] for t in c["logprobs"]["tokens"]] == lp["tokens"]
 
 
-def test_client_that_disconnects_mid_stream_stalls_nobody(ftp_server):
-    url, _, _ = ftp_server
+@pytest.mark.parametrize("server", ["ftp_server", "gpt_server"])  # the model on a thread / in its own process
+def test_client_that_disconnects_mid_stream_stalls_nobody(server, request):
+    url = request.getfixturevalue(server)[0]
     with httpx.Client(base_url=url, timeout=60) as c, c.stream(
-            "POST", "/v1/completions", json={"prompt": "Rome", "max_tokens": 60, "stream": True}) as r:
+            "POST", "/v1/completions", json={"prompt": "Rome", "max_tokens": 30, "stream": True}) as r:
         next(r.iter_lines())  # one event, then the connection goes away
     for _ in range(3):
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=30).status_code == 200
@@ -547,3 +549,26 @@ def test_client_that_disconnects_mid_stream_stalls_nobody(ftp_server):
     while httpx.get(f"{url}/health").json()["pending"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert httpx.get(f"{url}/health").json()["pending"] == 0
+
+
+def test_engine_runs_in_its_own_process_for_a_saved_model(tiny_gpt_run):
+    """Served from a path, the model runs in a process of its own; if that process dies, the open requests get a
+    5xx (not a hang) and the next request starts a new one."""
+    tm = _cached_model(tiny_gpt_run)
+    app = create_app(tiny_gpt_run)
+    with running_server(app) as url:
+        body = {"prompt": "Rome", "max_tokens": 8, "temperature": 0}
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == \
+            tm.generate("Rome", 8, temperature=0)
+        engine = app.state.worker._process
+        assert engine is not None and engine.is_alive() and engine.pid != os.getpid()
+        with httpx.Client(base_url=url, timeout=60) as c, c.stream(
+                "POST", "/v1/completions", json={**body, "max_tokens": 30, "stream": True}) as r:
+            lines = r.iter_lines()
+            next(lines)
+            engine.kill()
+            rest = "\n".join(lines).strip()
+        assert "the model process has exited" in rest and rest.endswith("data: [DONE]")
+        again = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+        assert again.status_code == 200 and again.json()["choices"][0]["text"] == tm.generate("Rome", 8, temperature=0)
+        assert app.state.worker._process.pid != engine.pid and httpx.get(f"{url}/health").json()["pending"] == 0
