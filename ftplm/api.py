@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,7 +148,7 @@ class TextModel:
             windows.append(rolling_windows(ctx + self._ids(continuation), len(ctx), L))
         return self._score_windows(windows, batch_size)
 
-    def score(self, texts: list[str] | list[list[int]], batch_size: int = 16, max_length: int | None = None) -> list[float]:
+    def score(self, texts: Sequence[str | list[int]], batch_size: int = 16, max_length: int | None = None) -> list[float]:
         """Total log-likelihood of each text as a document of its own (after EOS): every token scored once, in
         rolling windows of max_length tokens, so a text longer than the context is scored whole (`rolling_windows`:
         lm-eval's loglikelihood_rolling)."""

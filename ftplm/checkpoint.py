@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -37,8 +37,8 @@ RUN_LINKS = MODEL_FILES + ("trainer_state.json",)
 def unwrap(model: torch.nn.Module) -> LanguageModel:
     """The plain model inside DDP / FSDP / torch.compile wrappers."""
     while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return model  # type: ignore[return-value]
+        model = cast(torch.nn.Module, getattr(model, "module", None) or model._orig_mod)
+    return model  # type: ignore[return-value]  # what remains is the model itself
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -236,7 +236,7 @@ def check_weights_fit(cfg: ModelConfig, weights: Path, source: str | Path) -> No
         aliases.setdefault(id(p), set()).add(name)
     try:
         with safe_open(str(weights), "pt") as f:
-            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}  # noqa: SIM118 - safe_open is not a dict
     except (SafetensorError, OSError) as e:
         raise FtplmError(f"corrupt checkpoint {weights}: {str(e).splitlines()[0]}") from None
     for names in aliases.values():

@@ -16,7 +16,7 @@ import sys
 import typing
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 from ftplm.errors import FtplmError
 
@@ -108,18 +108,18 @@ def _model_and_train_fields() -> dict[str, set[str]]:
 def train(
     *,
     out: str,
-    data: Optional[str] = None,
-    model: Optional[Literal["ftp", "gpt"]] = None,
+    data: str | None = None,
+    model: Literal["ftp", "gpt"] | None = None,
     preset: Literal["tiny", "mini", "small", "base"] = "small",
-    max_steps: Optional[int] = None,
-    max_tokens: Optional[int] = None,
-    time_budget: Optional[str] = None,
+    max_steps: int | None = None,
+    max_tokens: int | None = None,
+    time_budget: str | None = None,
     resume: bool = False,
-    batch_size: Optional[int] = None,
-    grad_accum: Optional[int] = None,
-    learning_rate: Optional[float] = None,
-    seed: Optional[int] = None,
-    dtype: Optional[Literal["auto", "bf16", "fp32"]] = None,
+    batch_size: int | None = None,
+    grad_accum: int | None = None,
+    learning_rate: float | None = None,
+    seed: int | None = None,
+    dtype: Literal["auto", "bf16", "fp32"] | None = None,
     device: str = "auto",
     set: list[str] = [],  # noqa: A002 - the option is called --set
     no_progress: bool = False,
@@ -127,8 +127,8 @@ def train(
     backend: Literal["auto", "gloo", "nccl"] = "auto",
     dist_timeout: float = 1800.0,
     logger: list[str] = [],
-    init_from: Optional[str] = None,
-    config: Optional[str] = None,
+    init_from: str | None = None,
+    config: str | None = None,
 ) -> None:
     """Train an FTP model or its GPT baseline on a prepared data directory (several processes: torchrun -m ftplm train).
 
@@ -166,9 +166,10 @@ def train(
     if data is None:  # a resumed run knows its data
         from ftplm.checkpoint import run_data_dir
 
-        data = run_data_dir(out) if resume and (Path(out) / "latest").exists() else None
-        if data is None:
+        found = run_data_dir(out) if resume and (Path(out) / "latest").exists() else None
+        if found is None:
             raise FtplmError("say which data to train on: --data DIR (or data: in --config)")
+        data = str(found)
     model_over, train_over = _split_overrides(set)
     if logger:
         train_over["loggers"] = logger
@@ -198,11 +199,11 @@ def generate(
     prompt: str,
     max_new_tokens: int = 100,
     temperature: float = 1.0,
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    seed: Optional[int] = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
     speculative: Literal["none", "auto", Drafters] = "none",
-    draft_len: Optional[int] = None,
+    draft_len: int | None = None,
     tree: bool = False,
     adaptive: bool = False,
 ) -> None:
@@ -251,7 +252,7 @@ def export(run: str, out: str, *, format: Literal["hf"] = "hf") -> None:  # noqa
 
 
 @command
-def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = "mean") -> None:  # noqa: A002
+def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = "mean") -> None:  # noqa: A002 - the option is called --input
     """Embed texts with a trained model's state vectors and save them as a (n_texts, n_embd) .npy array.
 
     Args:
@@ -315,13 +316,13 @@ def eval_(
     run: str,
     *,
     suite: Literal["all", "ppl", "smoothness", "coherence", "classify", "coding", "retrieval"] = "all",
-    against: Optional[str] = None,
-    json: Optional[str] = None,  # noqa: A002 - the option is called --json
+    against: str | None = None,
+    json: str | None = None,
     quick: bool = False,
     seed: int = 0,
-    data: Optional[str] = None,
+    data: str | None = None,
     set: list[str] = [],  # noqa: A002 - the option is called --set
-    config: Optional[str] = None,
+    config: str | None = None,
 ) -> None:
     """Measure a run (and another on identical data) with the SPEC §5 suites: metrics, 95% CIs, n, checkpoint.
 
@@ -351,7 +352,7 @@ def eval_(
 
 
 @command
-def report(run_a: str, run_b: Optional[str] = None, *, out: str, title: str = "ftplm report: FTP vs GPT") -> None:
+def report(run_a: str, run_b: str | None = None, *, out: str, title: str = "ftplm report: FTP vs GPT") -> None:
     """Markdown + self-contained HTML report with PNG plots comparing two runs (or `ftplm eval --json` files).
 
     Args:
@@ -383,7 +384,7 @@ def experiment_paper(
     preset: Literal["tiny", "mini", "small", "base"] = "small",
     seeds: int = 3,
     max_tokens: int = 200_000,
-    coding_max_tokens: Optional[int] = None,
+    coding_max_tokens: int | None = None,
     quick: bool = False,
     skip_coding: bool = False,
     ppl_batches: int = 20,
@@ -391,7 +392,7 @@ def experiment_paper(
     train_set: list[str] = [],
     model_set: list[str] = [],
     variant: list[str] = [],
-    config: Optional[str] = None,
+    config: str | None = None,
 ) -> None:
     """The paper's four claims: train FTP and GPT per seed (or reuse/resume runs in OUT), match perplexity, evaluate, report.
 
@@ -453,10 +454,10 @@ def bench_train(
     preset: Literal["tiny", "mini", "small", "base"] = "small",
     steps: int = 8,
     warmup: int = 2,
-    batch_size: Optional[int] = None,
-    dtype: Optional[Literal["auto", "bf16", "fp32"]] = None,
+    batch_size: int | None = None,
+    dtype: Literal["auto", "bf16", "fp32"] | None = None,
     set: list[str] = [],  # noqa: A002 - the option is called --set
-    json: Optional[str] = None,  # noqa: A002 - the option is called --json
+    json: str | None = None,
 ) -> None:
     """Training throughput of GPT and FTP with the same trunk, measured interleaved in one run, and their ratio.
 
@@ -483,10 +484,10 @@ def serve(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
-    model_name: Optional[str] = None,
+    model_name: str | None = None,
     speculative: Literal["auto", "none", Drafters] = "auto",
     adaptive: bool = False,
-    max_tokens_cap: Optional[int] = None,
+    max_tokens_cap: int | None = None,
 ) -> None:
     """OpenAI-compatible HTTP server: /v1/completions (streaming too), /v1/embeddings, /v1/models, /health.
 
@@ -516,7 +517,7 @@ def bench_serve(
     requests: int = 500,
     max_tokens: int = 8,
     speculative: Literal["auto", "none", Drafters] = "auto",
-    json: Optional[str] = None,  # noqa: A002 - the option is called --json
+    json: str | None = None,
 ) -> None:
     """HTTP load on a loopback server for RUN: p50/p99 latency, throughput, error counts.
 
@@ -546,9 +547,9 @@ def bench_decode(
     method: list[str] = [],
     temperature: list[float] = [],
     seed: int = 0,
-    threads: Optional[int] = None,
+    threads: int | None = None,
     batch_size: int = 1,
-    json: Optional[str] = None,  # noqa: A002 - the option is called --json
+    json: str | None = None,
 ) -> None:
     """Plain vs speculative decoding speed (tokens/s, speedup, tau) on held-out prompts, greedy and temperature 1.
 

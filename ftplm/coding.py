@@ -37,6 +37,7 @@ small LM's output), not against a determined attacker: Python-level sandboxes ca
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import hashlib
 import json
@@ -54,11 +55,7 @@ from pathlib import Path
 from typing import Any
 
 HELDOUT_FRAC = 0.2
-WORDS = (
-    "red blue green cat dog fox bird fish tree leaf rock sand moon star sun rain snow wind fire ice "
-    "apple pear plum kiwi lime milk bread salt sugar tea cup box bag hat shoe ship boat car road city "
-    "king queen book pen door wall lamp bell ring song drum game ball gold iron glass wood stone"
-).split()
+WORDS = ["red", "blue", "green", "cat", "dog", "fox", "bird", "fish", "tree", "leaf", "rock", "sand", "moon", "star", "sun", "rain", "snow", "wind", "fire", "ice", "apple", "pear", "plum", "kiwi", "lime", "milk", "bread", "salt", "sugar", "tea", "cup", "box", "bag", "hat", "shoe", "ship", "boat", "car", "road", "city", "king", "queen", "book", "pen", "door", "wall", "lamp", "bell", "ring", "song", "drum", "game", "ball", "gold", "iron", "glass", "wood", "stone"]
 
 
 @dataclass(frozen=True)
@@ -224,14 +221,12 @@ def run_program(source: str, timeout: float = 5.0, memory_mb: int = 512, output_
             except subprocess.TimeoutExpired:
                 timed_out = True
             finally:
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, signal.SIGKILL)  # the program and anything it left behind
-                except (ProcessLookupError, PermissionError):
-                    pass
                 proc.wait()
         stdout = (d / "stdout").read_bytes()[-output_bytes:].decode("utf-8", errors="replace")
         stderr = (d / "stderr").read_bytes()[-2000:].decode("utf-8", errors="replace")
-    if timed_out or proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not stderr:
+    if timed_out or (proc.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not stderr):
         return Execution("timeout", detail=f"no answer within {timeout}s")
     if proc.returncode == -signal.SIGXFSZ or "File too large" in stderr:
         return Execution("output_limit", detail=f"wrote more than {output_bytes} bytes")

@@ -52,7 +52,7 @@ class ModelConfig:
     input_dropout: float = 0.0
     future_bow: float = 0.0
 
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise FtplmError(f"invalid model config: {msg}")
@@ -103,7 +103,7 @@ class TrainConfig:
     compile: bool = False
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # ftplm.loggers.LOGGERS; jsonl is always on
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         def need(ok: bool, msg: str) -> None:
             if not ok:
                 raise FtplmError(f"invalid training config: {msg}")

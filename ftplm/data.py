@@ -11,6 +11,7 @@ k-process run draws exactly the micro-batches a 1-process run with k-times gradi
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import itertools
@@ -23,11 +24,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from ftplm.errors import FtplmError
-from tokenizers import Tokenizer
-
 from ftplm.tokenizer import encode_batches, eos_id, gpt2_tokenizer, load_tokenizer, train_bpe
 
 SPLITS = ("train", "val", "test")
@@ -188,7 +188,7 @@ def hf_documents(name: str) -> Iterator[Document]:
             stream = (saved["train"] if isinstance(saved, datasets.DatasetDict) else saved).to_iterable_dataset()
         else:
             stream = datasets.load_dataset(name, split="train", streaming=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds (network, format, missing): one line each
         raise FtplmError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     columns = stream.column_names
     if columns is not None and "text" not in columns:
@@ -213,16 +213,16 @@ def documents(spec: str) -> Iterator[Document]:
         if part in CORPORA:
             sources.append(CORPORA[part])
         elif Path(part).exists():
-            sources.append(lambda path=Path(part): local_documents(path))
+            sources.append(functools.partial(local_documents, Path(part)))
         elif part.startswith("hf:"):
-            sources.append(lambda name=part[3:]: hf_documents(name))
+            sources.append(functools.partial(hf_documents, part[3:]))
         elif part.startswith(("/", ".", "~")) or part.endswith((".txt", ".jsonl")) or "/" not in part:
             raise FtplmError(
                 f"no such file, directory or corpus: {part} (known corpora: {', '.join(CORPORA)}; "
                 "HF datasets: owner/name or hf:name)"
             )
         else:  # owner/name: a Hugging Face dataset
-            sources.append(lambda name=part: hf_documents(name))
+            sources.append(functools.partial(hf_documents, part))
     return (doc for source in sources for doc in source())
 
 
@@ -298,9 +298,8 @@ def prepare(
     out = Path(out)
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise FtplmError("val and test fractions must be in [0, 1) and leave room for training data")
-    if out.exists() and any(out.iterdir()):
-        if not (out / "meta.json").is_file():
-            raise FtplmError(f"{out} exists and is not an ftplm data directory; refusing to overwrite it")
+    if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file():
+        raise FtplmError(f"{out} exists and is not an ftplm data directory; refusing to overwrite it")
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
         import shutil
@@ -349,7 +348,7 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
                 yield doc
 
     # 1. one pass to validate, count, and keep the held-out documents (small) for evaluation
-    counts, duplicates = {s: 0 for s in SPLITS}, [0]
+    counts, duplicates = dict.fromkeys(SPLITS, 0), [0]
     with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
         for doc in tqdm(unique_documents(corpus_spec, duplicates), desc="reading documents", unit=" docs", leave=False, delay=1):
             split = split_of(doc.doc_id, val_frac, test_frac, seed)
@@ -376,8 +375,8 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
     # 3. token shards, one document after another, each followed by EOS: one streaming pass for all splits,
     #    tokenised in batches; memory holds one encode batch plus at most one shard buffer per split
     writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
-    labelled, texts = itertools.tee((split_of(d.doc_id, val_frac, test_frac, seed), d.text) for d in unique_documents(corpus_spec))
-    encoded = encode_batches(tok, (text for _, text in texts))
+    labelled, documents = itertools.tee((split_of(d.doc_id, val_frac, test_frac, seed), d.text) for d in unique_documents(corpus_spec))
+    encoded = encode_batches(tok, (text for _, text in documents))
     for (split, _), ids in tqdm(zip(labelled, encoded), desc="tokenizing", total=sum(counts.values()), unit=" docs", leave=False, delay=1):
         writers[split].add(ids + [eos])
     splits = {split: {**writer.close(), "documents": counts[split]} for split, writer in writers.items()}

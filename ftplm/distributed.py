@@ -21,7 +21,7 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ DEFAULT_TIMEOUT = 1800.0  # seconds a collective may wait: must cover rank 0's e
 def _env_int(name: str) -> int:
     raw = os.environ.get(name)
     try:
-        return int(raw)  # type: ignore[arg-type]
+        return int(raw)  # type: ignore[arg-type]  # None is caught with the ValueError below
     except (TypeError, ValueError):
         raise FtplmError(f"environment variable {name}={raw!r} must be an integer (launch with torchrun)") from None
 
@@ -150,7 +150,7 @@ class Parallel:
     needs every rank: evaluation and checkpoint gathering then run on all ranks (see `all_ranks_forward`).
     """
 
-    def __init__(self, model: torch.nn.Module, ctx: DistContext, strategy: Strategy = "ddp", compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, ctx: DistContext, strategy: Strategy = "ddp", compile: bool = False) -> None:  # noqa: A002 - torch.compile's on/off, named as Trainer's
         if strategy not in ("ddp", "fsdp"):
             raise FtplmError(f"unknown strategy {strategy!r}; choose ddp or fsdp")
         self.module, self.ctx, self.strategy = model, ctx, strategy
@@ -160,12 +160,12 @@ class Parallel:
             # one FSDP unit per encoder block; the root unit holds the embeddings and FTP's small decoder, whose
             # cross-attention is also called outside Block.forward (memory_kv), where a per-block unit would not
             # have gathered its weights
-            for block in model.trunk.h:  # type: ignore[union-attr]
+            for block in model.trunk.h:  # type: ignore[union-attr]  # nn.Module attribute access is typed as Tensor | Module
                 fully_shard(block)
             fully_shard(model)
-            self.forward: torch.nn.Module = torch.compile(model) if compile else model
+            self.forward: torch.nn.Module = cast(torch.nn.Module, torch.compile(model)) if compile else model
         else:
-            inner = torch.compile(model) if compile else model  # nanoGPT order: compile, then DDP
+            inner = cast(torch.nn.Module, torch.compile(model)) if compile else model  # nanoGPT order: compile, then DDP
             if ctx.distributed:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -184,13 +184,13 @@ class Parallel:
         if sync or not self.ctx.distributed:
             yield
         elif self.strategy == "fsdp":
-            self.module.set_requires_gradient_sync(False)  # type: ignore[operator]
+            self.module.set_requires_gradient_sync(False)  # type: ignore[operator]  # FSDP2's method, added by fully_shard
             try:
                 yield
             finally:
-                self.module.set_requires_gradient_sync(True)  # type: ignore[operator]
+                self.module.set_requires_gradient_sync(True)  # type: ignore[operator]  # FSDP2's method, added by fully_shard
         else:
-            with self.forward.no_sync():  # type: ignore[operator]
+            with self.forward.no_sync():  # type: ignore[operator]  # DDP's method
                 yield
 
     def full_state(self, optimizer: torch.optim.Optimizer) -> tuple[torch.nn.Module | None, Any]:
@@ -218,7 +218,7 @@ class Parallel:
         }
         if not self.ctx.is_main:
             return None, None
-        plain = build_model(self.module.cfg)  # type: ignore[arg-type]
+        plain = build_model(self.module.cfg)  # type: ignore[arg-type]  # nn.Module attribute access is typed as Tensor | Module
         plain.load_state_dict(model_sd)
         return plain, _FrozenOptimizer(optim_sd)
 
@@ -241,7 +241,7 @@ class Parallel:
         groups = [{**g, "params": [order[i] for i in g["params"]]} for g in groups]
         try:
             set_optimizer_state_dict(
-                self.module, optimizer, {"state": state, "param_groups": groups},
+                self.module, optimizer, {"state": state, "param_groups": groups},  # type: ignore[dict-item]  # torch's hint is narrower than what it loads
                 options=StateDictOptions(full_state_dict=True),
             )
         except (ValueError, KeyError, RuntimeError) as e:

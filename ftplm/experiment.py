@@ -141,7 +141,7 @@ def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cac
         if cached.get("key") == key:
             return cached
     tokens = TokenData(data)
-    ppl = lambda path: val_perplexity(load(path), tokens, batches)[0]["ppl"]  # noqa: E731
+    ppl = lambda path: val_perplexity(load(path), tokens, batches)[0]["ppl"]  # noqa: E731 - a one-line local helper
     ftp_ppl = ppl(ftp_ckpt)
     table = []
     for c in ckpts:
@@ -366,7 +366,8 @@ def paper_experiment(
         ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", preset, flops_tokens, seed,
                        {**overrides, "save_interval": 200, "keep_checkpoints": 0}, model_overrides=model_overrides)
     matched, by_label = match_and_evaluate(out, data, seeds, list(ftp_models), ppl_batches, quick, options)
-    coding_by_label, coding_match = {}, None
+    coding_by_label: dict[str, Any] = {}
+    coding_match = None
     if not skip_coding:
         coding_by_label, coding_match = coding_experiment(out, preset, coding_max_tokens or max_tokens, overrides,
                                                           model_overrides, ppl_batches, quick, options)

@@ -27,7 +27,16 @@ from typing import Any
 
 import torch
 
-from ftplm.drafters import DRAFTERS, AdaptiveDepth, Draft, DraftContext, Drafter, auto_drafter, check_template, get_drafter
+from ftplm.drafters import (
+    DRAFTERS,
+    AdaptiveDepth,
+    Draft,
+    DraftContext,
+    Drafter,
+    auto_drafter,
+    check_template,
+    get_drafter,
+)
 from ftplm.errors import FtplmError
 from ftplm.model import DecoderStart, KVCache, LanguageModel
 
@@ -276,8 +285,8 @@ def _compact(cache: KVCache, valid: torch.Tensor, lengths: list[int]) -> None:
     after the longest row."""
     for r, n in enumerate(lengths):
         slots = valid[r].nonzero().squeeze(1)
-        cache.k[:, r, :, :n] = cache.k[:, r, :, slots]  # type: ignore[index]
-        cache.v[:, r, :, :n] = cache.v[:, r, :, slots]  # type: ignore[index]
+        cache.k[:, r, :, :n] = cache.k[:, r, :, slots]  # type: ignore[index]  # the pools and views exist once a row has joined
+        cache.v[:, r, :, :n] = cache.v[:, r, :, slots]  # type: ignore[index]  # the pools and views exist once a row has joined
         valid[r] = False
         valid[r, :n] = True
     cache.length = max(lengths)
@@ -358,7 +367,7 @@ class DecodeSession:
         adaptive = config.adaptive if adaptive is None else adaptive
         depth = AdaptiveDepth(drafter.draft_len, drafter.node_cost, drafter.fixed_cost) if drafter and adaptive else None
         if depth is not None and shared:  # a drafter the caller shares keeps one set of statistics, carried over
-            depth = drafter.adaptive_depth = drafter.adaptive_depth or depth  # type: ignore[union-attr]
+            depth = drafter.adaptive_depth = drafter.adaptive_depth or depth  # type: ignore[union-attr]  # a shared drafter: the caller's instance
         row = Row(prompt, config, budget, config.sampling, make_generator(config.seed, self.model.device), drafter,
                   depth)
         if budget == 0 and not config.echo:
@@ -406,13 +415,13 @@ class DecodeSession:
         dead = [i for i, r in enumerate(self.rows) if r.finished]
         if not dead:
             return
-        length = self.cache.length  # type: ignore[union-attr]
+        length = self.cache.length  # type: ignore[union-attr]  # the pools and views exist once a row has joined
         for i in reversed(dead):
             last = len(self.rows) - 1
             if i != last:
                 for pool in (self._k, self._v):
-                    pool[:, i, :, :length] = pool[:, last, :, :length]  # type: ignore[index]
-                self._valid[i] = self._valid[last]  # type: ignore[index]
+                    pool[:, i, :, :length] = pool[:, last, :, :length]  # type: ignore[index]  # the pools and views exist once a row has joined
+                self._valid[i] = self._valid[last]  # type: ignore[index]  # the pools and views exist once a row has joined
                 self.rows[i] = self.rows[last]
             self.rows.pop()
         self._view(length if self.rows else 0)
@@ -421,8 +430,8 @@ class DecodeSession:
         """The cache and slot masks of the active rows: views of the first len(rows) rows of the pool."""
         n = len(self.rows)
         self.cache = KVCache(self.model.cfg.n_layer, self.capacity)
-        self.cache.k, self.cache.v, self.cache.length = self._k[:, :n], self._v[:, :n], length  # type: ignore[index]
-        self.valid = self._valid[:n]  # type: ignore[index]
+        self.cache.k, self.cache.v, self.cache.length = self._k[:, :n], self._v[:, :n], length  # type: ignore[index]  # the pools and views exist once a row has joined
+        self.valid = self._valid[:n]  # type: ignore[index]  # the pools and views exist once a row has joined
 
     def _forward(self, rows: list[Row], x: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
                  mask: torch.Tensor | None = None, last: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
@@ -433,9 +442,9 @@ class DecodeSession:
         h = self.model.state_vectors(x, cache, positions, None if mask is None else mask[:, None])
         t1 = time.perf_counter()
         hx = (h[:, -1:], x[:, -1:]) if last else (h, x)
-        if any(r.drafter is not None and r.drafter.wants_decoder_start for r in rows) and hasattr(
-                self.model, "first_decoder_step"):
-            logits, decoder = self.model.first_decoder_step(*hx)
+        first_decoder_step = getattr(self.model, "first_decoder_step", None)  # FTP's
+        if first_decoder_step is not None and any(r.drafter is not None and r.drafter.wants_decoder_start for r in rows):
+            logits, decoder = first_decoder_step(*hx)
         else:
             logits, decoder = self.model.next_token_logits(*hx), None
         self.stats.trunk_time += t1 - t0
@@ -464,7 +473,7 @@ class DecodeSession:
             if row.config.echo and row.config.logprobs is not None:  # the prompt's own, from the same forward
                 prompt_logits = self.model.next_token_logits(h[i : i + 1, pad:-1], x[i : i + 1, pad:-1])[0]
                 row.prompt_logprobs = [TokenLogprob(row.prompt[0], None)] + _logprobs(
-                    prompt_logits, row.prompt[1:], row.config.logprobs)  # type: ignore[arg-type]
+                    prompt_logits, row.prompt[1:], row.config.logprobs)
             row.length, row.h_prev = len(row.prompt), h[i, -1]
             row.decoder_start = decoder.row(i) if decoder is not None else None
             if row.drafter is not None:
@@ -481,25 +490,25 @@ class DecodeSession:
         """Rows prefilled into their own cache join the session's, their tokens ending where the others' do (so that
         nobody's holes grow): one cache, verified together from the next step on."""
         n, joining, width = len(self.rows), len(rows), cache.length
-        length = self.cache.length if n else 0  # type: ignore[union-attr]
+        length = self.cache.length if n else 0  # type: ignore[union-attr]  # the pools and views exist once a row has joined
         new_length = max(length, width)
         if cache.k is None:  # a model that keeps nothing in its cache (a test double): an empty one stands in
             cache.k = cache.v = torch.zeros(1, joining, 1, width, 0, device=valid.device)
         k = cache.k
-        if self._k is None or self._k.dtype != k.dtype or self._k.size(1) < n + joining:  # type: ignore[union-attr]
+        if self._k is None or self._k.dtype != k.dtype or self._k.size(1) < n + joining:
             size = n + joining if self._k is None else max(n + joining, 2 * self._k.size(1))
             # zeros, not empty: masked slots still enter attention's products, and garbage could be NaN
             pools = [k.new_zeros((k.size(0), size, *k.shape[2:3], self.capacity, k.size(-1))) for _ in range(2)]
             valid_pool = torch.zeros(size, self.capacity, dtype=torch.bool, device=k.device)
             if n:
-                pools[0][:, :n, :, :length], pools[1][:, :n, :, :length] = self.cache.k[..., :length, :], self.cache.v[..., :length, :]  # type: ignore[union-attr,index]
-                valid_pool[:n] = self._valid[:n]  # type: ignore[index]
+                pools[0][:, :n, :, :length], pools[1][:, :n, :, :length] = self.cache.k[..., :length, :], self.cache.v[..., :length, :]  # type: ignore[union-attr,index]  # the pools and views exist once a row has joined
+                valid_pool[:n] = self._valid[:n]  # type: ignore[index]  # the pools and views exist once a row has joined
             self._k, self._v, self._valid = pools[0], pools[1], valid_pool
         end = slice(new_length - width, new_length)
-        self._k[:, n : n + joining, :, end] = cache.k[:, :, :, :width]  # type: ignore[index]
-        self._v[:, n : n + joining, :, end] = cache.v[:, :, :, :width]  # type: ignore[index]
-        self._valid[n : n + joining] = False  # type: ignore[index]
-        self._valid[n : n + joining, end] = valid[:, :width]  # type: ignore[index]
+        self._k[:, n : n + joining, :, end] = cache.k[:, :, :, :width]
+        self._v[:, n : n + joining, :, end] = cache.v[:, :, :, :width]  # type: ignore[index]  # the pools and views exist once a row has joined
+        self._valid[n : n + joining] = False  # type: ignore[index]  # the pools and views exist once a row has joined
+        self._valid[n : n + joining, end] = valid[:, :width]  # type: ignore[index]  # the pools and views exist once a row has joined
         self.rows = self.rows + rows
         self._view(new_length)
 
@@ -519,9 +528,9 @@ class DecodeSession:
                 max_depth, max_nodes = row.budget - len(row.out) - 1, self.block - len(tokens)
                 if row.adaptive is not None:
                     max_depth = min(max_depth, row.adaptive.depth())
-                ctxs.append(DraftContext(tokens, row.h_prev, max_depth, max_nodes, row.sampling, row.generator,
+                ctxs.append(DraftContext(tokens, row.h_prev, max_depth, max_nodes, row.sampling, row.generator,  # type: ignore[arg-type]  # h_prev: set at prefill
                                          row.decoder_start, row.drafter))
-            proposed = self.rows[members[0]].drafter.propose_batch(ctxs)  # type: ignore[union-attr]
+            proposed = self.rows[members[0]].drafter.propose_batch(ctxs)  # type: ignore[union-attr]  # rows in a group all have a drafter
             for i, draft, ctx in zip(members, proposed, ctxs):
                 drafts[i] = draft.truncated(ctx.max_depth, ctx.max_nodes)
         return drafts
@@ -574,10 +583,10 @@ class DecodeSession:
         cache, valid = self.cache, self.valid
         n = len(path)
         if path != list(range(n)):
-            src = torch.tensor(path, device=valid.device) + start  # type: ignore[union-attr]
-            cache.k[:, i, :, start : start + n] = cache.k[:, i, :, src]  # type: ignore[union-attr,index]
-            cache.v[:, i, :, start : start + n] = cache.v[:, i, :, src]  # type: ignore[union-attr,index]
-        valid[i, start : start + n] = True  # type: ignore[index]
+            src = torch.tensor(path, device=valid.device) + start  # type: ignore[union-attr]  # the pools and views exist once a row has joined
+            cache.k[:, i, :, start : start + n] = cache.k[:, i, :, src]  # type: ignore[union-attr,index]  # the pools and views exist once a row has joined
+            cache.v[:, i, :, start : start + n] = cache.v[:, i, :, src]  # type: ignore[union-attr,index]  # the pools and views exist once a row has joined
+        valid[i, start : start + n] = True  # type: ignore[index]  # the pools and views exist once a row has joined
         self.rows[i].length += n
 
     def _emit(self, row: Row, new: list[int], logits: torch.Tensor, path: list[int],

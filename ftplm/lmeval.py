@@ -53,7 +53,7 @@ class FtplmLM(TemplateLM):
         device: str | None = None,
         max_length: int | None = None,
         max_gen_toks: int = 256,
-        max_batch_size: int | None = None,  # noqa: ARG002 - lm-eval passes it; batch sizes here are fixed
+        max_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if pretrained is None or pretrained == "":

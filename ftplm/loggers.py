@@ -117,7 +117,8 @@ class TensorBoardLogger(Logger):
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise FtplmError("--logger tensorboard needs tensorboard: pip install 'ftplm[tensorboard]'") from None
-        self.run, self.writer_class, self.writer = run, SummaryWriter, None
+        self.run, self.writer_class = run, SummaryWriter
+        self.writer: Any = None
 
     def start(self, config: dict[str, Any], step: int) -> None:
         self.writer = self.writer_class(log_dir=str(self.run / "tensorboard"), purge_step=step + 1 if step else None)
@@ -141,7 +142,9 @@ class WandbLogger(Logger):
             import wandb
         except ImportError:
             raise FtplmError("--logger wandb needs wandb: pip install 'ftplm[wandb]'") from None
-        self.run, self.wandb, self.session = run, wandb, None
+        self.run = run
+        self.session: Any = None
+        self.wandb: Any = wandb  # its init() is typed more narrowly than the modes it accepts
 
     def start(self, config: dict[str, Any], step: int) -> None:
         id_file = self.run / "wandb_id"

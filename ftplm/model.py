@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -41,25 +42,26 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's keys/values (B, H, T, hd) after the valid ones; return all valid keys/values."""
         B, H, T, hd = k.shape
-        if self.k is None or self.k.shape[1] != B or self.k.dtype != k.dtype:
+        keys, values = self.k, self.v
+        if keys is None or values is None or keys.shape[1] != B or keys.dtype != k.dtype:
             shape = (self.n_layer, B, H, self.max_len, hd)
-            self.k = k.new_zeros(shape)
-            self.v = v.new_zeros(shape)
+            keys = self.k = k.new_zeros(shape)
+            values = self.v = v.new_zeros(shape)
         end = self.length + T
         if end > self.max_len:
             raise FtplmError(f"sequence of {end} tokens exceeds the context length ({self.max_len})")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        keys[layer, :, :, self.length : end] = k
+        values[layer, :, :, self.length : end] = v
+        return keys[layer, :, :, :end], values[layer, :, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n
 
-    def select(self, rows: torch.Tensor | slice) -> "KVCache":
+    def select(self, rows: torch.Tensor | slice) -> KVCache:
         """A cache of only these batch rows, copied: it then grows independently of this one."""
         out = KVCache(self.n_layer, self.max_len)
         out.length = self.length
-        if self.k is not None:
+        if self.k is not None and self.v is not None:
             out.k, out.v = self.k[:, rows], self.v[:, rows]
             if isinstance(rows, slice):  # a view; indexing with a tensor already copied
                 out.k, out.v = out.k.clone(), out.v.clone()
@@ -75,15 +77,15 @@ class DecoderStart:
     memory_kv: list[tuple[torch.Tensor, torch.Tensor]]
     cache: KVCache
 
-    def row(self, i: int) -> "DecoderStart":
+    def row(self, i: int) -> DecoderStart:
         return self.select(slice(i, i + 1))
 
-    def select(self, rows: torch.Tensor | slice) -> "DecoderStart":
+    def select(self, rows: torch.Tensor | slice) -> DecoderStart:
         """These rows (a tensor may repeat them: tree drafting); the cache is copied, so each grows on its own."""
         return DecoderStart([(k[rows], v[rows]) for k, v in self.memory_kv], self.cache.select(rows))
 
     @staticmethod
-    def cat(starts: list["DecoderStart"]) -> "DecoderStart":
+    def cat(starts: list[DecoderStart]) -> DecoderStart:
         """The rows of several starts (of one decoder length) as one, copied: drafting for a batch of rows."""
         memory_kv = [(torch.cat([s.memory_kv[i][0] for s in starts]), torch.cat([s.memory_kv[i][1] for s in starts]))
                      for i in range(len(starts[0].memory_kv))]
@@ -92,15 +94,15 @@ class DecoderStart:
         if any(s.cache.length != cache.length for s in starts):
             raise ValueError("decoder starts of different lengths cannot be batched")
         if cache.length:
-            cache.k = torch.cat([s.cache.k for s in starts], dim=1)  # type: ignore[misc]
-            cache.v = torch.cat([s.cache.v for s in starts], dim=1)  # type: ignore[misc]
+            cache.k = torch.cat([s.cache.k for s in starts], dim=1)  # type: ignore[misc]  # a started cache has its tensors
+            cache.v = torch.cat([s.cache.v for s in starts], dim=1)  # type: ignore[misc]  # a started cache has its tensors
         return DecoderStart(memory_kv, cache)
 
 
 ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 # Linear -> ((weight pointer, version), its oneDNN-packed copy). Kept off the module: an opaque packed tensor
 # would break copy.deepcopy and pickling of the model.
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], torch.Tensor]]" = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple[int, int], torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 class Linear(nn.Linear):
@@ -207,7 +209,7 @@ class CrossAttention(nn.Module):
         """Keys/values of a memory (M, P, C) -> two (M, H, P, hd): computed once per pseudo-sequence."""
         M, P, C = memory.shape
         k, v = self.kv(memory).split(C, dim=2)
-        return tuple(t.view(M, P, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))  # type: ignore[return-value]
+        return tuple(t.view(M, P, self.n_head, C // self.n_head).transpose(1, 2) for t in (k, v))
 
     def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         M, T, C = x.shape
@@ -249,7 +251,7 @@ class Block(nn.Module):
         memory_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         x = x + self.resid_drop(self.attn(self.ln_1(x), cache, layer, attn_mask))
-        if self.cross is not None:
+        if self.cross is not None and self.ln_cross is not None:
             x = x + self.resid_drop(self.cross(self.ln_cross(x), memory_kv))
         return x + self.mlp(self.ln_2(x))
 
@@ -387,7 +389,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, coef, want_argmax: bool = False, chunk_rows: int = 256):  # type: ignore[override]
+    def forward(ctx, hidden, weight, targets, coef, want_argmax: bool = False, chunk_rows: int = 256):
         need_grad = hidden.requires_grad or weight.requires_grad
         compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
         if hidden.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
@@ -405,14 +407,14 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = (h[rows] @ w.T).to(acc_dtype)
             t = safe_targets[rows].unsqueeze(1)
             target_logit = logits.gather(1, t).squeeze(1)
-            if want_argmax:
+            if argmax is not None:
                 argmax[rows] = logits.argmax(dim=1)
             # in place, to keep the chunk in cache: logits -> exp(logits - max) -> softmax
             row_max = logits.amax(dim=1, keepdim=True)
             probs = logits.sub_(row_max).exp_()
             row_sum = probs.sum(dim=1, keepdim=True)
             ce[rows] = (row_max + row_sum.log()).squeeze(1) - target_logit
-            if need_grad:
+            if grad_h is not None and grad_w is not None:
                 probs.mul_(coef[rows].unsqueeze(1) / row_sum)  # coef * softmax
                 probs.scatter_add_(1, t, -coef[rows].unsqueeze(1).to(probs.dtype))  # - coef * onehot
                 g = probs.to(compute_dtype)
@@ -428,7 +430,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         return (ce * coef).sum(), ce, argmax
 
     @staticmethod
-    def backward(ctx, grad_loss, *unused):  # type: ignore[override]
+    def backward(ctx, grad_loss, *unused):
         grad_h, grad_w = ctx.saved_tensors
         grad_hidden = (grad_h * grad_loss).to(ctx.input_dtypes[0]) if grad_h is not None else None
         grad_weight = (grad_w * grad_loss).to(ctx.input_dtypes[1]) if grad_w is not None else None
@@ -467,6 +469,8 @@ class GPT(LanguageModel):
 
 class FTP(LanguageModel):
     """Future Token Prediction: trunk as encoder -> pseudo-sequence -> small decoder predicting N tokens."""
+
+    offset_weights: torch.Tensor  # a buffer: per-offset loss weights
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -507,7 +511,7 @@ class FTP(LanguageModel):
 
     def memory_kv(self, pseudo: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys/values of every decoder layer for pseudo-sequences (M, P, d): cache these."""
-        return [block.cross.memory_kv(pseudo) for block in self.dec_h]
+        return [cast(CrossAttention, block.cross).memory_kv(pseudo) for block in self.dec_h]
 
     def decode(
         self,
@@ -551,7 +555,7 @@ class FTP(LanguageModel):
         cache = self.new_decoder_cache() if keep else None
         hidden = self.decode(idx.reshape(B * T, 1), memory, cache)
         logits = self.lm_head(hidden[:, 0]).view(B, T, -1)
-        return logits, DecoderStart(memory, cache) if keep else None
+        return logits, DecoderStart(memory, cache) if cache is not None else None
 
     # --- training -------------------------------------------------------------------------------------
     def teacher_forcing(self, idx: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -608,12 +612,12 @@ def flops_per_token(model: LanguageModel) -> float:
     Embedding lookups and norms are not counted.
     """
     cfg = model.cfg
-    count = lambda module: sum(p.numel() for p in module.parameters() if p.dim() >= 2)  # noqa: E731
+    count = lambda module: sum(p.numel() for p in module.parameters() if p.dim() >= 2)  # noqa: E731 - a one-line local helper
     trunk = 6 * count(model.trunk.h) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     if cfg.model_type == "gpt":
         return trunk + 6 * cfg.n_embd * cfg.vocab_size
     N, P, d = cfg.n_future, cfg.n_pseudo, cfg.dec_n_embd
-    kv = sum(count(block.cross.kv) for block in model.dec_h)
+    kv = sum(count(cast(CrossAttention, block.cross).kv) for block in cast(nn.ModuleList, model.dec_h))
     per_decoder_token = 6 * (count(model.dec_h) - kv) + 12 * cfg.dec_n_layer * d * (N + P) + 6 * d * cfg.vocab_size
     return trunk + 6 * count(model.to_pseudo) + 6 * P * kv + N * per_decoder_token
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -157,7 +158,7 @@ SECTIONS = [
 
 def write_report(
     out_dir: str | Path,
-    runs: dict[str, str | Path | None] | None = None,
+    runs: Mapping[str, str | Path | None] | None = None,
     evals: dict[str, dict[str, Any]] | None = None,
     samples: dict[str, list[dict[str, str]]] | None = None,
     title: str = "ftplm report: FTP vs GPT",
@@ -168,17 +169,17 @@ def write_report(
     out = Path(out_dir)
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    runs = {k: Path(v) for k, v in (runs or {}).items() if v is not None}
+    run_paths = {k: Path(v) for k, v in (runs or {}).items() if v is not None}
     evals = evals or {}
-    labels = list(dict.fromkeys([*runs, *evals]))
+    labels = list(dict.fromkeys([*run_paths, *evals]))
     blocks: list[Block] = [("h1", title)]
     blocks += [("p", n) for n in notes or []]
-    if runs:
-        blocks.append(("p", "Runs: " + "; ".join(f"**{k}** = `{v}`" for k, v in runs.items())))
+    if run_paths:
+        blocks.append(("p", "Runs: " + "; ".join(f"**{k}** = `{v}`" for k, v in run_paths.items())))
     for caption, header, rows in extra_tables or []:
         blocks += [("h2", caption), ("table", header, rows)]
 
-    if (png := plot_training(runs, plots / "training.png")) is not None:
+    if (png := plot_training(run_paths, plots / "training.png")) is not None:
         blocks += [("h2", "Training curves"), ("img", png, "training loss and validation perplexity against training tokens")]
     for suite_name, section, table_keys, kind, plot_keys in SECTIONS:
         present = [lab for lab in labels if suite_name in evals.get(lab, {})]
@@ -190,9 +191,9 @@ def write_report(
         blocks.append(("table", ["metric", *present], rows))
         sub = {lab: evals[lab] for lab in present}
         if kind == "curve":
-            png = plot_curves(sub, suite_name, plot_keys, "offset k (positions)", plots / f"{suite_name}.png")
+            png = plot_curves(sub, suite_name, plot_keys, "offset k (positions)", plots / f"{suite_name}.png")  # type: ignore[arg-type]  # curve suites list (key, label) pairs
         elif kind == "bars":
-            png = plot_bars(sub, suite_name, plot_keys, section, plots / f"{suite_name}.png")
+            png = plot_bars(sub, suite_name, plot_keys, section, plots / f"{suite_name}.png")  # type: ignore[arg-type]  # bar suites list keys
         else:
             png = None
         if png is not None:
@@ -201,7 +202,7 @@ def write_report(
             ftp = {lab: sub[lab] for lab in present if _metric(sub, lab, "ppl", "offset_acc")}
             if ftp and (png := plot_curves(ftp, "ppl", [("offset_acc", "FTP decoder accuracy at offset k"), ("offset_ce", "FTP decoder CE at offset k")],
                                             "offset k (tokens ahead)", plots / "ftp_offsets.png")) is not None:
-                rows = [[lab, " / ".join(f"{a:.3f}" for a in _metric(ftp, lab, "ppl", "offset_acc")["value"])] for lab in ftp]
+                rows = [[lab, " / ".join(f"{a:.3f}" for a in _metric(ftp, lab, "ppl", "offset_acc")["value"])] for lab in ftp]  # type: ignore[index]  # present: ftp is filtered on it
                 blocks += [("h3", "FTP per-offset accuracy"), ("table", ["run", "accuracy at k = 1..N"], rows), ("img", png, "FTP per-offset accuracy and CE")]
         details = [(lab, evals[lab][suite_name]) for lab in present]
         blocks.append(("p", "; ".join(f"{lab}: n = {r.get('n', '?')}" + (f", checkpoint `{r['checkpoint']}`" if r.get("checkpoint") else "") for lab, r in details)))

@@ -181,7 +181,7 @@ class Engine:
     def _handle(self, session: DecodeSession, message: tuple[Any, ...], events: list[Event]) -> None:
         kind, job = message[:2]
         if kind == "complete":
-            self.waiting.append(message[1:])  # type: ignore[arg-type]
+            self.waiting.append(message[1:])
         elif kind == "call":
             try:
                 events.append((job, "item", getattr(self.tm, message[2])(*message[3])))
@@ -198,7 +198,7 @@ class Engine:
                events: list[Event]) -> None:
         try:
             row = session.add(prompt, config)
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:  # noqa: BLE001 - handed to the request, which answers for it
             return events.append((job, "error", e))
         if row.finished:
             return events.append((job, "done", None))
@@ -262,7 +262,7 @@ class Job:
     """A request's work in the engine; its results flow to an asyncio queue: ("item", value)..., then ("done", None)
     or ("error", exception)."""
 
-    def __init__(self, worker: ModelWorker, loop: asyncio.AbstractEventLoop, id: int) -> None:  # noqa: A002
+    def __init__(self, worker: ModelWorker, loop: asyncio.AbstractEventLoop, id: int) -> None:  # noqa: A002 - Job.id, as OpenAI names it
         self.worker, self.loop, self.id = worker, loop, id
         self.results: asyncio.Queue = asyncio.Queue()
 
@@ -320,7 +320,7 @@ class ModelWorker:
             return
         if self.source is None:
             inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
-            engine = Engine(self.tm, self.max_batch, lambda block: inbox.get(block=block), self._deliver)  # type: ignore[arg-type]
+            engine = Engine(self.tm, self.max_batch, lambda block: inbox.get(block=block), self._deliver)  # type: ignore[arg-type]  # tm is set for an engine on a thread
             self._threads = [threading.Thread(target=engine.run, name="ftplm-model", daemon=True)]
             self._send = inbox.put
         else:
@@ -379,7 +379,7 @@ class ModelWorker:
             self.pending += 1
             self.jobs[job.id] = job
         try:
-            self._send(message(job.id))  # type: ignore[misc]
+            self._send(message(job.id))  # type: ignore[misc]  # start() has set _send
         except (OSError, TypeError):  # the engine process died just now (its receiver has set _send to None)
             self._deliver([(job.id, "error", RuntimeError("the model process has exited"))])
         return job
@@ -460,7 +460,7 @@ def _drafters(tm: TextModel, speculative: str | None, adaptive: bool = False) ->
     if adaptive and not any(chosen.values()):
         raise FtplmError("adaptive draft length needs a speculative drafter; this server decodes plainly")
     for name in set(chosen.values()) - {None}:
-        get_drafter(name, tm.model)  # type: ignore[arg-type]
+        get_drafter(name, tm.model)  # type: ignore[arg-type]  # tm.model is a LanguageModel
     return chosen
 
 
@@ -497,7 +497,8 @@ class LogprobsJSON:
     completion, in order (the prompt's first, with echo): offsets count characters of the returned text."""
 
     def __init__(self, tm: TextModel, echoed: list[int]) -> None:
-        self.tm, self.ids, self.prompt_done = tm, [], not echoed
+        self.tm, self.prompt_done = tm, not echoed
+        self.ids: list[int] = []
 
     def add(self, chunk: Chunk) -> dict[str, Any]:
         entries = chunk.logprobs if self.prompt_done else chunk.prompt_logprobs + chunk.logprobs
@@ -622,7 +623,7 @@ def create_app(
         elif isinstance(prompt, list):
             if len(prompt) != 1:
                 raise APIError(400, f"one prompt per request is supported, got {len(prompt)}", "prompt")
-            ids = tm.encode(prompt[0])
+            ids = tm.encode(str(prompt[0]))  # a list of strings (pydantic: lists are all str or all int)
         else:
             ids = tm.encode(prompt)
         if not ids:  # OpenAI: an empty prompt means the start of a document

@@ -47,9 +47,9 @@ def gpt2_tokenizer() -> Tokenizer:
     data = Path(spec.origin).parent / "data"
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     merges = [
-        tuple(line.split())
-        for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-        if line.strip()
+        (first, second)
+        for first, second in (line.split() for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
+                              if line.strip())
     ]
     tok = _byte_level(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens([EOS])  # already id 50256 in the vocabulary; this marks it special
@@ -62,7 +62,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         raise FtplmError(f"no tokenizer at {path}")
     try:
         return Tokenizer.from_file(str(path))
-    except Exception as e:  # the Rust side raises a generic Exception on malformed JSON
+    except Exception as e:  # noqa: BLE001 - the Rust side raises a generic Exception on malformed JSON
         raise FtplmError(f"corrupt tokenizer file {path}: {str(e).splitlines()[0]}") from None
 
 

@@ -18,14 +18,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_model
 from tqdm import tqdm
 
-from safetensors.torch import load_model
-
-from ftplm.checkpoint import check_weights_fit, init_source, load_trainer_state, save_checkpoint, write_json
+from ftplm.checkpoint import check_weights_fit, init_source, load_trainer_state, save_checkpoint
 from ftplm.config import TrainConfig, config_from_dict, load_model_config, preset, with_overrides, write_config_file
 from ftplm.data import TokenData
-from ftplm.distributed import DEFAULT_TIMEOUT, Parallel, context_from_env, global_micro, init_process_group, shutdown, split_accum, to_device
+from ftplm.distributed import (
+    DEFAULT_TIMEOUT,
+    Backend,
+    Parallel,
+    context_from_env,
+    global_micro,
+    init_process_group,
+    shutdown,
+    split_accum,
+    to_device,
+)
 from ftplm.errors import FtplmError
 from ftplm.loggers import Loggers
 from ftplm.model import LanguageModel, build_model
@@ -142,7 +151,7 @@ class Trainer:
         device: str = "auto",
         progress: bool = True,
         strategy: str = "ddp",
-        backend: str = "auto",
+        backend: Backend = "auto",
         dist_timeout: float = DEFAULT_TIMEOUT,
         init_from: str | Path | None = None,
     ) -> None:
@@ -179,12 +188,12 @@ class Trainer:
                 model_type = model_type or self.init_from["config"].model_type
                 if model_type != self.init_from["config"].model_type:
                     raise FtplmError(f"--init-from {init_from} is a {self.init_from['config'].model_type} model, not {model_type}")
-            chosen = preset(preset_name, model_type or "ftp")  # type: ignore[arg-type]
+            chosen = preset(preset_name, model_type or "ftp")  # type: ignore[arg-type]  # validated by preset()
             base_model = self.init_from["config"] if self.init_from else chosen.model
             self.model_cfg = with_overrides(base_model, {"vocab_size": self.data.vocab_size, **(model_overrides or {})}).validate()
             self.train_cfg = with_overrides(chosen.train, train_overrides or {}).validate()
             if self.init_from:
-                check_weights_fit(self.model_cfg, self.init_from["weights"], init_from)
+                check_weights_fit(self.model_cfg, self.init_from["weights"], str(init_from))
         if self.model_cfg.vocab_size < self.data.vocab_size:
             raise FtplmError(f"model vocab ({self.model_cfg.vocab_size}) is smaller than the data's tokenizer ({self.data.vocab_size})")
         cfg = self.train_cfg
@@ -212,7 +221,7 @@ class Trainer:
             return min(limits)
         if step_seconds is None:
             return None
-        return max(1, int((seconds_left if seconds_left is not None else cfg.time_budget) / step_seconds))  # type: ignore[operator]
+        return max(1, int((seconds_left if seconds_left is not None else cfg.time_budget) / step_seconds))
 
     def resolved_config(self) -> dict[str, Any]:
         """Every setting of this run, flat, as `ftplm train --config` reads it: that file trains the same model."""
@@ -235,13 +244,15 @@ class Trainer:
         cfg, device, ctx = self.train_cfg, self.device, self.dist
         torch.manual_seed(cfg.seed)
         model = build_model(self.model_cfg).to(device)
-        if self.resume_state is not None or self.init_from:  # weights before wrapping: FSDP shards what is loaded here
-            weights = self.out / "latest" / "model.safetensors" if self.resume_state is not None else self.init_from["weights"]
-            load_model(model, str(weights), device=str(device))
-        parallel = Parallel(model, ctx, self.strategy, cfg.compile)  # type: ignore[arg-type]
+        # weights before wrapping: FSDP shards what is loaded here
+        if self.resume_state is not None:
+            load_model(model, str(self.out / "latest" / "model.safetensors"), device=str(device))
+        elif self.init_from:
+            load_model(model, str(self.init_from["weights"]), device=str(device))
+        parallel = Parallel(model, ctx, self.strategy, cfg.compile)  # type: ignore[arg-type]  # validated by Parallel
         optimizer = make_optimizer(model, cfg, device)
         step, tokens, elapsed, planned = 0, 0, 0.0, None
-        if self.resume_state is not None:
+        if self.resume_state is not None and self.resume_tensors is not None:
             parallel.load_optimizer(optimizer, self.resume_state["optimizer_param_groups"], self.resume_tensors)
             torch.set_rng_state(self.resume_tensors["rng.torch"])
             step, tokens = self.resume_state["step"], self.resume_state["tokens"]
@@ -329,7 +340,7 @@ class Trainer:
                 log({
                     "step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed": round(elapsed, 3),
                     "tokens_per_s": round(self.tokens_per_step / step_time, 1),
-                    "grad_norm": None if grad_norm is None else float(getattr(grad_norm, "full_tensor", lambda: grad_norm)()),
+                    "grad_norm": None if grad_norm is None else float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
                 })
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{self.tokens_per_step / step_time:,.0f}")

@@ -1,7 +1,15 @@
 import json
 
-from ftplm.bench.train import bench_train
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from ftplm.bench.train import bench_train, largest_batch, matmul_peak, step_memory
 from ftplm.cli import main
+from ftplm.config import preset, with_overrides
+from ftplm.model import build_model, flops_per_token
 
 
 def test_bench_train_measures_both_models_side_by_side(tmp_path, capsys):
@@ -20,16 +28,7 @@ def test_bench_train_cli_writes_json(tmp_path):
 
 
 # --- MFU, FLOPs, memory, max batch (issue 5) ------------------------------------------------------------
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from ftplm.bench.train import largest_batch, matmul_peak, step_memory  # noqa: E402
-from ftplm.model import flops_per_token  # noqa: E402
-from ftplm.config import preset, with_overrides  # noqa: E402
-from ftplm.model import build_model  # noqa: E402
 
 
 @pytest.mark.parametrize("model_type", ["gpt", "ftp"])

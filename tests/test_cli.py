@@ -90,7 +90,7 @@ def test_bad_input_gives_one_line_and_exit_2(capsys, files, tiny_data, tiny_ftp_
     import re
 
     for args, pattern in cases:
-        code, out, err = run_cli(capsys, *args)
+        code, _, err = run_cli(capsys, *args)
         lines = [line for line in err.splitlines() if line.strip()]
         assert code == 2, (args, code, err)
         assert len(lines) == 1, (args, err)

@@ -115,9 +115,8 @@ def test_retrieval_ranks_and_summary():
 
 
 def test_retrieval_suite(tiny_ftp_run, tiny_data):
+    import ftplm.eval.retrieval
     from ftplm.eval import SUITES, EvalContext
-
-    import ftplm.eval.retrieval  # noqa: F401 - registers the suite
 
     ctx = EvalContext(run=tiny_ftp_run, model=ftplm.load(tiny_ftp_run), data_dir=tiny_data,
                       options={"retrieval_docs": 40})

@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy.stats import chisquare
+from test_speculative import BLOCK, DRAFTERS_FOR, MODELS, VOCAB, exact_sequence_probs, random_model
 
 from ftplm.errors import FtplmError
 from ftplm.generate import DecodeSession, GenerationConfig, Sampling, generate
-from test_speculative import BLOCK, DRAFTERS_FOR, MODELS, VOCAB, exact_sequence_probs, random_model  # noqa: I001
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -82,7 +82,7 @@ def test_rows_joining_and_leaving_mid_generation_stay_lossless(model_type, data)
                 session.cancel(row)
         session.step()
         step += 1
-    for row, prompt, config, cancel in rows:
+    for row, prompt, config, _ in rows:
         if row.finish_reason == "cancelled":
             continue
         expected = generate(model, torch.tensor([prompt]), config.replace(speculative=None, tree=None))
@@ -146,7 +146,7 @@ def test_logprobs_and_echo():
     for i, e in enumerate(row.logprobs):
         assert e.logprob == pytest.approx(float(logp[2 + i, e.token]))
         assert len(e.top) == 2 and e.top[0][0] == e.token  # greedy: the chosen token is the most likely
-    with pytest.raises(FtplmError, match="logprobs must be an integer in 0..20"):
+    with pytest.raises(FtplmError, match=r"logprobs must be an integer in 0\.\.20"):
         GenerationConfig(logprobs=21)
 
 

@@ -16,18 +16,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel  # noqa: E402
-from transformers.modeling_outputs import CausalLMOutputWithPast  # noqa: E402
+from test_cli import _tree_digest as tree_digest
+from test_cli import run_cli
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-import ftplm  # noqa: E402
-from ftplm.api import TextModel  # noqa: E402
-from ftplm.checkpoint import load_pretrained, save_pretrained  # noqa: E402
-from ftplm.data import TokenData  # noqa: E402
-from ftplm.errors import FtplmError  # noqa: E402
-from ftplm.hf.export import export_hf  # noqa: E402
-from ftplm.model import build_model  # noqa: E402
-from test_cli import _tree_digest as tree_digest  # noqa: E402 - the CLI test's helpers
-from test_cli import run_cli  # noqa: E402
+import ftplm
+from ftplm.api import TextModel
+from ftplm.checkpoint import load_pretrained, save_pretrained
+from ftplm.data import TokenData
+from ftplm.errors import FtplmError
+from ftplm.hf.export import export_hf
+from ftplm.model import build_model
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -15,16 +15,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # the local tasks read JSON f
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("lm_eval")
 
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window  # noqa: E402
+from lm_eval import simple_evaluate
+from lm_eval.api.instance import Instance
+from lm_eval.tasks import TaskManager
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-from ftplm.api import rolling_windows  # noqa: E402
-from ftplm.cli import main  # noqa: E402
-from ftplm.data import TokenData  # noqa: E402
-from ftplm.errors import FtplmError  # noqa: E402
-from ftplm.lmeval import FtplmLM, write_tasks  # noqa: E402
+from ftplm.api import rolling_windows
+from ftplm.cli import main
+from ftplm.data import TokenData
+from ftplm.errors import FtplmError
+from ftplm.lmeval import FtplmLM, write_tasks
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -287,7 +287,7 @@ def test_pseudo_positions_norms_and_biases_are_not_decayed():
     model = FTP(tiny_cfg("ftp", bias=True))
     decay, no_decay = make_optimizer(model, TrainConfig(), torch.device("cpu")).param_groups
     assert decay["weight_decay"] > 0 and no_decay["weight_decay"] == 0
-    in_group = lambda group, p: any(p is q for q in group["params"])  # noqa: E731
+    in_group = lambda group, p: any(p is q for q in group["params"])  # noqa: E731 - a one-line local helper
     assert in_group(no_decay, model.pseudo_pos) and in_group(no_decay, model.dec_ln_f.weight)
     assert in_group(no_decay, model.trunk.h[0].attn.c_attn.bias)
     assert in_group(decay, model.to_pseudo.weight) and in_group(decay, model.trunk.wpe.weight)

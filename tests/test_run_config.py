@@ -50,7 +50,7 @@ def test_train_config_file_flags_win_and_the_resolved_config_trains_the_same_mod
         "eval_interval": 3, "log_interval": 1, "dtype": "fp32", "seed": 7,
     }))
     run = tmp_path / "run"
-    code, out, err = cli(capsys, "train", "--config", config, "--out", run, "--max-steps", "4", "--set", "n_layer=1",
+    code, _, err = cli(capsys, "train", "--config", config, "--out", run, "--max-steps", "4", "--set", "n_layer=1",
                          "--no-progress")
     assert code == 0, err
     resolved = yaml.safe_load((run / "run_config.yaml").read_text())

@@ -168,7 +168,7 @@ def test_stop_strings(ftp_server):
 def test_stream_usage_and_chunks(ftp_server):
     url, _, _ = ftp_server
     c = httpx.Client(base_url=url, timeout=60)
-    _, finish, payloads = _stream_text(c, {"prompt": "Rome", "max_tokens": 30, "temperature": 0,
+    _, _, payloads = _stream_text(c, {"prompt": "Rome", "max_tokens": 30, "temperature": 0,
                                           "stream_options": {"include_usage": True}})
     events = [json.loads(p) for p in payloads[:-1]]
     assert all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
@@ -324,6 +324,10 @@ def _complete(worker, prompt, **options):
     return asyncio.run(go())
 
 
+async def _chunks(job) -> list:
+    return [c async for c in job]
+
+
 def _spy_steps(mp, widths: list[int]) -> None:
     """Record how many rows each session step advances (active and joining)."""
     step = DecodeSession.step
@@ -347,7 +351,7 @@ def test_worker_batches_completions_continuously(tiny_ftp_run):
         long = worker.complete(prompts[0], GenerationConfig(40, temperature=0, stop_at_eos=False)).__aiter__()
         first = await long.__anext__()
         short = [worker.complete(p, GenerationConfig(3, temperature=0, stop_at_eos=False)) for p in prompts[1:]]
-        done_short = [[c async for c in job] for job in short]
+        done_short = [await _chunks(job) for job in short]
         return [first, *[c async for c in long]], done_short
 
     try:

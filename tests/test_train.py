@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -16,9 +17,9 @@ import torch
 import ftplm
 from ftplm import checkpoint
 from ftplm.checkpoint import checkpoints, load_pretrained
+from ftplm.config import TrainConfig
 from ftplm.errors import FtplmError
 from ftplm.train import lr_at, read_log, train
-from ftplm.config import TrainConfig
 
 
 def _logits(run: Path) -> torch.Tensor:
@@ -92,7 +93,7 @@ def test_lr_schedule_warmup_then_cosine():
     cfg = TrainConfig(learning_rate=1.0, min_lr_ratio=0.1, warmup_steps=10)
     lrs = [lr_at(s, cfg, 110) for s in range(111)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[110] == pytest.approx(0.1)
 
 

@@ -187,7 +187,7 @@ def bench_decode(
     for method in methods:
         if method not in available:  # oracle-K: built below, once plain greedy decoding has given its answers
             continue
-        name, tree, adaptive = available[method]
+        name, tree, _ = available[method]
         drafters[method] = get_drafter(name, model, tree=tree) if name else None
 
     def one(method: str, rows: list[int], n: int, sampling: Sampling, seed: int) -> dict[str, Any]:
@@ -208,7 +208,7 @@ def bench_decode(
             answers = {tuple(texts[i]): tokens for rows in batches
                        for i, tokens in zip(rows, one("plain", rows, max_new_tokens, Sampling(0), seed)["tokens"])}
             for method in oracles:
-                drafters[method] = Oracle(model, int(ORACLE.fullmatch(method).group(1)), answers)  # type: ignore[union-attr]
+                drafters[method] = Oracle(model, int(ORACLE.fullmatch(method).group(1)), answers)  # type: ignore[union-attr]  # oracles are the methods ORACLE matched
         for method in methods:  # warm-up
             one(method, batches[0], min(16, max_new_tokens), Sampling(0), seed)
         records = []

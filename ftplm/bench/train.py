@@ -12,7 +12,9 @@ trained in, peak memory of a training step, and on CUDA the largest batch that f
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import gc
 import resource
 import statistics
@@ -94,24 +96,22 @@ def step_memory(step: Callable[[], Any], device: torch.device) -> dict[str, Any]
         step()
         peak = torch.cuda.max_memory_allocated(device)
         return {"method": "cuda max_memory_allocated", "peak_mb": peak / 2**20, "step_mb": (peak - before) / 2**20}
-    try:
+    with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: hand freed heap back, so RSS counts live memory only
-    except (OSError, AttributeError):
-        pass
     try:
         Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
-        before = _rss_kib("VmRSS")
+        rss = _rss_kib("VmRSS")
         step()
-        peak = _rss_kib("VmHWM")
+        rss_peak = _rss_kib("VmHWM")
         method = "VmHWM (reset per step)"
     except OSError:
-        before = peak = None
-    if before is None or peak is None:
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = rss_peak = None
+    if rss is None or rss_peak is None:
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         step()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "ru_maxrss delta (a lower bound)"
-    return {"method": method, "peak_mb": peak / 1024, "step_mb": max(0, peak - before) / 1024}
+    return {"method": method, "peak_mb": rss_peak / 1024, "step_mb": max(0, rss_peak - rss) / 1024}
 
 
 def largest_batch(fits: Callable[[int], bool], cap: int = 1024) -> int:
@@ -168,7 +168,7 @@ def bench_train(
     figures["peak_flops"] = {name: matmul_peak(dev, dt) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     setups = {}
     for model_type in ("gpt", "ftp"):
-        chosen = get_preset(preset, model_type)  # type: ignore[arg-type]
+        chosen = get_preset(preset, model_type)
         cfg = with_overrides(chosen.model, overrides or {}).validate()
         tcfg = chosen.train
         model = build_model(cfg).to(dev).train()
@@ -202,7 +202,7 @@ def bench_train(
             "flops_per_token": fpt,
             "model_flops_per_s": fpt * B * T / median,
             "mfu": fpt * B * T / median / peak,
-            "memory": step_memory(lambda: _timed_step(model, optimizer, x, x, dev, run_dtype, tc.grad_clip), dev),
+            "memory": step_memory(functools.partial(_timed_step, model, optimizer, x, x, dev, run_dtype, tc.grad_clip), dev),
         }
         if max_batch or (max_batch is None and dev.type == "cuda"):
             figures["models"][model_type]["max_batch_size"] = largest_batch(

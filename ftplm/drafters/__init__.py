@@ -16,10 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ftplm.errors import FtplmError
+
+if TYPE_CHECKING:  # ftplm.generate imports this package
+    from ftplm.generate import Sampling
+    from ftplm.model import DecoderStart
 
 # A tree template: each node is the path of candidate ranks from the root, e.g. (0, 1) = the second-best
 # candidate after the best first token (Medusa's "choices" format).
@@ -54,12 +59,12 @@ class Draft:
     def is_chain(self) -> bool:
         return all(p == i - 1 for i, p in enumerate(self.parents))
 
-    def truncated(self, max_depth: int, max_nodes: int) -> "Draft":
+    def truncated(self, max_depth: int, max_nodes: int) -> Draft:
         """The largest sub-draft with depth <= max_depth and at most max_nodes nodes (ancestors kept)."""
         keep = [i for i, d in enumerate(self.depths()) if d <= max_depth][: max(max_nodes, 0)]
         return self if len(keep) == len(self) else self.select(keep)
 
-    def select(self, nodes: list[int]) -> "Draft":
+    def select(self, nodes: list[int]) -> Draft:
         """The draft of these nodes in this order (every node's parent among them, before it)."""
         new_index = {old: new for new, old in enumerate(nodes)}
         parents = [new_index[self.parents[i]] if self.parents[i] >= 0 else -1 for i in nodes]
@@ -74,11 +79,11 @@ class DraftContext:
     h_prev: torch.Tensor  # (n_embd,) state vector at the position before the root: its next token is the root
     max_depth: int  # deeper nodes would exceed the token budget
     max_nodes: int  # more nodes would exceed the context length
-    sampling: object  # ftplm.generate.Sampling
+    sampling: Sampling
     generator: torch.Generator
     # for drafters with `wants_decoder_start`: the FTP decoder after its first step at h_prev (ftplm.model.DecoderStart)
-    decoder_start: object | None = None
-    drafter: "Drafter | None" = None  # the row's own drafter (its state), when rows of several are drafted together
+    decoder_start: DecoderStart | None = None
+    drafter: Drafter | None = None  # the row's own drafter (its state), when rows of several are drafted together
 
 
 def round_cost(nodes: int, node_cost: float, fixed_cost: float) -> float:
@@ -121,7 +126,7 @@ class AdaptiveDepth:
                 best_depth, best = d + 1, value
         return best_depth
 
-    def update(self, draft: "Draft", accepted_depth: int) -> None:
+    def update(self, draft: Draft, accepted_depth: int) -> None:
         """After a verification: `draft` as verified, `accepted_depth` = draft tokens accepted."""
         depths = draft.depths()
         drafted = max(depths, default=0)
@@ -187,7 +192,8 @@ def drafter(name: str) -> Callable[[type[Drafter]], type[Drafter]]:
 def build_template_tree(template: Template, max_depth: int, max_nodes: int) -> tuple[list[tuple[int, ...]], list[int]]:
     """Template paths cut to max_depth / max_nodes, sorted breadth-first, with each path's parent index (-1 = root)."""
     index: dict[tuple[int, ...], int] = {}
-    paths, parents = [], []
+    paths: list[tuple[int, ...]] = []
+    parents: list[int] = []
     for p in sorted({tuple(p) for p in template if 0 < len(p) <= max_depth}, key=lambda p: (len(p), p)):
         if len(paths) == max_nodes:
             break
@@ -201,7 +207,7 @@ def build_template_tree(template: Template, max_depth: int, max_nodes: int) -> t
 def check_template(tree: object) -> Template:
     """Validate a user-given tree template (a list of rank paths)."""
     try:
-        paths = [tuple(int(r) for r in p) for p in tree]  # type: ignore[union-attr]
+        paths = [tuple(int(r) for r in p) for p in tree]  # type: ignore[attr-defined]  # any iterable of iterables
     except (TypeError, ValueError):
         raise FtplmError("tree must be True/False or a list of rank paths like [(0,), (1,), (0, 0)]") from None
     if not paths or any(len(p) == 0 or min(p) < 0 for p in paths):
@@ -227,4 +233,4 @@ def auto_drafter(model_type: str, greedy: bool) -> str | None:
 
 
 # the drafters register themselves on import: DRAFTERS is the one list of them (CLI choices, bench methods, docs)
-from ftplm.drafters import ftp, ftp_lookup, ftp_recycling, lookup, recycling  # noqa: E402, F401
+from ftplm.drafters import ftp, ftp_lookup, ftp_recycling, lookup, recycling  # noqa: E402, F401 - the drafters register themselves once this module is defined

@@ -16,6 +16,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+from ftplm.config import ModelConfig
 from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
 from ftplm.errors import FtplmError
 from ftplm.model import FTP, ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
@@ -88,6 +89,7 @@ class DraftDecoder(_Lean):
     """
 
     GREEDY_VOCAB_SHARE, GREEDY_MIN_VOCAB = 4, 4096
+    cfg: ModelConfig  # copied from the model with its other plain attributes (_Lean)
     decode = FTP.decode  # the one decoder step, run on this copy's attributes
 
     def __init__(self, model: FTP) -> None:
@@ -125,12 +127,12 @@ class DraftDecoder(_Lean):
         """Feed one token per row (M,) at the next decoder position, or n of them (M, n) at the next n; their
         next-token logits (M, V) or (M, n, V), or with greedy those of the first `greedy_vocab` token ids only: what
         an argmax or top-k draft needs (a masked-inputs model ignores the tokens: FTP.decode)."""
-        hidden = self.decode(tokens.view(tokens.size(0), -1), state.memory_kv, state.cache)
+        hidden = self.decode(tokens.view(tokens.size(0), -1), state.memory_kv, state.cache)  # type: ignore[misc]  # FTP's step on this copy's attributes
         return (self.greedy_head if greedy else self.head)(hidden if tokens.dim() == 2 else hidden[:, 0])
 
 
 # model -> (its decoder weights' keys, the draft copy): built once per model, rebuilt if a weight changes
-_DRAFT_DECODERS: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, DraftDecoder]]" = weakref.WeakKeyDictionary()
+_DRAFT_DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, DraftDecoder]] = weakref.WeakKeyDictionary()
 
 
 def draft_decoder(model) -> DraftDecoder:
@@ -177,7 +179,7 @@ class FTPDrafter(Drafter):
             logits = decoder.step(state, torch.tensor([token], device=ctx.h_prev.device), ctx.sampling.greedy)
         if self.template is None:
             return self._chains(state, logits, [min(depth, ctx.max_nodes)], [ctx])[0]
-        return self._tree(ctx, depth, state, logits)
+        return self._tree(self.template, ctx, depth, state, logits)
 
     def batch_key(self) -> object:
         """FTP drafts keep no state: every row with the same settings can be drafted by any of them."""
@@ -193,7 +195,7 @@ class FTPDrafter(Drafter):
         live = [i for i, depth in enumerate(depths) if depth > 0]
         if not live:
             return drafts
-        state = DecoderStart.cat([ctxs[i].decoder_start for i in live])  # type: ignore[misc]
+        state = DecoderStart.cat([ctxs[i].decoder_start for i in live])  # type: ignore[misc]  # live rows all carry a decoder start (checked above)
         tokens = torch.tensor([ctxs[i].tokens[-1] for i in live], device=ctxs[0].h_prev.device)
         logits = self.decoder.step(state, tokens, ctxs[0].sampling.greedy)
         for i, chain in zip(live, self._chains(state, logits, [depths[i] for i in live], [ctxs[i] for i in live])):
@@ -223,12 +225,12 @@ class FTPDrafter(Drafter):
                 logits = self.decoder.step(state, tokens, greedy) if ahead is None else ahead[:, level]
         return drafts
 
-    def _tree(self, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor) -> Draft:
+    def _tree(self, template: Template, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor) -> Draft:
         """Greedy: the children of a node are the top-k of its q (deterministic: q is left out, one-hot acceptance).
         Sampling: they are k independent draws from q, recorded with it, as in SpecInfer's multi-draft speculative
         sampling: the verifier tests them in turn, each against the residual left by the rejected ones before it,
         which keeps the output distribution exact (a repeated draw is a wasted node, never a wrong one)."""
-        paths, parents = build_template_tree(self.template, depth, ctx.max_nodes)
+        paths, parents = build_template_tree(template, depth, ctx.max_nodes)
         draft, has_child = Draft(), set(parents)
         row_of = {-1: 0}  # node -> its row in `logits`
         level_start = 0

@@ -97,14 +97,14 @@ class FTPLookupDrafter(Drafter):
             ask_ftp.append(len(drafts) - 1)
             if len(copied):
                 me.shadow.append((len(ctx.tokens), ctx.tokens[-ANCHOR:], copies, len(copied), me.round))
-        for i, draft in zip(ask_ftp, self.ftp.propose_batch([ctxs[i] for i in ask_ftp])):
-            drafts[i] = draft
+        for i, proposed in zip(ask_ftp, self.ftp.propose_batch([ctxs[i] for i in ask_ftp])):
+            drafts[i] = proposed
         for i, (ctx, draft, me) in enumerate(zip(ctxs, drafts, owners)):
             source = me.ftp if i in ask_ftp else me.lookup
-            me.chosen.append((source, len(draft.truncated(ctx.max_depth, ctx.max_nodes))))  # type: ignore[union-attr]
+            me.chosen.append((source, len(draft.truncated(ctx.max_depth, ctx.max_nodes))))  # type: ignore[union-attr]  # every row has its draft now
         for me in {id(me): me for me in owners}.values():
             me.round += 1
-        return drafts  # type: ignore[return-value]
+        return drafts  # type: ignore[return-value]  # every row has its draft now
 
     def observe(self, tokens: list[int], logits: torch.Tensor, accepted: list[int]) -> None:
         if not self.chosen:  # the prefill

@@ -30,7 +30,7 @@ class FTPRecyclingDrafter(Drafter):
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         require_ftp(model, "ftp-recycling")
         self.ftp = FTPDrafter(model, draft_len, tree=False)
-        extension = EXTENSION_TREE if tree in (None, True, False) else tree
+        extension = EXTENSION_TREE if tree is None or isinstance(tree, bool) else tree
         self.recycling = RecyclingDrafter(model, max(len(p) for p in extension), extension)
         super().__init__(model, self.ftp.draft_len + self.recycling.draft_len)
 

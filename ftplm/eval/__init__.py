@@ -48,7 +48,7 @@ class EvalContext:
     """What a suite gets: the model under evaluation, where it came from, and how thorough to be."""
 
     run: Path  # run / checkpoint / saved-model directory
-    model: "TextModel"
+    model: TextModel
     data_dir: Path | None = None  # the prepared data the run trained on (held-out docs live there)
     quick: bool = False  # the demo's short version
     seed: int = 0
@@ -95,7 +95,7 @@ def suite_names(spec: str | list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 # held-out documents and model provenance
 # ------------------------------------------------------------------------------------------------------
-def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...] = ("val", "test")) -> tuple[list["Document"], str]:
+def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...] = ("val", "test")) -> tuple[list[Document], str]:
     """Held-out documents of a corpus (never trained on): from the data directory's heldout.jsonl when the run's
     data holds that corpus, else read from the corpus package and split exactly as `ftplm prepare` would."""
     from ftplm.data import TokenData, split_of
@@ -112,7 +112,7 @@ def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...
 
 
 @functools.lru_cache(maxsize=4)
-def _corpus_documents(corpus: str) -> tuple["Document", ...]:
+def _corpus_documents(corpus: str) -> tuple[Document, ...]:
     """A corpus read from its package once per process (both runs of `--against` and every suite share it)."""
     from ftplm.data import documents
 
@@ -178,9 +178,9 @@ def run_suites(
     if against is not None and not same_tokenizer(models[0].tokenizer, models[1].tokenizer):
         raise FtplmError(f"{paths[0]} and {paths[1]} use different tokenizers: they cannot be evaluated on identical data")
     data = Path(data_dir) if data_dir is not None else run_data_dir(paths[0])
-    if data is not None and (data / "tokenizer.json").is_file():
-        if not same_tokenizer(load_tokenizer(data / "tokenizer.json"), models[0].tokenizer):
-            raise FtplmError(f"the data in {data} was tokenized with another tokenizer than {paths[0]}'s")
+    if data is not None and (data / "tokenizer.json").is_file() and not same_tokenizer(
+            load_tokenizer(data / "tokenizer.json"), models[0].tokenizer):
+        raise FtplmError(f"the data in {data} was tokenized with another tokenizer than {paths[0]}'s")
     out: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {_cores()} cores".strip(),

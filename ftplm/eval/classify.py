@@ -54,8 +54,8 @@ def labelled_docs(ctx: EvalContext, corpus: str, n_max: int) -> tuple[list[tuple
     docs, source = heldout_documents(ctx.data_dir, corpus)
     docs = [d for d in pick_documents(docs, len(docs), ctx.seed) if d.label not in DROP_LABELS and d.text.strip()][:n_max]
     counts = Counter(d.label for d in docs)
-    dropped = sorted(label for label, c in counts.items() if c < FOLDS)
-    return [(d.text, d.label) for d in docs if counts[d.label] >= FOLDS], source, dropped
+    dropped = sorted(label for label, c in counts.items() if label is not None and c < FOLDS)
+    return [(d.text, d.label) for d in docs if d.label is not None and counts[d.label] >= FOLDS], source, dropped
 
 
 @suite("classify")

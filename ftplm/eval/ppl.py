@@ -36,7 +36,7 @@ def val_perplexity(
         pairs = [(row[:1].tolist(), row[1:].tolist() + [int(last[-1])]) for row, last in zip(x, y)]
         per_batch.append(-sum(logp for logp, _ in model.loglikelihood_batch(pairs, batch_size)) / (len(pairs) * block))
         if model.config.model_type == "ftp":
-            offsets.append(evaluate(model.model, _From(data, i), batch_size, 1, split=split))
+            offsets.append(evaluate(model.model, _From(data, i), batch_size, 1, split=split))  # type: ignore[arg-type]  # TokenData's stand-in
     mean: dict[str, Any] = {"next_token_ce": float(np.mean(per_batch))}
     mean["ppl"] = math.exp(mean["next_token_ce"])
     if offsets:

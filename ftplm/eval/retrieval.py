@@ -16,7 +16,7 @@ import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -89,7 +89,8 @@ def retrieval(ctx: EvalContext) -> dict[str, Any]:
     queries, targets = [q for q, _ in pairs], [t for _, t in pairs]
     metrics: dict[str, Any] = {}
     items: dict[str, list[float]] = {}
-    for pooling, suffix in (("mean", ""), ("last", "_last")):
+    poolings: tuple[tuple[Literal["mean", "last"], str], ...] = (("mean", ""), ("last", "_last"))
+    for pooling, suffix in poolings:
         ranks = retrieval_scores(ctx.model.embed(queries, pooling), ctx.model.embed(targets, pooling))
         summary, per_query = summarise(ranks, ctx.seed)
         metrics.update({f"{k}{suffix}": v for k, v in summary.items()})

@@ -90,8 +90,8 @@ def smoothness(ctx: EvalContext) -> dict[str, Any]:
     n_docs = ctx.size("smoothness_docs", 200, 40)
     docs, source = heldout_text(ctx, ctx.options.get("smoothness_split", "val"))
     block = ctx.model.config.block_size
-    ids = [(d, ctx.model.encode(d.text)[:block]) for d in pick_documents(docs, len(docs), ctx.seed)]
-    ids = [x for _, x in ids if len(x) > SKIP + 1][:n_docs]
+    encoded = [ctx.model.encode(d.text)[:block] for d in pick_documents(docs, len(docs), ctx.seed)]
+    ids = [x for x in encoded if len(x) > SKIP + 1][:n_docs]
     if len(ids) < 2:
         raise FtplmError(f"smoothness needs at least 2 held-out documents longer than {SKIP + 1} tokens, found {len(ids)} in {source}")
     layer = state_layer(ctx)

@@ -36,7 +36,7 @@ def bootstrap_ci(
 def mean_ci(values: Any, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
     """{"value": mean, "ci95": [lo, hi], "n": items} for a list of per-item scores."""
     values = np.asarray(values, dtype=np.float64)
-    return {"value": float(values.mean()) if len(values) else float("nan"), "ci95": list(bootstrap_ci(values, seed, n_boot)), "n": int(len(values))}
+    return {"value": float(values.mean()) if len(values) else float("nan"), "ci95": list(bootstrap_ci(values, seed, n_boot)), "n": len(values)}
 
 
 def paired_diff(a: Any, b: Any, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def mean_std(values: Any, level: float = 0.95) -> dict[str, Any]:
         lo, hi = stats.t.interval(level, len(v) - 1, loc=v.mean(), scale=std / np.sqrt(len(v)))
     else:
         lo = hi = float(v.mean()) if len(v) > 1 else float("nan")
-    return {"value": float(v.mean()), "std": std, "ci95": [float(lo), float(hi)], "n": int(len(v))}
+    return {"value": float(v.mean()), "std": std, "ci95": [float(lo), float(hi)], "n": len(v)}
 
 
 def hierarchical_ci(

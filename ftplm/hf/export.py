@@ -14,7 +14,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tokenizers import Tokenizer
@@ -23,6 +23,9 @@ from ftplm.checkpoint import load_pretrained
 from ftplm.errors import FtplmError
 from ftplm.model import LanguageModel
 from ftplm.tokenizer import EOS, eos_id
+
+if TYPE_CHECKING:  # transformers is optional (the hf extra)
+    from transformers import PreTrainedModel
 
 FORMATS = ("hf",)
 REMOTE_CODE = ("configuration_ftp.py", "modeling_ftp.py")  # copied from this package into FTP exports
@@ -80,7 +83,7 @@ def _require_transformers() -> Any:
     return transformers
 
 
-def gpt2_model(model: LanguageModel, eos: int) -> torch.nn.Module:
+def gpt2_model(model: LanguageModel, eos: int) -> PreTrainedModel:
     """A transformers GPT2LMHeadModel computing exactly what the ftplm GPT computes."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -117,7 +120,7 @@ def gpt2_state_dict(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tenso
     return mapped
 
 
-def ftp_model(model: LanguageModel, eos: int) -> torch.nn.Module:
+def ftp_model(model: LanguageModel, eos: int) -> PreTrainedModel:
     """The remote-code FTPForCausalLM (this package's copy of modeling_ftp.py) with the run's weights."""
     from ftplm.hf.configuration_ftp import FTPConfig
     from ftplm.hf.modeling_ftp import FTPForCausalLM
@@ -137,7 +140,7 @@ def ftp_model(model: LanguageModel, eos: int) -> torch.nn.Module:
     return _ready(hf_model, eos)
 
 
-def _ready(hf_model: torch.nn.Module, eos: int) -> torch.nn.Module:
+def _ready(hf_model: PreTrainedModel, eos: int) -> PreTrainedModel:
     hf_model.generation_config.bos_token_id = hf_model.generation_config.eos_token_id = eos
     hf_model.generation_config.pad_token_id = eos  # GPT-2's convention; spares generate() its warning
     return hf_model.eval()

@@ -63,7 +63,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         M, T, C = x.shape
-        heads = lambda t: t.view(M, -1, self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731
+        heads = lambda t: t.view(M, -1, self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731 - a one-line local helper
         k, v = self.kv(memory).split(C, dim=2)
         y = F.scaled_dot_product_attention(heads(self.q(x)), heads(k), heads(v),
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -98,7 +98,7 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cache: Cache | None = None, mask: torch.Tensor | None = None,
                 memory: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.resid_drop(self.attn(self.ln_1(x), cache, mask))
-        if self.cross is not None:
+        if self.cross is not None and self.ln_cross is not None:
             x = x + self.resid_drop(self.cross(self.ln_cross(x), memory))
         return x + self.mlp(self.ln_2(x))
 
@@ -189,8 +189,8 @@ class FTPForCausalLM(FTPPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self) -> nn.Embedding:
         return self.trunk.wte
 
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.trunk.wte = value
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.trunk.wte = value  # type: ignore[assignment]  # transformers passes an nn.Embedding
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
@@ -246,7 +246,7 @@ class FTPForCausalLM(FTPPreTrainedModel, GenerationMixin):
             except TypeError:  # transformers 4
                 cache = DynamicCache()
         hidden = self.trunk(input_ids, attention_mask, position_ids, cache if use_cache else None)
-        h, ids = hidden[-1], input_ids
+        h, ids = hidden[-1], torch.as_tensor(input_ids)
         if logits_to_keep:
             h, ids = h[:, -logits_to_keep:], ids[:, -logits_to_keep:]
         logits = self.next_token_logits(h, ids)
@@ -256,6 +256,6 @@ class FTPForCausalLM(FTPPreTrainedModel, GenerationMixin):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None},
+        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None},  # type: ignore[arg-type]  # the field's name and type differ across transformers 4/5
                                      hidden_states=tuple(hidden) if output_hidden_states else None)
         return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
