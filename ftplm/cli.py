@@ -324,7 +324,7 @@ def eval_(
     set: list[str] = [],  # noqa: A002 - the option is called --set
     config: str | None = None,
 ) -> None:
-    """Measure a run (and another on identical data) with the SPEC §5 suites: metrics, 95% CIs, n, checkpoint.
+    """Measure a run (and another on identical data) with the evaluation suites: metrics, 95% CIs, n, checkpoint.
 
     Args:
         run: run directory, checkpoint directory or saved model

@@ -42,7 +42,7 @@ class Document:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Corpora (SPEC §3). Each is located inside its installed package; nothing is downloaded.
+# Corpora. Each is located inside its installed package; nothing is downloaded.
 # --------------------------------------------------------------------------------------------------------
 CORPORA: dict[str, Callable[[], Iterator[Document]]] = {}
 PACKAGES = {

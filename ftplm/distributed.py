@@ -26,7 +26,9 @@ from typing import Any, Literal, cast
 import torch
 import torch.distributed as dist
 
+from ftplm.checkpoint import restore_optimizer
 from ftplm.errors import FtplmError
+from ftplm.model import build_model
 
 Strategy = Literal["ddp", "fsdp"]
 Backend = Literal["auto", "gloo", "nccl"]
@@ -74,9 +76,16 @@ class DistContext:
         return (t / self.world_size).tolist()
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise FtplmError("CUDA was requested but no CUDA device is available")
+    return torch.device(name)
+
+
 def context_from_env(backend: Backend = "auto", device: str = "auto", timeout: float = DEFAULT_TIMEOUT) -> DistContext:
     """Read torchrun's variables and check them; no process group yet (see `init_process_group`)."""
-    from ftplm.train import pick_device
 
     if backend not in ("auto", "gloo", "nccl"):
         raise FtplmError(f"unknown backend {backend!r}; choose auto, gloo or nccl")
@@ -202,7 +211,6 @@ class Parallel:
             return (self.module, optimizer) if self.ctx.is_main else (None, None)
         from torch.distributed.tensor import DTensor
 
-        from ftplm.model import build_model
 
         def gather(value: Any) -> Any:
             if isinstance(value, DTensor):
@@ -224,7 +232,6 @@ class Parallel:
 
     def load_optimizer(self, optimizer: torch.optim.Optimizer, groups: list[dict], tensors: dict[str, torch.Tensor]) -> None:
         """Restore a single-layout optimizer checkpoint into this (possibly sharded) optimizer."""
-        from ftplm.checkpoint import restore_optimizer
 
         if self.strategy != "fsdp" or not self.ctx.distributed:
             restore_optimizer(optimizer, groups, tensors)

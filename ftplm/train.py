@@ -76,14 +76,6 @@ def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextMana
     return contextlib.nullcontext()
 
 
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise FtplmError("CUDA was requested but no CUDA device is available")
-    return torch.device(name)
-
-
 def lr_at(step: int, cfg: TrainConfig, planned_steps: int) -> float:
     """Linear warmup, then cosine decay to learning_rate * min_lr_ratio at planned_steps."""
     if step < cfg.warmup_steps:

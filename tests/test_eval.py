@@ -1,4 +1,4 @@
-"""Evaluation suites (SPEC §5), the coding task and its restricted executor, `ftplm eval`, the paper experiment's parts."""
+"""Evaluation suites, the coding task and its restricted executor, `ftplm eval`, the paper experiment's parts."""
 
 from __future__ import annotations
 

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from ftplm.config import ModelConfig, preset
 from ftplm.errors import FtplmError
-from ftplm.model import FTP, GPT, build_model, linear_cross_entropy
+from ftplm.kernels import linear_cross_entropy
+from ftplm.model import FTP, GPT, build_model
 
 V = 97
 
@@ -321,7 +322,7 @@ def test_pseudo_norm_must_be_a_bool():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_linear_packed_path_matches_f_linear(rows, bias, threads):
-    from ftplm.model import _PACKED, ONEDNN_LINEAR, Linear
+    from ftplm.kernels import _PACKED, ONEDNN_LINEAR, Linear
 
     assert ONEDNN_LINEAR  # the pinned CPU torch has oneDNN: the fast path is not silently off
     torch.manual_seed(rows)
@@ -345,7 +346,7 @@ def test_linear_repacks_after_the_weight_changes_and_stays_copyable():
     import io
     import pickle
 
-    from ftplm.model import _PACKED, Linear
+    from ftplm.kernels import _PACKED, Linear
 
     torch.manual_seed(0)
     layer = Linear(256, 640, bias=False).eval()
@@ -364,7 +365,7 @@ def test_linear_repacks_after_the_weight_changes_and_stays_copyable():
 
 
 def test_linear_keeps_f_linear_for_training_grad_autocast_and_small_weights():
-    from ftplm.model import _PACKED, Linear
+    from ftplm.kernels import _PACKED, Linear
 
     torch.manual_seed(0)
     big, small = Linear(256, 640), Linear(256, 256)

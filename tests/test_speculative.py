@@ -704,7 +704,7 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
 def test_lossless_on_the_multithreaded_cpu_path(data, monkeypatch):
     """Two torch threads, and every Linear (even these tiny ones) on the packed oneDNN path: plain decoding
     multiplies one row at a time, verification many; rounding differences must never change the output."""
-    from ftplm.model import _PACKED, Linear
+    from ftplm.kernels import _PACKED, Linear
 
     monkeypatch.setattr(Linear, "MIN_PACKED", 0)
     model = FLOAT32_FTP
@@ -778,7 +778,7 @@ def test_draft_decoder_equals_the_model_decoder(min_packed, monkeypatch):
     dtype, and to bf16 precision where its large products run packed in bfloat16 (drafts need not be exact, only
     good). min_packed=0 puts every product of the float32 model on that packed path."""
     from ftplm.drafters.ftp import DraftDecoder
-    from ftplm.model import ONEDNN_LINEAR, Linear
+    from ftplm.kernels import ONEDNN_LINEAR, Linear
 
     if min_packed is not None:
         monkeypatch.setattr(Linear, "MIN_PACKED", min_packed)

@@ -30,7 +30,7 @@ import torch
 from ftplm.drafters import Draft, DraftContext, Drafter
 from ftplm.drafters.lookup import trie
 from ftplm.errors import FtplmError
-from ftplm.model import inference_products
+from ftplm.kernels import inference_products
 
 # method -> (drafter, tree, adaptive draft length)
 FTP_METHODS = {"plain": (None, None, False), "ftp": ("ftp", False, False), "ftp-adaptive": ("ftp", False, True),

@@ -27,8 +27,9 @@ import torch
 
 from ftplm.config import preset as get_preset
 from ftplm.config import with_overrides
+from ftplm.distributed import pick_device
 from ftplm.model import build_model, flops_per_token
-from ftplm.train import autocast, make_optimizer, pick_device, resolve_dtype
+from ftplm.train import autocast, make_optimizer, resolve_dtype
 
 
 def _timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,

@@ -17,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 from ftplm.config import ModelConfig
-from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
+from ftplm.drafters.base import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
 from ftplm.errors import FtplmError
-from ftplm.model import FTP, ONEDNN_LINEAR, DecoderStart, KVCache, Linear, pack_weight, packed_linear, weight_key
+from ftplm.kernels import ONEDNN_LINEAR, Linear, pack_weight, packed_linear, weight_key
+from ftplm.model import FTP, DecoderStart, KVCache
 
 # 5 nodes, depth 3 (cut to draft_len): the two best first drafts, each continued, the best path one deeper. It beat
 # an 11-node tree in 21 of 24 `bench decode` runs (docs/results.md): more nodes cost more than they gain.

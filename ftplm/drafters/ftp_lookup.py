@@ -14,7 +14,7 @@ from collections import deque
 
 import torch
 
-from ftplm.drafters import Draft, DraftContext, Drafter, Template, drafter, round_cost
+from ftplm.drafters.base import Draft, DraftContext, Drafter, Template, drafter, round_cost
 from ftplm.drafters.ftp import FTPDrafter, require_ftp
 from ftplm.drafters.lookup import LookupDrafter, trie
 from ftplm.errors import FtplmError

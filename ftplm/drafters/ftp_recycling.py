@@ -12,7 +12,7 @@ import dataclasses
 
 import torch
 
-from ftplm.drafters import Draft, DraftContext, Drafter, Template, drafter
+from ftplm.drafters.base import Draft, DraftContext, Drafter, Template, drafter
 from ftplm.drafters.ftp import FTPDrafter, require_ftp
 from ftplm.drafters.recycling import RecyclingDrafter
 

@@ -11,7 +11,7 @@ Deterministic: q is one-hot, so under sampling a drafted token is accepted with 
 
 from __future__ import annotations
 
-from ftplm.drafters import Draft, DraftContext, Drafter, Template, drafter
+from ftplm.drafters.base import Draft, DraftContext, Drafter, Template, drafter
 from ftplm.errors import FtplmError
 
 MAX_NGRAM = 3

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ftplm.drafters import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
+from ftplm.drafters.base import Draft, DraftContext, Drafter, Template, build_template_tree, check_template, drafter
 
 TOP_K = 8
 # 23 nodes, depth 6: wide near the root, the best path deepest. The paper's GPU template has ~80 nodes; on a CPU

@@ -1,83 +1,51 @@
 """Evaluation suites (`ftplm eval --suite NAME`): one file per suite, registered by name.
 
 A suite is a function EvalContext -> dict of JSON-able results. Each result dict carries, per metric, its value,
-its confidence interval where one is defined, n, and which model/checkpoint it came from (see SPEC §5).
+its confidence interval where one is defined, n, and which model/checkpoint it came from (the README's evaluation section).
 `run_suites` evaluates one run, or two on identical data (`--against`), and adds paired differences.
 """
 
 from __future__ import annotations
 
 import datetime
-import functools
-import importlib
+import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from ftplm.api import TextModel
-    from ftplm.data import Document
+from ftplm.api import load
+from ftplm.checkpoint import run_data_dir
+from ftplm.errors import FtplmError
 
-SuiteFn = Callable[["EvalContext"], dict[str, Any]]
-SUITES: dict[str, SuiteFn] = {}
-SUITE_MODULES = ("ppl", "smoothness", "coherence", "classify", "coding", "retrieval")
-PAPER_SUITES = ("ppl", "smoothness", "coherence", "classify", "coding")  # what `--suite all` runs
-# Every option a suite reads (`ftplm eval --set NAME=VALUE`, eval config files): the one list that checks them.
-OPTIONS: dict[str, str] = {
-    "ppl_batches": "8-window batches of val perplexity (ppl)",
-    "ppl_split": "split the ppl suite scores: val or test",
-    "layer": "smoothness and classify read the vectors after the first L trunk blocks (default: the top)",
-    "smoothness_docs": "held-out documents of the smoothness suite",
-    "smoothness_split": "split the smoothness suite reads: val or test",
-    "coherence_prompts": "prompts of the coherence suite",
-    "coherence_samples": "continuations per prompt (at least 3)",
-    "coherence_new_tokens": "tokens per continuation",
-    "classify_docs": "documents per corpus of the classify suite",
-    "coding_problems": "problems of the coding suite",
-    "coding_new_tokens": "tokens generated per coding problem",
-    "coding_workers": "processes that run the coding answers",
-    "retrieval_docs": "held-out articles of the retrieval suite",
-}
+# the suites register themselves on import: SUITES is the one list of them (CLI choices, reports, docs)
+from ftplm.eval import classify, coding, coherence, ppl, retrieval, smoothness  # noqa: F401 - imported to register
+from ftplm.eval.base import (
+    OPTIONS,
+    PAPER_SUITES,
+    SUITES,
+    EvalContext,
+    SuiteFn,
+    heldout_documents,
+    provenance,
+    suite,
+)
+from ftplm.eval.coherence import require_judge
+from ftplm.eval.stats import paired_diff
+from ftplm.tokenizer import load_tokenizer, same_tokenizer
 
-
-@dataclass
-class EvalContext:
-    """What a suite gets: the model under evaluation, where it came from, and how thorough to be."""
-
-    run: Path  # run / checkpoint / saved-model directory
-    model: TextModel
-    data_dir: Path | None = None  # the prepared data the run trained on (held-out docs live there)
-    quick: bool = False  # the demo's short version
-    seed: int = 0
-    options: dict[str, Any] = field(default_factory=dict)
-
-    def size(self, name: str, full: int, quick: int) -> int:
-        """A suite size: options[name] if given, else the quick or the full default."""
-        return int(self.options.get(name, quick if self.quick else full))
-
-
-def suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
-    def register(fn: SuiteFn) -> SuiteFn:
-        SUITES[name] = fn
-        return fn
-
-    return register
+__all__ = ["OPTIONS", "PAPER_SUITES", "SUITES", "EvalContext", "SuiteFn", "headline", "heldout_documents", "load_suites",
+           "provenance", "run_suites", "suite", "suite_names"]
 
 
 def load_suites() -> dict[str, SuiteFn]:
-    """Import every suite module (each registers itself) and return the registry."""
-    for module in SUITE_MODULES:
-        importlib.import_module(f"ftplm.eval.{module}")
+    """The registry of suites (every suite module has registered itself on import)."""
     return SUITES
 
 
 def suite_names(spec: str | list[str]) -> list[str]:
     """'all' | 'ppl' | 'ppl,smoothness' -> known suite names; unknown names are an error."""
-    from ftplm.errors import FtplmError
-
     load_suites()
     names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
     out: list[str] = []
@@ -95,46 +63,6 @@ def suite_names(spec: str | list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------------
 # held-out documents and model provenance
 # ------------------------------------------------------------------------------------------------------
-def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...] = ("val", "test")) -> tuple[list[Document], str]:
-    """Held-out documents of a corpus (never trained on): from the data directory's heldout.jsonl when the run's
-    data holds that corpus, else read from the corpus package and split exactly as `ftplm prepare` would."""
-    from ftplm.data import TokenData, split_of
-
-    fracs = (0.05, 0.10, 0)
-    if data_dir is not None and (Path(data_dir) / "heldout.jsonl").is_file():
-        data = TokenData(data_dir)
-        wanted = [d for s in splits for d in data.heldout(s) if d.doc_id.startswith(f"{corpus}:")]
-        if wanted:
-            return wanted, f"{data_dir}/heldout.jsonl ({'+'.join(splits)})"
-        fracs = (data.meta.get("val_frac", 0.05), data.meta.get("test_frac", 0.10), data.meta.get("split_seed", 0))
-    docs = [d for d in _corpus_documents(corpus) if split_of(d.doc_id, *fracs) in splits]
-    return docs, f"{corpus} {'+'.join(splits)} split (val_frac={fracs[0]}, test_frac={fracs[1]}, seed={fracs[2]})"
-
-
-@functools.lru_cache(maxsize=4)
-def _corpus_documents(corpus: str) -> tuple[Document, ...]:
-    """A corpus read from its package once per process (both runs of `--against` and every suite share it)."""
-    from ftplm.data import documents
-
-    return tuple(documents(corpus))
-
-
-def provenance(run: Path) -> dict[str, Any]:
-    """Which model files a result came from: the resolved checkpoint directory and its step."""
-    import json
-
-    from ftplm.checkpoint import resolve
-
-    directory = resolve(run)
-    real = (directory / "latest").resolve() if (directory / "latest").exists() else directory.resolve()
-    info: dict[str, Any] = {"run": str(run), "checkpoint": str(real)}
-    state = real / "trainer_state.json"
-    if state.is_file():
-        s = json.loads(state.read_text())
-        info.update(step=s.get("step"), tokens=s.get("tokens"))
-    return info
-
-
 def _label(run: Path, taken: set[str]) -> str:
     label = Path(run).name or str(run)
     while label in taken:
@@ -159,19 +87,12 @@ def run_suites(
     With two runs, per-item scores of the same prompts/documents give paired differences with bootstrap CIs;
     keep_items leaves those per-item scores in each result (as "_items") for differences computed later.
     """
-    from ftplm.api import load
-    from ftplm.checkpoint import run_data_dir
-    from ftplm.errors import FtplmError
-    from ftplm.eval.stats import paired_diff
-    from ftplm.tokenizer import load_tokenizer, same_tokenizer
 
     names = suite_names(suites)
     unknown = sorted(set(options or {}) - set(OPTIONS))
     if unknown:
         raise FtplmError(f"unknown eval option {unknown[0]!r}; choose from: {', '.join(OPTIONS)}")
     if "coherence" in names:
-        from ftplm.eval.coherence import require_judge
-
         require_judge()  # before any model work
     paths = [Path(run)] + ([Path(against)] if against is not None else [])
     models = [load(p) for p in paths]  # errors (no checkpoint, corrupt files) come out as one line
@@ -238,6 +159,4 @@ def headline(result: dict[str, Any]) -> str:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

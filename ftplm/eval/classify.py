@@ -1,4 +1,4 @@
-"""Suite `classify`: do frozen state vectors carry the topic of a text? (SPEC §5)
+"""Suite `classify`: do frozen state vectors carry the topic of a text?
 
 Held-out labelled documents (never trained on): wiki-vital's 11 topics (the main task; "Uncategorized" dropped) and
 bbc-news's 5 classes (the easy one). Each document, truncated to the model's context, gives two frozen vectors from
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ftplm.errors import FtplmError
-from ftplm.eval import EvalContext, heldout_documents, provenance, suite
+from ftplm.eval.base import EvalContext, heldout_documents, provenance, suite
 from ftplm.eval.smoothness import pick_documents, state_layer, token_states
 
 CORPORA = {"wiki-vital": "main: 11 topics", "bbc-news": "easy: 5 classes"}

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ftplm.coding import LEVELS, check_many, declared_value, problems
-from ftplm.eval import EvalContext, provenance, suite
+from ftplm.eval.base import EvalContext, provenance, suite
 from ftplm.eval.coherence import sample_continuations
 from ftplm.eval.stats import mean_ci
 from ftplm.generate import Sampling

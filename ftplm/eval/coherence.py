@@ -1,4 +1,4 @@
-"""Suite `coherence`: does generated text stay on the prompt's topic? (SPEC §5)
+"""Suite `coherence`: does generated text stay on the prompt's topic?
 
 Prompts are the first 32 tokens of held-out wiki-vital articles (never trained on). Each prompt gets >= 3
 continuations of 128 new tokens sampled at temperature 0.8, top-k 50 (fewer when the context is shorter), generated
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ftplm.errors import FtplmError
-from ftplm.eval import EvalContext, heldout_documents, provenance, suite
+from ftplm.eval.base import EvalContext, heldout_documents, provenance, suite
 from ftplm.eval.retrieval import JUDGE_PACKAGE
 from ftplm.eval.smoothness import pick_documents
 from ftplm.eval.stats import mean_ci

@@ -15,7 +15,7 @@ import numpy as np
 
 from ftplm.data import TokenData
 from ftplm.errors import FtplmError
-from ftplm.eval import EvalContext, provenance, suite
+from ftplm.eval.base import EvalContext, provenance, suite
 from ftplm.eval.stats import bootstrap_ci
 from ftplm.train import VAL_KEY, evaluate
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ftplm.errors import FtplmError
-from ftplm.eval import EvalContext, heldout_documents, provenance, suite
+from ftplm.eval.base import EvalContext, heldout_documents, provenance, suite
 from ftplm.eval.smoothness import pick_documents
 from ftplm.eval.stats import mean_ci
 

@@ -1,4 +1,4 @@
-"""Suite `smoothness`: how slowly do the top-layer state vectors change along the text? (SPEC §5)
+"""Suite `smoothness`: how slowly do the top-layer state vectors change along the text?
 
 Over held-out documents (val split, never trained on), each truncated to the model's context: cosine similarity of
 the top-layer vectors at positions t and t + k for every t >= 8 (the first 8 positions are excluded), k = 1..32.
@@ -21,7 +21,7 @@ import torch
 
 from ftplm.data import Document, TokenData
 from ftplm.errors import FtplmError
-from ftplm.eval import EvalContext, heldout_documents, provenance, suite
+from ftplm.eval.base import EvalContext, heldout_documents, provenance, suite
 from ftplm.eval.stats import bootstrap_ci
 
 SKIP = 8  # positions excluded at the start of every document
