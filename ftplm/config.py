@@ -1,7 +1,7 @@
 """Model and training configuration: dataclasses, named presets, validation, JSON round trip.
 
 Every field the paper leaves open (widths, N, P, gamma, decoder depth) lives here with the default we chose;
-README "Configuration" documents the same table.
+docs/training.md ("Configuration") documents the same table.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Evaluation suites (`ftplm eval --suite NAME`): one file per suite, registered by name.
 
 A suite is a function EvalContext -> dict of JSON-able results. Each result dict carries, per metric, its value,
-its confidence interval where one is defined, n, and which model/checkpoint it came from (the README's evaluation section).
+its confidence interval where one is defined, n, and which model/checkpoint it came from (docs/evaluation.md).
 `run_suites` evaluates one run, or two on identical data (`--against`), and adds paired differences.
 """
 

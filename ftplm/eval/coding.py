@@ -1,4 +1,4 @@
-"""Suite `coding`: pass@1 on held-out problems of the planning-ahead coding task (ftplm.coding, README "evaluation"),
+"""Suite `coding`: pass@1 on held-out problems of the planning-ahead coding task (ftplm.coding, docs/evaluation.md),
 per level of its ladder.
 
 Each of >= 500 held-out problems (a quarter per level) (never in the training corpus) gives a prompt (`def solve():` + docstring); the
