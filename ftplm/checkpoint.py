@@ -54,6 +54,11 @@ def _atomic_write(path: Path, write: Any) -> None:
             tmp.unlink()
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temp file + rename)."""
+    _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
 def write_json(path: Path, data: Any) -> None:
     _atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=2)))
 

@@ -448,6 +448,30 @@ def _variant(text: str) -> tuple[str, dict[str, Any]]:
     return name, overrides
 
 
+@command
+def docs(*, docs_dir: str = "docs", check: bool = False) -> None:
+    """Regenerate the results pages from the committed summary JSON (docs/claims.md from docs/*/summary.json).
+
+    Args:
+        docs_dir: the documentation directory
+        check: write nothing; fail if a page differs from what its JSON generates
+    """
+    from ftplm.checkpoint import write_text
+    from ftplm.experiment import CLAIMS_PAGE, claims_page
+
+    root = Path(docs_dir)
+    if not root.is_dir():
+        raise FtplmError(f"no such directory: {root}")
+    page, text = root / CLAIMS_PAGE, claims_page(root)
+    if check:
+        if not page.is_file() or page.read_text(encoding="utf-8") != text:
+            raise FtplmError(f"{page} is out of date: run `ftplm docs`")
+        print(f"{page} is up to date")
+        return
+    write_text(page, text)
+    print(f"wrote {page}")
+
+
 @command(name="bench train")
 def bench_train(
     *,

@@ -18,7 +18,6 @@ drafts of an N = 4 FTP model, chain or tree).
 
 from __future__ import annotations
 
-import platform
 import re
 import time
 from datetime import datetime, timezone
@@ -31,6 +30,7 @@ from ftplm.drafters import Draft, DraftContext, Drafter
 from ftplm.drafters.lookup import trie
 from ftplm.errors import FtplmError
 from ftplm.kernels import inference_products
+from ftplm.machine import describe_machine
 
 # method -> (drafter, tree, adaptive draft length)
 FTP_METHODS = {"plain": (None, None, False), "ftp": ("ftp", False, False), "ftp-adaptive": ("ftp", False, True),
@@ -253,6 +253,6 @@ def bench_decode(
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": "fp32", "products": products,
         "draft_products": draft_products, "draft_greedy_vocab": draft_greedy_vocab,
         "threads": torch.get_num_threads(),
-        "machine": f"{platform.machine()} {platform.processor() or ''} ({__import__('os').cpu_count()} CPUs)".strip(),
+        "machine": describe_machine(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
     }

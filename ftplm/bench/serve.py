@@ -12,13 +12,14 @@ import asyncio
 import concurrent.futures
 import json
 import multiprocessing
-import platform
 import sys
 import time
 from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
+
+from ftplm.machine import describe_machine
 
 PROMPTS = [
     "The history of", "In mathematics, a", "The city is", "Music is", "The river flows",
@@ -133,7 +134,7 @@ def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: in
     figures["greedy_mismatches"] = sum(text != expected[p] for p, text in greedy)
     figures.update(
         run=str(run), model_type=tm.config.model_type, speculative=describe_drafters(app.state.drafters),
-        machine=f"{platform.machine()} {platform.processor() or ''}".strip() + f", torch threads {threads}",
+        machine=describe_machine() + f", torch threads {threads}",
         date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     )
     _print(figures)

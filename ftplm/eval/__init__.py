@@ -8,8 +8,6 @@ its confidence interval where one is defined, n, and which model/checkpoint it c
 from __future__ import annotations
 
 import datetime
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +31,7 @@ from ftplm.eval.base import (
 )
 from ftplm.eval.coherence import require_judge
 from ftplm.eval.stats import paired_diff
+from ftplm.machine import describe_machine
 from ftplm.tokenizer import load_tokenizer, same_tokenizer
 
 __all__ = ["OPTIONS", "PAPER_SUITES", "SUITES", "EvalContext", "SuiteFn", "headline", "heldout_documents", "load_suites",
@@ -104,7 +103,7 @@ def run_suites(
         raise FtplmError(f"the data in {data} was tokenized with another tokenizer than {paths[0]}'s")
     out: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {_cores()} cores".strip(),
+        "machine": describe_machine(),
         "data_dir": str(data) if data else None,
         "quick": quick,
         "seed": seed,
@@ -156,7 +155,3 @@ def headline(result: dict[str, Any]) -> str:
         else:
             parts.append(f"{key} {m['value']:.4g}")
     return "; ".join(parts)
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
