@@ -415,24 +415,20 @@ def experiment_paper(
             here win); the resolved settings are saved as OUT/experiment_config.yaml
     """
     from ftplm.config import parse_override, write_config_file
-    from ftplm.experiment import paper_experiment
+    from ftplm.experiment import PaperExperiment, paper_experiment
 
-    if max_tokens < 1 or (coding_max_tokens is not None and coding_max_tokens < 1) or ppl_batches < 1:
-        raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
     options, train_overrides = dict(parse_override(x) for x in set), dict(parse_override(x) for x in train_set)
     model_overrides = dict(parse_override(x) for x in model_set)
     variants = dict(_variant(x) for x in variant)
     resolved = {"preset": preset, "seeds": seeds, "max_tokens": max_tokens, "coding_max_tokens": coding_max_tokens,
                 "quick": quick, "skip_coding": skip_coding, "ppl_batches": ppl_batches, **options, **train_overrides,
                 **model_overrides, **({"variant": variant} if variant else {})}
+    spec = PaperExperiment(preset, seeds, max_tokens, coding_max_tokens, quick, skip_coding, ppl_batches, options,
+                           train_overrides, model_overrides, variants)  # checked before anything is written
     Path(out).mkdir(parents=True, exist_ok=True)
     write_config_file(Path(out) / "experiment_config.yaml", resolved,
                       f"The settings of this experiment, resolved.\nftplm experiment paper --config THIS_FILE --out {out} runs it again.")
-    paper_experiment(
-        out, preset, seeds, max_tokens, coding_max_tokens, quick, skip_coding,
-        options=options, train_overrides=train_overrides, model_overrides=model_overrides, ppl_batches=ppl_batches,
-        variants=variants,
-    )
+    paper_experiment(out, spec)
 
 
 def _variant(text: str) -> tuple[str, dict[str, Any]]:

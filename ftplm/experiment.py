@@ -26,7 +26,7 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -363,61 +363,73 @@ def claims_page(docs: Path) -> str:
 # ------------------------------------------------------------------------------------------------------
 # the experiment
 # ------------------------------------------------------------------------------------------------------
-def paper_experiment(
-    out: str | Path,
-    preset: str = "small",
-    seeds: int = 3,
-    max_tokens: int = 200_000,
-    coding_max_tokens: int | None = None,
-    quick: bool = False,
-    skip_coding: bool = False,
-    options: dict[str, Any] | None = None,
-    train_overrides: dict[str, Any] | None = None,
-    ppl_batches: int = 20,
-    model_overrides: dict[str, Any] | None = None,
-    variants: dict[str, dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """Train (or reuse), match perplexity, evaluate every suite for every seed, aggregate, write the report.
+@dataclass(frozen=True)
+class PaperExperiment:
+    """The settings of `ftplm experiment paper`, checked before any training.
 
     variants: name -> model fields of an FTP variant trained beside the paper's design (OUT/ftp-{name}-s{seed}),
-    each compared with the same GPT runs at its own matched perplexity."""
-    if seeds < 1:
-        raise FtplmError(f"--seeds must be at least 1, got {seeds}")
+    each compared with the same GPT runs at its own matched perplexity. options: eval suite sizes;
+    train_overrides / model_overrides: training and model fields of every run over the preset.
+    """
+
+    preset: str = "small"
+    seeds: int = 3
+    max_tokens: int = 200_000
+    coding_max_tokens: int | None = None
+    quick: bool = False
+    skip_coding: bool = False
+    ppl_batches: int = 20
+    options: dict[str, Any] = field(default_factory=dict)
+    train_overrides: dict[str, Any] = field(default_factory=dict)
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.seeds < 1:
+            raise FtplmError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.max_tokens < 1 or (self.coding_max_tokens is not None and self.coding_max_tokens < 1) or self.ppl_batches < 1:
+            raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
+
+
+def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fields: Any) -> dict[str, Any]:
+    """Train (or reuse), match perplexity, evaluate every suite for every seed, aggregate, write the report.
+    spec: the experiment's settings (or its fields as keywords)."""
+    spec = spec or PaperExperiment(**fields)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     evals_dir = out / "evals"
     evals_dir.mkdir(exist_ok=True)
     started = time.perf_counter()
-    options = {"ppl_batches": ppl_batches, **(options or {})}  # the ppl suite scores the windows matching used
-    overrides = dict(train_overrides or {})
+    options = {"ppl_batches": spec.ppl_batches, **spec.options}  # the ppl suite scores the windows matching used
+    overrides = dict(spec.train_overrides)
     command = "ftplm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ftplm") else None
 
     data = ensure_data(out / "data", TEXT_CORPUS)
-    flops_tokens = equal_flops_tokens(preset, data, max_tokens, model_overrides)
-    ftp_models = {"ftp": dict(model_overrides or {})} | {f"ftp-{name}": {**(model_overrides or {}), **v} for name, v in (variants or {}).items()}
-    for seed in range(seeds):
+    flops_tokens = equal_flops_tokens(spec.preset, data, spec.max_tokens, spec.model_overrides)
+    ftp_models = {"ftp": dict(spec.model_overrides)} | {f"ftp-{name}": {**spec.model_overrides, **v} for name, v in spec.variants.items()}
+    for seed in range(spec.seeds):
         for label, model_set in ftp_models.items():  # only GPT's checkpoints are matched: FTP keeps its latest
-            ensure_trained(out / f"{label}-s{seed}", data, "ftp", preset, max_tokens, seed,
+            ensure_trained(out / f"{label}-s{seed}", data, "ftp", spec.preset, spec.max_tokens, seed,
                            {"keep_checkpoints": 0, **overrides}, model_overrides=model_set)
-        ensure_trained(out / f"gpt-s{seed}", data, "gpt", preset, max_tokens, seed, overrides, model_overrides=model_overrides)
+        ensure_trained(out / f"gpt-s{seed}", data, "gpt", spec.preset, spec.max_tokens, seed, overrides, model_overrides=spec.model_overrides)
         # only its final checkpoint is evaluated: no checkpoint every 5 steps
-        ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", preset, flops_tokens, seed,
-                       {**overrides, "save_interval": 200, "keep_checkpoints": 0}, model_overrides=model_overrides)
-    matched, by_label = match_and_evaluate(out, data, seeds, list(ftp_models), ppl_batches, quick, options)
+        ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", spec.preset, flops_tokens, seed,
+                       {**overrides, "save_interval": 200, "keep_checkpoints": 0}, model_overrides=spec.model_overrides)
+    matched, by_label = match_and_evaluate(out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options)
     coding_by_label: dict[str, Any] = {}
     coding_match = None
-    if not skip_coding:
-        coding_by_label, coding_match = coding_experiment(out, preset, coding_max_tokens or max_tokens, overrides,
-                                                          model_overrides, ppl_batches, quick, options)
+    if not spec.skip_coding:
+        coding_by_label, coding_match = coding_experiment(out, spec.preset, spec.coding_max_tokens or spec.max_tokens, overrides,
+                                                          spec.model_overrides, spec.ppl_batches, spec.quick, options)
 
     evals = {label_name(k): {**aggregate(v), **(aggregate(coding_by_label[k]) if k in coding_by_label else {})} for k, v in by_label.items()}
     decode = {label: speculative_cached(out / f"{label}-s0" / "latest", evals_dir / f"decode-{label}-s0.json")
-              for label in ftp_models} if variants else {}
+              for label in ftp_models} if spec.variants else {}
     summary = {
         "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": describe_machine(), "preset": preset, "seeds": seeds,
-        "max_tokens": max_tokens, "equal_flops_tokens": flops_tokens, "coding_max_tokens": None if skip_coding else (coding_max_tokens or max_tokens),
-        "quick": quick, "options": options, "model_overrides": model_overrides or {}, "variants": variants or {},
+        "machine": describe_machine(), "preset": spec.preset, "seeds": spec.seeds,
+        "max_tokens": spec.max_tokens, "equal_flops_tokens": flops_tokens, "coding_max_tokens": None if spec.skip_coding else (spec.coding_max_tokens or spec.max_tokens),
+        "quick": spec.quick, "options": options, "model_overrides": spec.model_overrides, "variants": spec.variants,
         "matched": [_public(m) for m in matched["ftp"]],
         "variant_matched": {label: [_public(m) for m in ms] for label, ms in matched.items() if label != "ftp"},
         "coding_matched": None if coding_match is None else _public(coding_match),
@@ -425,7 +437,7 @@ def paper_experiment(
         "variant_claims": {label: claim_rows(by_label, {}, 0, label, {"gpt-matched": matched_label(label), "gpt-tokens": "gpt-tokens",
                                                                        "gpt-flops": "gpt-flops"})
                            for label in ftp_models if label != "ftp"},
-        "variant_rows": model_rows(out, list(ftp_models), seeds, evals, decode) if variants else [],
+        "variant_rows": model_rows(out, list(ftp_models), spec.seeds, evals, decode) if spec.variants else [],
         "speculative": decode, "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(evals_dir / "summary.json", summary)

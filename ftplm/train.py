@@ -22,7 +22,15 @@ from safetensors.torch import load_model
 from tqdm import tqdm
 
 from ftplm.checkpoint import check_weights_fit, init_source, load_trainer_state, save_checkpoint
-from ftplm.config import TrainConfig, config_from_dict, load_model_config, preset, with_overrides, write_config_file
+from ftplm.config import (
+    ModelConfig,
+    TrainConfig,
+    config_from_dict,
+    load_model_config,
+    preset,
+    with_overrides,
+    write_config_file,
+)
 from ftplm.data import TokenData
 from ftplm.distributed import (
     DEFAULT_TIMEOUT,
@@ -162,30 +170,10 @@ class Trainer:
         if resume and init_from is not None:
             raise FtplmError("--init-from starts a new run; --resume continues one: use one of them")
         if resume:
-            if not (self.out / "latest").exists():
-                raise FtplmError(f"--resume: {self.out} has no checkpoint to resume from")
-            self.resume_state, self.resume_tensors = load_trainer_state(self.out)
-            self.model_cfg = load_model_config(self.out / "latest" / "config.json")
-            train_dict = dict(self.resume_state["train_config"])
-            if "grad_accum" not in (train_overrides or {}):  # same global batch on any world size
-                saved_world = self.resume_state.get("world_size", 1)
-                train_dict["grad_accum"] = split_accum(train_dict["grad_accum"] * saved_world, self.dist.world_size)
-            train_dict.update(train_overrides or {})  # e.g. a longer --max-steps for the continuation
-            self.train_cfg = config_from_dict(TrainConfig, train_dict, "trainer_state.json").validate()
+            self.model_cfg, self.train_cfg = self._resumed_run(train_overrides or {})
         else:
-            if (self.out / "latest").exists():
-                raise FtplmError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
-            if init_from is not None:
-                self.init_from = init_source(init_from, self.data.tokenizer_path)
-                model_type = model_type or self.init_from["config"].model_type
-                if model_type != self.init_from["config"].model_type:
-                    raise FtplmError(f"--init-from {init_from} is a {self.init_from['config'].model_type} model, not {model_type}")
-            chosen = preset(preset_name, model_type or "ftp")  # type: ignore[arg-type]  # validated by preset()
-            base_model = self.init_from["config"] if self.init_from else chosen.model
-            self.model_cfg = with_overrides(base_model, {"vocab_size": self.data.vocab_size, **(model_overrides or {})}).validate()
-            self.train_cfg = with_overrides(chosen.train, train_overrides or {}).validate()
-            if self.init_from:
-                check_weights_fit(self.model_cfg, self.init_from["weights"], str(init_from))
+            self.model_cfg, self.train_cfg = self._new_run(model_type, preset_name, model_overrides or {},
+                                                           train_overrides or {}, init_from)
         if self.model_cfg.vocab_size < self.data.vocab_size:
             raise FtplmError(f"model vocab ({self.model_cfg.vocab_size}) is smaller than the data's tokenizer ({self.data.vocab_size})")
         cfg = self.train_cfg
@@ -200,6 +188,38 @@ class Trainer:
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size * self.dist.world_size
         init_process_group(self.dist)  # last: every check above fails fast, before any network wait
 
+    def _resumed_run(self, train_overrides: dict[str, Any]) -> tuple[ModelConfig, TrainConfig]:
+        """The configs of the run in `out`, with its optimizer state and RNG; overrides (e.g. a longer --max-steps)
+        apply to the continuation."""
+        if not (self.out / "latest").exists():
+            raise FtplmError(f"--resume: {self.out} has no checkpoint to resume from")
+        self.resume_state, self.resume_tensors = load_trainer_state(self.out)
+        train_dict = dict(self.resume_state["train_config"])
+        if "grad_accum" not in train_overrides:  # same global batch on any world size
+            saved_world = self.resume_state.get("world_size", 1)
+            train_dict["grad_accum"] = split_accum(train_dict["grad_accum"] * saved_world, self.dist.world_size)
+        train_dict.update(train_overrides)
+        train_cfg = config_from_dict(TrainConfig, train_dict, "trainer_state.json").validate()
+        return load_model_config(self.out / "latest" / "config.json"), train_cfg
+
+    def _new_run(self, model_type: str | None, preset_name: str, model_overrides: dict[str, Any],
+                 train_overrides: dict[str, Any], init_from: str | Path | None) -> tuple[ModelConfig, TrainConfig]:
+        """The configs of a new run: the preset's (or init_from's model), with the overrides."""
+        if (self.out / "latest").exists():
+            raise FtplmError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
+        if init_from is not None:
+            self.init_from = init_source(init_from, self.data.tokenizer_path)
+            model_type = model_type or self.init_from["config"].model_type
+            if model_type != self.init_from["config"].model_type:
+                raise FtplmError(f"--init-from {init_from} is a {self.init_from['config'].model_type} model, not {model_type}")
+        chosen = preset(preset_name, model_type or "ftp")  # type: ignore[arg-type]  # validated by preset()
+        base_model = self.init_from["config"] if self.init_from else chosen.model
+        model_cfg = with_overrides(base_model, {"vocab_size": self.data.vocab_size, **model_overrides}).validate()
+        train_cfg = with_overrides(chosen.train, train_overrides).validate()
+        if self.init_from:
+            check_weights_fit(model_cfg, self.init_from["weights"], str(init_from))
+        return model_cfg, train_cfg
+
     # ------------------------------------------------------------------------------------------------
     def _planned_steps(self, step_seconds: float | None, seconds_left: float | None = None) -> int | None:
         """Length of the LR schedule: from max_steps / max_tokens, else estimated from the time budget."""
@@ -211,9 +231,10 @@ class Trainer:
             limits.append(math.ceil(cfg.max_tokens / self.tokens_per_step))
         if limits:
             return min(limits)
-        if step_seconds is None:
+        budget = seconds_left if seconds_left is not None else cfg.time_budget
+        if step_seconds is None or budget is None:
             return None
-        return max(1, int((seconds_left if seconds_left is not None else cfg.time_budget) / step_seconds))
+        return max(1, int(budget / step_seconds))
 
     def resolved_config(self) -> dict[str, Any]:
         """Every setting of this run, flat, as `ftplm train --config` reads it: that file trains the same model."""

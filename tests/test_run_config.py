@@ -130,9 +130,10 @@ def test_experiment_config_file_routes_eval_and_training_fields(capsys, tmp_path
     code, _, err = cli(capsys, "experiment", "paper", "--config", config, "--out", out, "--seeds", "1",
                        "--train-set", "save_interval=20")
     assert code == 0, err
-    assert seen["args"][1:3] == ("tiny", 1)  # preset from the file, --seeds from the command line
-    assert seen["options"] == {"coherence_prompts": 5} and seen["train_overrides"] == {"save_interval": 20}
-    assert seen["ppl_batches"] == 3 and seen["model_overrides"] == {"decoder_inputs": "masked"}  # an FTP variant
+    spec = seen["args"][1]
+    assert (spec.preset, spec.seeds) == ("tiny", 1)  # preset from the file, --seeds from the command line
+    assert spec.options == {"coherence_prompts": 5} and spec.train_overrides == {"save_interval": 20}
+    assert spec.ppl_batches == 3 and spec.model_overrides == {"decoder_inputs": "masked"}  # an FTP variant
     saved = yaml.safe_load((out / "experiment_config.yaml").read_text())
     assert saved["seeds"] == 1 and saved["save_interval"] == 20 and saved["coherence_prompts"] == 5
     config.write_text("n_layers: 3\n")  # not a setting of the experiment
