@@ -18,7 +18,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union
 
+from ftplm import __version__
+from ftplm.api import load
+from ftplm.bench.decode import bench_decode as run_bench_decode
+from ftplm.bench.train import bench_train as run_bench_train
+from ftplm.checkpoint import run_data_dir, write_json, write_text
+from ftplm.config import (
+    ModelConfig,
+    TrainConfig,
+    load_config_file,
+    parse_duration,
+    parse_override,
+    with_overrides,
+    write_config_file,
+)
+from ftplm.data import prepare as run_prepare
+from ftplm.demo import run_demo
 from ftplm.errors import FtplmError
+from ftplm.eval import OPTIONS, headline, run_suites
+from ftplm.experiment import PaperExperiment, paper_experiment
+from ftplm.generate import GenerationConfig
+from ftplm.machine import command_line
+from ftplm.report import report as run_report
+from ftplm.results import generated_pages
+from ftplm.train import train as run_train
 
 COMMANDS: dict[str, Callable[..., Any]] = {}
 # command -> {list option: the field names a --config file may give it}, e.g. train: {"set": model + train fields}
@@ -68,8 +91,6 @@ def prepare(
         test_frac: fraction of documents held out for testing (classification, coherence prompts)
         seed: seed of the document split
     """
-    from ftplm.data import prepare as run_prepare
-
     meta = run_prepare(corpus, out, vocab_size, tokenizer, val_frac, test_frac, seed)
     splits = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in meta["splits"].items())
     print(f"prepared {out}: vocab {meta['vocab_size']}; {splits}")
@@ -79,7 +100,6 @@ def _split_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """--set key=value pairs, routed to the model or the training config by field name."""
     from dataclasses import fields
 
-    from ftplm.config import ModelConfig, TrainConfig, parse_override
 
     model_fields = {f.name for f in fields(ModelConfig)}
     train_fields = {f.name for f in fields(TrainConfig)}
@@ -99,7 +119,6 @@ def _split_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 def _model_and_train_fields() -> dict[str, set[str]]:
     from dataclasses import fields
 
-    from ftplm.config import ModelConfig, TrainConfig
 
     return {"set": {f.name for f in fields(ModelConfig) if f.name != "model_type"} | {f.name for f in fields(TrainConfig)}}
 
@@ -160,11 +179,7 @@ def train(
         config: YAML or JSON file of settings: any option above or --set field (flags given here win); the
             resolved settings are saved as RUN/run_config.yaml
     """
-    from ftplm.config import parse_duration
-    from ftplm.train import train as run_train
-
     if data is None:  # a resumed run knows its data
-        from ftplm.checkpoint import run_data_dir
 
         found = run_data_dir(out) if resume and (Path(out) / "latest").exists() else None
         if found is None:
@@ -225,9 +240,6 @@ def generate(
         tree: verify a tree of draft candidates instead of a single chain (recycling always drafts a tree)
         adaptive: choose each step's draft length (up to draft_len) from the acceptances so far
     """
-    from ftplm.api import load
-    from ftplm.generate import GenerationConfig
-
     if not prompt:
         raise FtplmError("the prompt is empty")
     config = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, speculative=speculative,
@@ -265,7 +277,6 @@ def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = 
 
     import numpy as np
 
-    from ftplm.api import load
 
     src, dst = Path(input), Path(out)
     if not src.is_file():
@@ -299,15 +310,10 @@ def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vi
         corpus: corpus to train on
         preset: model size
     """
-    from ftplm.config import parse_duration
-    from ftplm.demo import run_demo
-
     run_demo(Path(out), parse_duration(budget), corpus, preset)
 
 
 def _eval_options() -> dict[str, set[str]]:
-    from ftplm.eval import OPTIONS
-
     return {"set": set(OPTIONS)}
 
 
@@ -339,9 +345,6 @@ def eval_(
         config: YAML or JSON file of settings: any option above or --set field (flags given here win); the
             resolved settings are saved in the --json file under "config"
     """
-    from ftplm.config import parse_override
-    from ftplm.eval import headline, run_suites
-
     options = dict(parse_override(item) for item in set)
     result = run_suites(run, suite, against, quick=quick, seed=seed, options=options, data_dir=data)
     result["config"] = {"suite": suite, "against": against, "quick": quick, "seed": seed, "data": data, **options}
@@ -361,8 +364,6 @@ def report(run_a: str, run_b: str | None = None, *, out: str, title: str = "ftpl
         out: directory for report.md, report.html and plots/
         title: the report's title
     """
-    from ftplm.report import report as run_report
-
     paths = run_report([x for x in (run_a, run_b) if x], out, title)
     print(f"wrote {paths['md']} and {paths['html']}")
 
@@ -370,8 +371,6 @@ def report(run_a: str, run_b: str | None = None, *, out: str, title: str = "ftpl
 def _experiment_fields() -> dict[str, set[str]]:
     from dataclasses import fields
 
-    from ftplm.config import ModelConfig, TrainConfig
-    from ftplm.eval import OPTIONS
 
     model = {f.name for f in fields(ModelConfig) if f.name not in ("model_type", "vocab_size")}
     return {"set": set(OPTIONS), "train_set": {f.name for f in fields(TrainConfig)}, "model_set": model}
@@ -414,9 +413,6 @@ def experiment_paper(
         config: YAML or JSON file of settings: any option above, eval --set field or training field (flags given
             here win); the resolved settings are saved as OUT/experiment_config.yaml
     """
-    from ftplm.config import parse_override, write_config_file
-    from ftplm.experiment import PaperExperiment, paper_experiment
-
     options, train_overrides = dict(parse_override(x) for x in set), dict(parse_override(x) for x in train_set)
     model_overrides = dict(parse_override(x) for x in model_set)
     variants = dict(_variant(x) for x in variant)
@@ -434,8 +430,6 @@ def experiment_paper(
 def _variant(text: str) -> tuple[str, dict[str, Any]]:
     """NAME:FIELD=VALUE[,FIELD=VALUE] -> (NAME, {FIELD: VALUE}), checked now (not after hours of training) as an
     FTP model config."""
-    from ftplm.config import ModelConfig, parse_override, with_overrides
-
     name, _, settings = text.partition(":")
     if not name or not name.replace("-", "").replace("_", "").isalnum() or not settings:
         raise FtplmError(f"--variant expects NAME:FIELD=VALUE[,FIELD=VALUE] (NAME letters, digits, - or _), got {text!r}")
@@ -445,27 +439,29 @@ def _variant(text: str) -> tuple[str, dict[str, Any]]:
 
 
 @command
-def docs(*, docs_dir: str = "docs", check: bool = False) -> None:
-    """Regenerate the results pages from the committed summary JSON (docs/claims.md from docs/*/summary.json).
+def docs(*, docs_dir: str = "docs", readme: str = "README.md", check: bool = False) -> None:
+    """Regenerate the results pages from the committed JSON: docs/results.md and the README's results table.
 
     Args:
-        docs_dir: the documentation directory
-        check: write nothing; fail if a page differs from what its JSON generates
+        docs_dir: the documentation directory (experiments' docs/*/summary.json, benchmarks' docs/bench/*.json)
+        readme: the README whose results table is regenerated ("" for none)
+        check: write nothing; fail if a page differs from what the JSON generates
     """
-    from ftplm.checkpoint import write_text
-    from ftplm.experiment import CLAIMS_PAGE, claims_page
-
     root = Path(docs_dir)
     if not root.is_dir():
         raise FtplmError(f"no such directory: {root}")
-    page, text = root / CLAIMS_PAGE, claims_page(root)
+    if readme and not Path(readme).is_file():
+        raise FtplmError(f"no such file: {readme}")
+    pages = generated_pages(root, Path(readme) if readme else None)
     if check:
-        if not page.is_file() or page.read_text(encoding="utf-8") != text:
-            raise FtplmError(f"{page} is out of date: run `ftplm docs`")
-        print(f"{page} is up to date")
+        stale = [str(p) for p, text in pages.items() if not p.is_file() or p.read_text(encoding="utf-8") != text]
+        if stale:
+            raise FtplmError(f"out of date: {', '.join(stale)}: run `ftplm docs`")
+        print("results pages are up to date")
         return
-    write_text(page, text)
-    print(f"wrote {page}")
+    for page, text in pages.items():
+        write_text(page, text)
+        print(f"wrote {page}")
 
 
 @command(name="bench train")
@@ -490,12 +486,10 @@ def bench_train(
         set: model config field, e.g. --set dec_n_embd=128 --set n_future=8 (repeatable)
         json: also write the figures to this JSON file
     """
-    from ftplm.bench.train import bench_train as run
-
     model_over, train_over = _split_overrides(set)
     if train_over:
         raise FtplmError(f"bench train takes model fields only with --set, not {', '.join(train_over)}")
-    _emit(run(preset=preset, steps=steps, warmup=warmup, batch_size=batch_size, dtype=dtype, overrides=model_over), json)
+    _emit(run_bench_train(preset=preset, steps=steps, warmup=warmup, batch_size=batch_size, dtype=dtype, overrides=model_over), json)
 
 
 @command
@@ -562,8 +556,8 @@ def bench_decode(
     run: str,
     *,
     prompts: int = 8,
-    max_new_tokens: int = 128,
-    prompt_tokens: int = 64,
+    max_new_tokens: int | None = None,
+    prompt_tokens: int | None = None,
     method: list[str] = [],
     temperature: list[float] = [],
     seed: int = 0,
@@ -576,8 +570,8 @@ def bench_decode(
     Args:
         run: run directory (its held-out validation documents give the prompts)
         prompts: number of held-out prompts
-        max_new_tokens: tokens generated per prompt (no stop at EOS)
-        prompt_tokens: prompt length in tokens
+        max_new_tokens: tokens generated per prompt, no stop at EOS (default 128, or what the context leaves)
+        prompt_tokens: prompt length in tokens (default 64, or a quarter of a shorter context)
         method: plain, ftp, ftp-adaptive, ftp-tree, ftp-recycling, ftp-lookup, recycling, recycling-adaptive,
             lookup (repeatable; default all that apply to the model); oracle-K, greedy only, is the ceiling for
             drafts K deep: plain greedy decoding's own next K tokens, drafted at no cost
@@ -587,10 +581,8 @@ def bench_decode(
         batch_size: prompts generated together (plain decoding batched too; speculative: verified together)
         json: also write the figures to this JSON file
     """
-    from ftplm.bench.decode import bench_decode as run_bench
-
     temperatures = tuple(temperature) or (0.0, 1.0)
-    _emit(run_bench(run, prompts, max_new_tokens, prompt_tokens, method or None, temperatures, seed, threads,
+    _emit(run_bench_decode(run, prompts, max_new_tokens, prompt_tokens, method or None, temperatures, seed, threads,
                     batch_size), json)
 
 
@@ -630,11 +622,10 @@ def lm_eval_tasks(*, data: str, out: str, docs: int = 200, split: Literal["test"
 
 
 def _emit(result: dict[str, Any], json_path: str | None) -> None:
-    """Write a benchmark's figures to --json (atomically) when asked; the benchmark prints its own table."""
+    """Write a benchmark's figures to --json (atomically) when asked, with the command that produced them; the
+    benchmark prints its own table."""
     if json_path:
-        from ftplm.checkpoint import write_json
-
-        write_json(Path(json_path), result)
+        write_json(Path(json_path), {"command": command_line(), **result})
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -705,8 +696,6 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any], suppres
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    from ftplm import __version__
-
     parser = _Parser(prog="ftplm", description="Future Token Prediction language models: train, evaluate, generate, serve.")
     parser.add_argument("--version", action="version", version=f"ftplm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
@@ -732,8 +721,6 @@ def _with_config_file(name: str, kwargs: dict[str, Any], argv: list[str] | None)
     """Arguments with a --config file's settings filled in: a key is one of the command's options (used unless
     given on the command line) or a field of one of its repeatable options (put before the command line's own
     items, so that those win). Unknown keys and values of the wrong type are one-line errors."""
-    from ftplm.config import load_config_file
-
     path = kwargs["config"]
     settings = load_config_file(path)
     given = set(vars(build_parser(suppress_defaults=True).parse_args(argv)))

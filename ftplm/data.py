@@ -27,6 +27,7 @@ import torch
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from ftplm.coding import training_programs
 from ftplm.errors import FtplmError
 from ftplm.tokenizer import encode_batches, eos_id, gpt2_tokenizer, load_tokenizer, train_bpe
 
@@ -134,8 +135,6 @@ def python_code() -> Iterator[Document]:
 @corpus("coding")
 def coding() -> Iterator[Document]:
     """The synthetic planning-ahead coding task's training programs (ftplm.coding); held-out problems never appear."""
-    from ftplm.coding import training_programs
-
     for doc_id, text in training_programs():
         yield Document(doc_id, text, source="coding")
 

@@ -7,6 +7,7 @@ prepare wiki-vital -> train FTP and GPT (same data, same time budget) -> evaluat
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,9 @@ from typing import Any
 from ftplm.api import TextModel, load
 from ftplm.checkpoint import write_json
 from ftplm.data import TokenData, prepare
+from ftplm.eval import run_suites
+from ftplm.generate import Sampling, SpecStats, generate
+from ftplm.report import write_report
 from ftplm.train import train
 
 DEMO_PROMPTS = ["The history of", "In mathematics, a"]
@@ -47,8 +51,6 @@ def run_demo(
         _step(f"2. train {model_type.upper()} ({preset} preset, {budget_s:.0f}s budget)")
         run = out / model_type
         if (run / "latest").exists():  # a previous demo: start this model afresh, atomically replacing it
-            import shutil
-
             shutil.rmtree(run)
         train(
             data.root, run, model_type=model_type, preset_name=preset,
@@ -57,7 +59,6 @@ def run_demo(
         runs[model_type] = run
 
     _step("3. evaluate both on identical held-out data (short versions of the paper suites)")
-    from ftplm.eval import run_suites
 
     evals = run_suites(runs["ftp"], DEMO_SUITES, against=runs["gpt"], quick=True, options=eval_options, data_dir=data.root)
     write_json(out / "eval.json", evals)
@@ -105,8 +106,6 @@ def run_demo(
 
 def write_demo_report(out: Path, runs: dict[str, Path], summary: dict[str, Any]) -> dict[str, Path]:
     """The demo's report: its side-by-side table on top, then the same sections and plots as `ftplm report`."""
-    from ftplm.report import write_report
-
     labels = {"ftp": "FTP", "gpt": "GPT"}
     results = summary["results"]
     samples = {
@@ -127,8 +126,6 @@ def write_demo_report(out: Path, runs: dict[str, Path], summary: dict[str, Any])
 
 def speculative_check(model: TextModel, data: TokenData, n_prompts: int = 4, new_tokens: int = 64) -> dict[str, Any]:
     """Time plain and FTP self-speculative greedy decoding on held-out prompts; both must give the same tokens."""
-    from ftplm.generate import SpecStats
-
     prompts = [model.encode(d.text)[:32] for d in data.heldout("val")[:n_prompts]]
     model.generate_ids(prompts[0], 8, temperature=0, stop_at_eos=False, speculative="ftp")  # warm-up
     seconds = {"plain": 0.0, "ftp": 0.0}
@@ -154,7 +151,6 @@ def speculative_check(model: TextModel, data: TokenData, n_prompts: int = 4, new
 def _speculative_ids(model: TextModel, ids: list[int], new_tokens: int, stats: Any) -> list[int]:
     import torch
 
-    from ftplm.generate import Sampling, generate
 
     idx = torch.tensor([ids], device=model.device)
     return generate(model.model, idx, new_tokens, Sampling(0), speculative="ftp", stats=stats)[0, len(ids):].tolist()

@@ -21,10 +21,7 @@ as FTP, i.e. on that many times more tokens.
 
 from __future__ import annotations
 
-import datetime
 import json
-import shlex
-import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,16 +29,26 @@ from typing import Any
 
 import numpy as np
 
+from ftplm.api import load
+from ftplm.bench.decode import bench_decode
 from ftplm.checkpoint import checkpoints, write_json
+from ftplm.config import preset as get_preset
+from ftplm.data import TokenData, prepare
 from ftplm.errors import FtplmError
-from ftplm.machine import describe_machine
+from ftplm.eval import run_suites
+from ftplm.eval.ppl import val_perplexity
+from ftplm.eval.stats import paired_seed_diff, seeds_summary
+from ftplm.machine import provenance
+from ftplm.model import build_model, flops_per_token
+from ftplm.report import write_report
+from ftplm.results import LABELS, format_diff, label_name, variant_tables
+from ftplm.train import train
 
 TEXT_CORPUS = "wiki-vital,shakespeare,bbc-news"
 TEXT_SUITES = ["ppl", "smoothness", "coherence", "classify"]
 MAX_GAP = 0.03
 # the schedule the paper runs use (GPT checkpoints every 5 steps so that one lands within 3% of FTP's perplexity)
 TRAIN_DEFAULTS = {"batch_size": 8, "warmup_steps": 20, "eval_interval": 25, "eval_iters": 10, "save_interval": 5, "keep_checkpoints": -1}
-LABELS = {"ftp": "FTP", "gpt-matched": "GPT (matched ppl)", "gpt-tokens": "GPT (equal tokens)", "gpt-flops": "GPT (equal FLOPs)"}
 BASELINES = [k for k in LABELS if k != "ftp"]
 # claim -> (suite, metric): FTP is claimed to be higher on each
 CLAIMS = [
@@ -65,8 +72,6 @@ def log(msg: str) -> None:
 # data and training, reusing what exists
 # ------------------------------------------------------------------------------------------------------
 def ensure_data(data_dir: Path, corpus: str, vocab_size: int = 8192) -> Path:
-    from ftplm.data import prepare
-
     meta = data_dir / "meta.json"
     if meta.is_file():
         found = json.loads(meta.read_text()).get("corpus")
@@ -87,8 +92,6 @@ def run_state(run: Path) -> dict[str, Any] | None:
 def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_tokens: int, seed: int, overrides: dict[str, Any],
                    busy_s: float = 120.0, model_overrides: dict[str, Any] | None = None) -> Path:
     """Train RUN to max_tokens: reuse it when done, resume it when it stopped early, else start it."""
-    from ftplm.train import train
-
     state = run_state(run)
     if state is not None and state["tokens"] >= max_tokens:
         log(f"reusing {run} ({state['tokens']:,} tokens, step {state['step']})")
@@ -112,8 +115,6 @@ def equal_flops_tokens(preset: str, data: Path, max_tokens: int, model_overrides
     """The tokens GPT trains on to spend FTP's training FLOPs on max_tokens (same preset and vocabulary)."""
     import torch
 
-    from ftplm.config import preset as get_preset
-    from ftplm.model import build_model, flops_per_token
 
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
     with torch.device("meta"):  # shapes only
@@ -127,10 +128,6 @@ def equal_flops_tokens(preset: str, data: Path, max_tokens: int, model_overrides
 # ------------------------------------------------------------------------------------------------------
 def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cache: Path) -> dict[str, Any]:
     """Val ppl of FTP's final checkpoint and of every GPT checkpoint on the same windows; the closest GPT one."""
-    from ftplm.api import load
-    from ftplm.data import TokenData
-    from ftplm.eval.ppl import val_perplexity
-
     ckpts = checkpoints(gpt_run)
     if not ckpts:
         raise FtplmError(f"{gpt_run} has no checkpoints to match perplexity against")
@@ -165,8 +162,6 @@ def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cac
 # ------------------------------------------------------------------------------------------------------
 def evaluate_cached(path: Path, suites: list[str], data: Path, cache: Path, quick: bool, options: dict[str, Any]) -> dict[str, Any]:
     """{suite: result (with per-item scores)} of one model, read from `cache` when it already holds those suites."""
-    from ftplm.eval import run_suites
-
     have = json.loads(cache.read_text()) if cache.is_file() else {}
     if have.get("checkpoint") == str(path.resolve()) and all(s in have.get("suites", {}) for s in suites):
         log(f"reusing {cache}")
@@ -185,8 +180,6 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     One seed: the result as is (its bootstrap CIs). Curves (list values) are averaged elementwise. Intervals: see
     ftplm.eval.stats.seeds_summary.
     """
-    from ftplm.eval.stats import seeds_summary
-
     private = ("_items", "_item_weights")
     if len(per_seed) == 1:
         return {s: {k: v for k, v in r.items() if k not in private} for s, r in per_seed[0].items()}
@@ -217,8 +210,6 @@ def claim_rows(evals_by_seed: dict[str, list[dict[str, Any]]], coding: dict[str,
     """Per claim: FTP - GPT (matched and equal tokens), paired over the same items within each seed, with the
     hierarchical CI over seeds and items (ftplm.eval.stats.paired_seed_diff). baselines: column -> label of the
     GPT results it compares with (a variant has a matched checkpoint of its own)."""
-    from ftplm.eval.stats import paired_seed_diff
-
     rows = []
     for claim, suite_name, metric in CLAIMS:
         source = coding if suite_name == "coding" else evals_by_seed
@@ -243,8 +234,6 @@ def claim_rows(evals_by_seed: dict[str, list[dict[str, Any]]], coding: dict[str,
 def speculative_cached(path: Path, cache: Path) -> dict[str, Any]:
     """Self-speculative drafting of one FTP model (bench decode: 8 held-out prompts of 32 tokens, 64 new ones, plain
     and 'ftp', greedy and T = 1; less in a short context), cached like the suites."""
-    from ftplm.bench.decode import bench_decode
-
     have = json.loads(cache.read_text()) if cache.is_file() else {}
     if have.get("checkpoint") == str(path.resolve()):
         return have["results"]
@@ -289,77 +278,6 @@ def matched_label(ftp_label: str) -> str:
     return "gpt-matched" + ftp_label.removeprefix("ftp")
 
 
-def label_name(label: str) -> str:
-    """A label's name in reports: LABELS', or the variant's ("FTP masked", "GPT (matched to FTP masked)")."""
-    if label in LABELS:
-        return LABELS[label]
-    if label.startswith("gpt-matched-"):
-        return f"GPT (matched to FTP {label.removeprefix('gpt-matched-')})"
-    return f"FTP {label.removeprefix('ftp-')}"
-
-
-def variant_tables(variants: dict[str, dict[str, Any]], claims: list[dict[str, Any]],
-                   variant_claims: dict[str, list[dict[str, Any]]], matched: dict[str, list[dict[str, Any]]],
-                   extra_rows: list[list[str]]) -> list[tuple]:
-    """One table of every FTP model (the paper's design and each variant): each claim against GPT at its own matched
-    perplexity, the perplexities matched, then `extra_rows` (model_rows)."""
-    if not variants:
-        return []
-    models = {"FTP": claims} | {f"FTP {label.removeprefix('ftp-')}": rows for label, rows in variant_claims.items()}
-    header = ["claim", "metric", *models]
-    rows = [[row["claim"], row["metric"], *(_fmt_diff(m[i].get("gpt-matched")) for m in models.values())]
-            for i, row in enumerate(claims)]
-    rows.append(["matched val ppl (FTP / GPT)", "ppl", *(", ".join(f"{m['ftp_ppl']:.1f} / {m['matched']['ppl']:.1f}" for m in ms)
-                                                      for ms in matched.values())])
-    rows += extra_rows
-    settings = "; ".join(f"**{name}**: " + ", ".join(f"{k} = {v}" for k, v in over.items()) for name, over in variants.items())
-    return [(f"FTP variants − GPT at matched perplexity ({settings})", header, rows)]
-
-
-def _fmt_diff(d: dict[str, Any] | None) -> str:
-    if not d:
-        return "-"
-    return f"{d['value']:+.4f} [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}] ({d['verdict']})"
-
-
-CLAIMS_PAGE = "claims.md"
-# summaries written before the current protocol carry no equal-FLOPs runs; this is how their columns are named
-OLD_LABELS = {"gpt-final": "GPT (equal tokens)"}
-
-
-def claims_blocks(name: str, summary: dict[str, Any]) -> list[tuple]:
-    """One experiment's claims from its summary JSON alone: FTP − GPT per claim and baseline, with provenance."""
-    tables = [("FTP as designed", summary["claims"])]
-    tables += [(label_name(v), rows) for v, rows in summary.get("variant_claims", {}).items()]
-    baselines = list(dict.fromkeys(k for _, rows in tables for r in rows for k in r if k.startswith("gpt-")))
-    header = ["claim", "metric", *(f"FTP − {LABELS.get(b) or OLD_LABELS.get(b, b)}" for b in baselines)]
-    budget = f"preset `{summary['preset']}`, {summary['seeds']} seed(s), {summary['max_tokens']:,} training tokens per model"
-    provenance = (f"Command: `{summary['command']}`. Machine: {summary['machine']}. Date: {summary['date']}. "
-                  f"Budget: {budget}. Full report: [{name}/report.md]({name}/report.md).")
-    if "equal_flops_tokens" not in summary:
-        provenance += (" Earlier protocol: no deduplication across the split, different starting trunks, intervals "
-                       "over items only; to be redone with the current code.")
-    blocks: list[tuple] = [("h2", name), ("p", provenance)]
-    for title, rows in tables:
-        blocks += [("h3", title),
-                   ("table", header, [[r["claim"], r["metric"], *(_fmt_diff(r.get(b)) for b in baselines)] for r in rows])]
-    return blocks
-
-
-def claims_page(docs: Path) -> str:
-    """docs/claims.md: the claims table of every experiment whose summary.json is committed under docs/."""
-    from ftplm.report import render_markdown
-
-    blocks: list[tuple] = [
-        ("h1", "The paper's claims, experiment by experiment"),
-        ("p", "Generated by `ftplm docs` from each experiment's committed `summary.json`: do not edit by hand. "
-              "Each cell: FTP − GPT, the mean over seeds with its 95% CI, and whether FTP is higher."),
-    ]
-    for summary in sorted(Path(docs).glob("*/summary.json")):
-        blocks += claims_blocks(summary.parent.name, json.loads(summary.read_text()))
-    return render_markdown(blocks, Path(docs))
-
-
 # ------------------------------------------------------------------------------------------------------
 # the experiment
 # ------------------------------------------------------------------------------------------------------
@@ -402,7 +320,6 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
     started = time.perf_counter()
     options = {"ppl_batches": spec.ppl_batches, **spec.options}  # the ppl suite scores the windows matching used
     overrides = dict(spec.train_overrides)
-    command = "ftplm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv and sys.argv[0].endswith("ftplm") else None
 
     data = ensure_data(out / "data", TEXT_CORPUS)
     flops_tokens = equal_flops_tokens(spec.preset, data, spec.max_tokens, spec.model_overrides)
@@ -426,8 +343,7 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
     decode = {label: speculative_cached(out / f"{label}-s0" / "latest", evals_dir / f"decode-{label}-s0.json")
               for label in ftp_models} if spec.variants else {}
     summary = {
-        "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "machine": describe_machine(), "preset": spec.preset, "seeds": spec.seeds,
+        **provenance(), "preset": spec.preset, "seeds": spec.seeds,
         "max_tokens": spec.max_tokens, "equal_flops_tokens": flops_tokens, "coding_max_tokens": None if spec.skip_coding else (spec.coding_max_tokens or spec.max_tokens),
         "quick": spec.quick, "options": options, "model_overrides": spec.model_overrides, "variants": spec.variants,
         "matched": [_public(m) for m in matched["ftp"]],
@@ -490,8 +406,6 @@ def coding_experiment(out: Path, preset: str, budget: int, overrides: dict[str, 
 def experiment_report(out: Path, summary: dict[str, Any], by_label: dict[str, list[dict[str, Any]]], ftp_labels: list[str],
                       matched: dict[str, list[dict[str, Any]]]) -> None:
     """OUT/report/report.md + .html from the summary."""
-    from ftplm.report import write_report
-
     def match_row(name: str, m: dict[str, Any], flops: str) -> list[str]:
         return [name, f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})",
                 f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"), f"{m['final']['ppl']:.3f} (step {m['final']['step']})", flops]
@@ -501,7 +415,7 @@ def experiment_report(out: Path, summary: dict[str, Any], by_label: dict[str, li
                   for s, m in enumerate(matched["ftp"])]
     if summary["coding_matched"]:
         match_rows.append(match_row("coding s0", summary["coding_matched"], "-"))
-    claim_table = [[r["claim"], r["metric"], *(_fmt_diff(r.get(k)) for k in BASELINES)] for r in summary["claims"]]
+    claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in BASELINES)] for r in summary["claims"]]
     runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, "gpt", "gpt-flops")}
     samples = {label_name(k): v[0]["coherence"]["examples"] for k, v in by_label.items() if v and v[0].get("coherence", {}).get("examples")}
     command = summary["command"]

@@ -31,6 +31,7 @@ except ImportError as e:
     raise ImportError(f"ftplm's lm-eval backend needs lm-eval: pip install 'ftplm[lmeval]' ({e})") from e
 
 from ftplm.api import TextModel, load
+from ftplm.data import TokenData
 from ftplm.errors import FtplmError
 
 TAG = "ftplm_heldout"  # all the local tasks (not "ftplm": a directory of that name in the cwd would shadow it)
@@ -191,7 +192,6 @@ def write_tasks(
     """
     import yaml
 
-    from ftplm.data import TokenData
 
     if isinstance(docs, bool) or not isinstance(docs, int) or docs < 1:
         raise FtplmError(f"docs must be a positive integer, got {docs!r}")

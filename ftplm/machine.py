@@ -1,9 +1,12 @@
-"""What every published figure names: the machine it was measured on."""
+"""What every published figure names: the machine it was measured on, when, and the command that produced it."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 
 import torch
@@ -32,3 +35,16 @@ def describe_machine() -> str:
     if torch.cuda.is_available():
         text += f"; GPU {torch.cuda.get_device_name()}"
     return text
+
+
+def command_line() -> str | None:
+    """The `ftplm ...` command this process runs, as a user would type it again (None outside the CLI)."""
+    if sys.argv and Path(sys.argv[0]).name == "ftplm":
+        return " ".join(["ftplm", *(shlex.quote(a) for a in sys.argv[1:])])
+    return None
+
+
+def provenance() -> dict[str, str | None]:
+    """command, machine and UTC date: the fields every published JSON carries."""
+    return {"command": command_line(), "machine": describe_machine(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}

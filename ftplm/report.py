@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ftplm.api import load
 from ftplm.errors import FtplmError
+from ftplm.train import read_log
 
 Block = tuple  # ("h2", text) | ("p", text) | ("table", header, rows) | ("img", path, caption) | ("pre", text)
 SAMPLE_PROMPTS = ["The history of", "In mathematics, a", "The city is known for"]
@@ -61,8 +63,6 @@ def _plt():
 
 
 def plot_training(runs: dict[str, Path], path: Path) -> Path | None:
-    from ftplm.train import read_log
-
     logs = {label: read_log(run) for label, run in runs.items() if run is not None}
     logs = {k: v for k, v in logs.items() if v}
     if not logs:
@@ -307,8 +307,6 @@ def _unique(label: str, taken: dict[str, Any]) -> str:
 
 def quick_samples(runs: dict[str, Path | None], max_new_tokens: int = 48) -> dict[str, list[dict[str, str]]]:
     """Three continuations per loadable run (temperature 0.8, top-k 50, seed 0) when no eval brought samples."""
-    from ftplm.api import load
-
     out: dict[str, list[dict[str, str]]] = {}
     for label, run in runs.items():
         if run is None or not (run / "config.json").exists():

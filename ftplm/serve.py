@@ -31,9 +31,9 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
@@ -519,6 +519,225 @@ def _check_model(requested: str | None, name: str) -> None:
                        "model_not_found")
 
 
+@dataclass
+class Served:
+    """What every route needs: the model, the engine worker that decodes for it, and the server's settings
+    (app.state.served)."""
+
+    text_model: TextModel
+    worker: ModelWorker
+    model_name: str
+    max_tokens_cap: int
+    drafters: dict[str, str | None]
+    adaptive: bool
+    created: int
+
+    @property
+    def block(self) -> int:
+        return self.text_model.config.block_size
+
+    def model_card(self) -> dict[str, Any]:
+        cfg = self.text_model.config
+        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ftplm",
+                "model_type": cfg.model_type, "context_length": cfg.block_size, "embedding_dim": cfg.n_embd}
+
+    def prompt_ids(self, prompt: str | list[str] | list[int], max_tokens: int) -> list[int]:
+        """A request's prompt as token ids (text, one text in a list, or ids), checked against the context."""
+        tm = self.text_model
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            if any(not 0 <= t < tm.config.vocab_size for t in prompt):
+                raise APIError(400, f"token ids must be in [0, {tm.config.vocab_size})", "prompt")
+            ids = list(prompt)
+        elif isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise APIError(400, f"one prompt per request is supported, got {len(prompt)}", "prompt")
+            ids = tm.encode(str(prompt[0]))  # a list of strings (pydantic: lists are all str or all int)
+        else:
+            ids = tm.encode(prompt)
+        if not ids:  # OpenAI: an empty prompt means the start of a document
+            if tm.eos_id is None:
+                raise APIError(400, "the prompt is empty", "prompt")
+            ids = [tm.eos_id]
+        if len(ids) > self.block or (len(ids) == self.block and max_tokens > 0):
+            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {self.block} tokens, "
+                                "including the completion", "prompt", "context_length_exceeded")
+        return ids
+
+
+def served(request: Request) -> Served:
+    return request.app.state.served
+
+
+ServedDep = Annotated[Served, Depends(served)]  # a route's parameter: FastAPI passes the app's Served
+
+
+# --- errors: every failure is an OpenAI-style JSON error --------------------------------------------------------
+async def _api_error(request: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, APIError)
+    return e.response()
+
+
+async def _invalid_request(request: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, RequestValidationError)
+
+    def field(err: dict) -> str | None:
+        return next((str(x) for x in err.get("loc", ()) if x != "body"), None)
+
+    errors = e.errors()
+    err = errors[0] if errors else {}
+    if err.get("type") == "json_invalid":
+        return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
+                        code="invalid_json").response()
+    param = field(err)
+    # a union field (e.g. prompt: str | list[str]) fails once per member: say all of it, under the field's name
+    msgs = dict.fromkeys(x.get("msg", "invalid value") for x in errors if field(x) == param)
+    return APIError(400, f"{param or 'body'}: {'; or '.join(msgs)}", param, "invalid_value").response()
+
+
+async def _bad_input(request: Request, e: Exception) -> JSONResponse:
+    return APIError(400, str(e)).response()
+
+
+async def _http_error(request: Request, e: Exception) -> JSONResponse:
+    assert isinstance(e, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
+    return APIError(e.status_code, str(e.detail), code=code).response()
+
+
+async def _internal_error(request: Request, e: Exception) -> JSONResponse:
+    return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
+
+
+EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Any]] = {
+    APIError: _api_error, RequestValidationError: _invalid_request, FtplmError: _bad_input,
+    HTTPException: _http_error, Exception: _internal_error,
+}
+
+
+# --- routes -----------------------------------------------------------------------------------------------------
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(s: ServedDep) -> dict[str, Any]:
+    return {"status": "ok", "model": s.model_name, "pending": s.worker.pending, "speculative": s.drafters,
+            "adaptive": s.adaptive}
+
+
+@router.get("/v1/models")
+async def models(s: ServedDep) -> dict[str, Any]:
+    return {"object": "list", "data": [s.model_card()]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(model_id: str, s: ServedDep) -> dict[str, Any]:
+    _check_model(model_id, s.model_name)
+    return s.model_card()
+
+
+class Completion:
+    """One completion's response, whole or streamed: its text (stop strings applied), logprobs and usage."""
+
+    def __init__(self, s: Served, req: CompletionRequest, ids: list[int], job: Any, config: GenerationConfig) -> None:
+        tm = s.text_model
+        self.req, self.ids, self.job = req, ids, job
+        self.asm = TextAssembler(tm, list(config.stop))
+        self.logprobs = LogprobsJSON(tm, ids if req.echo else []) if config.logprobs is not None else None
+        self.echo = tm.decode(ids) if req.echo else ""
+        self.head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
+                     "model": s.model_name}
+
+    def usage(self) -> dict[str, int]:
+        n = self.asm.n_generated
+        return {"prompt_tokens": len(self.ids), "completion_tokens": n, "total_tokens": len(self.ids) + n}
+
+    def choice(self, text: str, finish: str | None, chunk: Chunk | None = None) -> dict[str, Any]:
+        lp = self.logprobs.add(chunk) if self.logprobs is not None and chunk is not None else None
+        return {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
+
+    async def whole(self) -> JSONResponse:
+        try:
+            whole = Chunk.merge([chunk async for chunk in self.job])  # one at most: the worker holds them till the end
+        finally:
+            self.job.cancel()
+        asm = self.asm
+        text = self.echo + asm.add(whole.tokens)
+        text += "" if asm.finish_reason else asm.flush()
+        return JSONResponse({**self.head, "choices": [self.choice(text, asm.finish_reason or "length", whole)],
+                             "usage": self.usage()})
+
+    def _sse(self, choices: list[dict[str, Any]], **extra: Any) -> str:
+        return f"data: {json.dumps({**self.head, 'choices': choices, **extra})}\n\n"
+
+    async def events(self) -> AsyncIterator[str]:
+        """Server-sent events: a chunk per engine step that adds text (or logprobs), then the finish reason."""
+        asm = self.asm
+        try:
+            if self.echo:
+                yield self._sse([self.choice(self.echo, None)])
+            async for chunks in self.job.batches():
+                chunk = Chunk.merge(chunks)
+                delta = asm.add(chunk.tokens)
+                if delta or self.logprobs is not None:
+                    yield self._sse([self.choice(delta, None, chunk)])
+                if asm.finish_reason:
+                    break
+            rest = "" if asm.finish_reason else asm.flush()
+            yield self._sse([self.choice(rest, asm.finish_reason or "length")])
+            if self.req.stream_options is not None and self.req.stream_options.include_usage:
+                yield self._sse([], usage=self.usage())
+        except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band, as OpenAI does
+            error = APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body()
+            yield f"data: {json.dumps(error)}\n\n"
+        finally:
+            self.job.cancel()
+        yield "data: [DONE]\n\n"
+
+
+@router.post("/v1/completions", response_model=None)
+async def completions(req: CompletionRequest, s: ServedDep) -> JSONResponse | StreamingResponse:
+    _check_model(req.model, s.model_name)
+    config = completion_config(req, s.max_tokens_cap, s.drafters, s.adaptive)
+    ids = s.prompt_ids(req.prompt, config.max_new_tokens)
+    completion = Completion(s, req, ids, s.worker.complete(ids, config, bool(req.stream)), config)
+    if not req.stream:
+        return await completion.whole()
+    return StreamingResponse(completion.events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.post("/v1/embeddings")
+async def embeddings(req: EmbeddingRequest, s: ServedDep) -> JSONResponse:
+    _check_model(req.model, s.model_name)
+    tm, block = s.text_model, s.block
+    texts = [req.input] if isinstance(req.input, str) else req.input
+    if not texts or len(texts) > MAX_EMBED_INPUTS:
+        raise APIError(400, f"input must hold 1 to {MAX_EMBED_INPUTS} texts, got {len(texts)}", "input")
+    if req.dimensions is not None and req.dimensions != tm.config.n_embd:
+        raise APIError(400, f"this model's embeddings have {tm.config.n_embd} dimensions", "dimensions")
+    n_tokens = []
+    for i, text in enumerate(texts):
+        n = len(tm.encode(text))
+        if n == 0:
+            raise APIError(400, f"input[{i}] is empty", "input")
+        if n > block:
+            raise APIError(400, f"input[{i}] has {n} tokens; this model's context is {block} tokens", "input",
+                           "context_length_exceeded")
+        n_tokens.append(n)
+
+    (vectors,) = [v async for v in s.worker.call("embed", texts, req.pooling)]  # the job's one item
+    if req.encoding_format == "base64":
+        data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
+    else:
+        data = [v.tolist() for v in vectors]
+    return JSONResponse({
+        "object": "list", "model": s.model_name,
+        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+        "usage": {"prompt_tokens": sum(n_tokens), "total_tokens": sum(n_tokens)},
+    })
+
+
+# --- the app ------------------------------------------------------------------------------------------------------
 def create_app(
     model: TextModel | str | Path,
     *,
@@ -545,14 +764,10 @@ def create_app(
     """
     in_memory = isinstance(model, TextModel)
     tm = model if isinstance(model, TextModel) else load(model)
-    name = model_name or (tm.path.name if tm.path is not None else "ftplm")
-    block = tm.config.block_size
-    cap = max_tokens_cap or block
     drafters = _drafters(tm, speculative, adaptive)
     process = not in_memory if engine_process is None else engine_process
     source = (tm if in_memory else str(tm.path)) if process else None
     worker = ModelWorker(tm, max_pending, max_batch, source)
-    created = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -560,167 +775,12 @@ def create_app(
         yield
         worker.stop()
 
-    app = FastAPI(title="ftplm", lifespan=lifespan)
+    app = FastAPI(title="ftplm", lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
-    app.state.text_model, app.state.worker, app.state.model_name = tm, worker, name
-    app.state.drafters, app.state.adaptive = drafters, adaptive and any(drafters.values())
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return e.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
-        def field(err: dict) -> str | None:
-            return next((str(x) for x in err.get("loc", ()) if x != "body"), None)
-
-        errors = e.errors()
-        err = errors[0] if errors else {}
-        if err.get("type") == "json_invalid":
-            return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
-                            code="invalid_json").response()
-        param = field(err)
-        # a union field (e.g. prompt: str | list[str]) fails once per member: say all of it, under the field's name
-        msgs = dict.fromkeys(x.get("msg", "invalid value") for x in errors if field(x) == param)
-        return APIError(400, f"{param or 'body'}: {'; or '.join(msgs)}", param, "invalid_value").response()
-
-    @app.exception_handler(FtplmError)
-    async def bad_input(request: Request, e: FtplmError) -> JSONResponse:
-        return APIError(400, str(e)).response()
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(e.status_code)
-        return APIError(e.status_code, str(e.detail), code=code).response()
-
-    @app.exception_handler(Exception)
-    async def internal_error(request: Request, e: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").response()
-
-    def model_card() -> dict[str, Any]:
-        return {"id": name, "object": "model", "created": created, "owned_by": "ftplm",
-                "model_type": tm.config.model_type, "context_length": block, "embedding_dim": tm.config.n_embd}
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": name, "pending": worker.pending, "speculative": app.state.drafters,
-                "adaptive": app.state.adaptive}
-
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card()]}
-
-    @app.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str) -> dict[str, Any]:
-        _check_model(model_id, name)
-        return model_card()
-
-    def prompt_ids(prompt: str | list[str] | list[int], max_tokens: int) -> list[int]:
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-            if any(not 0 <= t < tm.config.vocab_size for t in prompt):
-                raise APIError(400, f"token ids must be in [0, {tm.config.vocab_size})", "prompt")
-            ids = list(prompt)
-        elif isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise APIError(400, f"one prompt per request is supported, got {len(prompt)}", "prompt")
-            ids = tm.encode(str(prompt[0]))  # a list of strings (pydantic: lists are all str or all int)
-        else:
-            ids = tm.encode(prompt)
-        if not ids:  # OpenAI: an empty prompt means the start of a document
-            if tm.eos_id is None:
-                raise APIError(400, "the prompt is empty", "prompt")
-            ids = [tm.eos_id]
-        if len(ids) > block or (len(ids) == block and max_tokens > 0):
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {block} tokens, "
-                                "including the completion", "prompt", "context_length_exceeded")
-        return ids
-
-    @app.post("/v1/completions", response_model=None)
-    async def completions(req: CompletionRequest) -> JSONResponse | StreamingResponse:
-        _check_model(req.model, name)
-        config = completion_config(req, cap, drafters, adaptive)
-        ids = prompt_ids(req.prompt, config.max_new_tokens)
-        job = worker.complete(ids, config, bool(req.stream))
-        asm = TextAssembler(tm, list(config.stop))
-        logprobs = LogprobsJSON(tm, ids if req.echo else []) if config.logprobs is not None else None
-        echo = tm.decode(ids) if req.echo else ""
-        head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                "model": name}
-
-        def usage() -> dict[str, int]:
-            return {"prompt_tokens": len(ids), "completion_tokens": asm.n_generated,
-                    "total_tokens": len(ids) + asm.n_generated}
-
-        def choice(text: str, finish: str | None, chunk: Chunk | None = None) -> dict[str, Any]:
-            lp = logprobs.add(chunk) if logprobs is not None and chunk is not None else None
-            return {"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}
-
-        if not req.stream:
-            try:
-                whole = Chunk.merge([chunk async for chunk in job])  # one at most: the worker holds them till the end
-            finally:
-                job.cancel()
-            text = echo + asm.add(whole.tokens)
-            text += "" if asm.finish_reason else asm.flush()
-            return JSONResponse({**head, "choices": [choice(text, asm.finish_reason or "length", whole)],
-                                 "usage": usage()})
-
-        def sse(obj: Any) -> str:
-            return f"data: {json.dumps(obj)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                if echo:
-                    yield sse({**head, "choices": [choice(echo, None)]})
-                async for chunks in job.batches():
-                    chunk = Chunk.merge(chunks)
-                    delta = asm.add(chunk.tokens)
-                    if delta or logprobs is not None:
-                        yield sse({**head, "choices": [choice(delta, None, chunk)]})
-                    if asm.finish_reason:
-                        break
-                rest = "" if asm.finish_reason else asm.flush()
-                yield sse({**head, "choices": [choice(rest, asm.finish_reason or "length")]})
-                if req.stream_options is not None and req.stream_options.include_usage:
-                    yield sse({**head, "choices": [], "usage": usage()})
-            except Exception as e:  # noqa: BLE001 - the status line is sent; report in-band, as OpenAI does
-                yield sse(APIError(500, f"internal error: {type(e).__name__}: {e}", type="server_error").body())
-            finally:
-                job.cancel()
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-    @app.post("/v1/embeddings")
-    async def embeddings(req: EmbeddingRequest) -> JSONResponse:
-        _check_model(req.model, name)
-        texts = [req.input] if isinstance(req.input, str) else req.input
-        if not texts or len(texts) > MAX_EMBED_INPUTS:
-            raise APIError(400, f"input must hold 1 to {MAX_EMBED_INPUTS} texts, got {len(texts)}", "input")
-        if req.dimensions is not None and req.dimensions != tm.config.n_embd:
-            raise APIError(400, f"this model's embeddings have {tm.config.n_embd} dimensions", "dimensions")
-        n_tokens = []
-        for i, text in enumerate(texts):
-            n = len(tm.encode(text))
-            if n == 0:
-                raise APIError(400, f"input[{i}] is empty", "input")
-            if n > block:
-                raise APIError(400, f"input[{i}] has {n} tokens; this model's context is {block} tokens", "input",
-                               "context_length_exceeded")
-            n_tokens.append(n)
-
-        (vectors,) = [v async for v in worker.call("embed", texts, req.pooling)]  # the job's one item
-        if req.encoding_format == "base64":
-            data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
-        else:
-            data = [v.tolist() for v in vectors]
-        return JSONResponse({
-            "object": "list", "model": name,
-            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-            "usage": {"prompt_tokens": sum(n_tokens), "total_tokens": sum(n_tokens)},
-        })
-
+    app.include_router(router)
+    app.state.served = Served(tm, worker, model_name or (tm.path.name if tm.path is not None else "ftplm"),
+                              max_tokens_cap or tm.config.block_size, drafters,
+                              adaptive and any(drafters.values()), int(time.time()))
     return app
 
 
@@ -759,9 +819,10 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: i
     sys.setswitchinterval(0.001)
     app = create_app(run, **app_kwargs)
     sock = bind(host, port)
-    adaptive = ", adaptive" if app.state.adaptive else ""
-    print(f"serving {app.state.model_name} ({app.state.text_model.config.model_type}, speculative: "
-          f"{describe_drafters(app.state.drafters)}{adaptive}) on http://{host}:{port}/v1", flush=True)
+    s: Served = app.state.served
+    adaptive = ", adaptive" if s.adaptive else ""
+    print(f"serving {s.model_name} ({s.text_model.config.model_type}, speculative: "
+          f"{describe_drafters(s.drafters)}{adaptive}) on http://{host}:{port}/v1", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 

@@ -119,10 +119,10 @@ def test_eval_config_file(capsys, tmp_path, tiny_gpt_run):
 
 
 def test_experiment_config_file_routes_eval_and_training_fields(capsys, tmp_path, monkeypatch):
-    import ftplm.experiment
+    import ftplm.cli
 
     seen = {}
-    monkeypatch.setattr(ftplm.experiment, "paper_experiment", lambda *args, **kwargs: seen.update(args=args, **kwargs))
+    monkeypatch.setattr(ftplm.cli, "paper_experiment", lambda *args, **kwargs: seen.update(args=args, **kwargs))
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump({"preset": "tiny", "seeds": 2, "coherence_prompts": 5, "save_interval": 10,
                                       "ppl_batches": 3, "decoder_inputs": "masked"}))

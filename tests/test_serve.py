@@ -6,6 +6,7 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import threading
 import time
 
@@ -485,7 +486,7 @@ def test_auto_serves_gpt_greedy_requests_with_lookup_and_sampled_ones_plainly(ti
 
     tm = _cached_model(tiny_gpt_run)
     app = create_app(tm, speculative="auto")
-    assert serve_module.describe_drafters(app.state.drafters) == "greedy: lookup, sampled: off"
+    assert serve_module.describe_drafters(app.state.served.drafters) == "greedy: lookup, sampled: off"
     prompt, expected = "The history of", {t: tm.generate("The history of", 6, temperature=t, seed=3) for t in (0, 0.8)}
     long_text = tm.generate(prompt, 30, temperature=0)
     used = []
@@ -564,15 +565,14 @@ def test_engine_runs_in_its_own_process_for_a_saved_model(tiny_gpt_run):
         body = {"prompt": "Rome", "max_tokens": 8, "temperature": 0}
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == \
             tm.generate("Rome", 8, temperature=0)
-        engine = app.state.worker._process
+        engine = app.state.served.worker._process
         assert engine is not None and engine.is_alive() and engine.pid != os.getpid()
+        os.kill(engine.pid, signal.SIGSTOP)  # the request is open, and unanswered, when the process dies
         with httpx.Client(base_url=url, timeout=60) as c, c.stream(
                 "POST", "/v1/completions", json={**body, "max_tokens": 30, "stream": True}) as r:
-            lines = r.iter_lines()
-            next(lines)
             engine.kill()
-            rest = "\n".join(lines).strip()
+            rest = "\n".join(r.iter_lines()).strip()
         assert "the model process has exited" in rest and rest.endswith("data: [DONE]")
         again = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert again.status_code == 200 and again.json()["choices"][0]["text"] == tm.generate("Rome", 8, temperature=0)
-        assert app.state.worker._process.pid != engine.pid and httpx.get(f"{url}/health").json()["pending"] == 0
+        assert app.state.served.worker._process.pid != engine.pid and httpx.get(f"{url}/health").json()["pending"] == 0

@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ftplm.drafters import Draft, DraftContext, Drafter
+from ftplm.api import load
+from ftplm.checkpoint import run_data_dir
+from ftplm.data import TokenData
+from ftplm.drafters import Draft, DraftContext, Drafter, get_drafter
+from ftplm.drafters.ftp import draft_decoder
 from ftplm.drafters.lookup import trie
 from ftplm.errors import FtplmError
+from ftplm.generate import Sampling, SpecStats, generate
 from ftplm.kernels import inference_products
-from ftplm.machine import describe_machine
+from ftplm.machine import provenance
 
 # method -> (drafter, tree, adaptive draft length)
 FTP_METHODS = {"plain": (None, None, False), "ftp": ("ftp", False, False), "ftp-adaptive": ("ftp", False, True),
@@ -59,9 +63,6 @@ class Oracle(Drafter):
 
 def heldout_prompts(run: str | Path, encode, n: int, prompt_tokens: int) -> list[list[int]]:
     """The first prompt_tokens tokens of the first n validation documents long enough to have them."""
-    from ftplm.checkpoint import run_data_dir
-    from ftplm.data import TokenData
-
     data_dir = run_data_dir(run)
     if data_dir is None:
         raise FtplmError(f"{run}: its training data directory is unknown or gone; bench decode needs its held-out documents")
@@ -145,22 +146,59 @@ def summarize(
     return out
 
 
+def checked_methods(methods: list[str] | None, available: dict[str, Any], model_type: str) -> list[str]:
+    """The methods asked for (default: all that apply to the model), plain first: plain is every speedup's base."""
+    methods = methods or list(available)
+    unknown = [m for m in methods if m not in available and not ORACLE.fullmatch(m)]
+    if unknown:
+        raise FtplmError(f"unknown method(s) for a {model_type} model: {', '.join(unknown)}; choose from "
+                         f"{', '.join(available)}, oracle-K (K >= 1)")
+    return methods if "plain" in methods else ["plain", *methods]
+
+
+def fit_context(block_size: int, prompt_tokens: int | None, max_new_tokens: int | None) -> tuple[int, int]:
+    """Prompt and new-token counts that fit the context. Defaults: 64 prompt tokens and 128 new ones, or a quarter
+    and the rest of a shorter context; a prompt too long for the new tokens asked for is shortened."""
+    if prompt_tokens is None:
+        prompt_tokens = min(64, block_size // 4)
+    if max_new_tokens is None:
+        max_new_tokens = min(128, block_size - prompt_tokens)
+    if prompt_tokens + max_new_tokens > block_size:
+        prompt_tokens = max(1, block_size - max_new_tokens)
+    if prompt_tokens + max_new_tokens > block_size:
+        raise FtplmError(f"--max-new-tokens {max_new_tokens} does not fit the context of {block_size} tokens")
+    return prompt_tokens, max_new_tokens
+
+
+def print_results(results: dict[str, dict[str, Any]]) -> None:
+    """The speed table, then where each method's time goes."""
+    print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9} {'repeats':>8}")
+    for mode, per_method in results.items():
+        for method, r in per_method.items():
+            lossless = f"{r['lossless']:.0%}" if "lossless" in r else "-"
+            print(f"{mode:8} {method:18} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
+                  f"{r['draft_share']:7.1%} {lossless:>9} {r['repeated_4grams']:8.0%}")
+    print("where the time goes, ms per target forward (trunk = verification forwards, targets = next-token logits, "
+          "other = acceptance, cache, Python):")
+    print(f"{'mode':8} {'method':18} {'total':>7} {'trunk':>7} {'targets':>7} {'draft':>7} {'other':>7}")
+    for mode, per_method in results.items():
+        for method, r in per_method.items():
+            p = r["profile_ms_per_forward"]
+            print(f"{mode:8} {method:18} " + " ".join(f"{p[k]:7.2f}" for k in ("total", "trunk", "targets", "draft", "other")))
+
+
 def bench_decode(
     run: str | Path,
     prompts: int = 8,
-    max_new_tokens: int = 128,
-    prompt_tokens: int = 64,
+    max_new_tokens: int | None = None,
+    prompt_tokens: int | None = None,
     methods: list[str] | None = None,
     temperatures: tuple[float, ...] = (0.0, 1.0),
     seed: int = 0,
     threads: int | None = None,
     batch_size: int = 1,
 ) -> dict[str, Any]:
-    from ftplm.api import load
-    from ftplm.drafters import get_drafter
-    from ftplm.generate import Sampling, SpecStats, generate
-
-    if prompts < 1 or max_new_tokens < 1 or prompt_tokens < 1 or batch_size < 1:
+    if prompts < 1 or batch_size < 1 or any(n is not None and n < 1 for n in (max_new_tokens, prompt_tokens)):
         raise FtplmError("--prompts, --max-new-tokens, --prompt-tokens and --batch-size must be positive")
     samplings = {t: Sampling(t) for t in dict.fromkeys(temperatures)}  # bad temperatures fail before any work
     if threads is not None:
@@ -170,17 +208,8 @@ def bench_decode(
     tm = load(run)
     model = tm.model.float().eval()
     available = FTP_METHODS if model.cfg.model_type == "ftp" else GPT_METHODS
-    methods = methods or list(available)
-    unknown = [m for m in methods if m not in available and not ORACLE.fullmatch(m)]
-    if unknown:
-        raise FtplmError(f"unknown method(s) for a {model.cfg.model_type} model: {', '.join(unknown)}; choose from "
-                         f"{', '.join(available)}, oracle-K (K >= 1)")
-    if "plain" not in methods:
-        methods = ["plain", *methods]
-    if prompt_tokens + max_new_tokens > model.cfg.block_size:
-        prompt_tokens = max(1, model.cfg.block_size - max_new_tokens)
-    if prompt_tokens + max_new_tokens > model.cfg.block_size:
-        raise FtplmError(f"--max-new-tokens {max_new_tokens} does not fit the context of {model.cfg.block_size} tokens")
+    methods = checked_methods(methods, available, model.cfg.model_type)
+    prompt_tokens, max_new_tokens = fit_context(model.cfg.block_size, prompt_tokens, max_new_tokens)
     texts = heldout_prompts(run, tm.encode, prompts, prompt_tokens)
     # one drafter per method for the whole benchmark (Token Recycling's matrix carries over between prompts)
     drafters: dict[str, Drafter | None] = {}
@@ -227,32 +256,17 @@ def bench_decode(
     draft_products = draft_greedy_vocab = None
     drafts = ""
     if model.cfg.model_type == "ftp":
-        from ftplm.drafters.ftp import draft_decoder
-
         decoder = draft_decoder(model)
         draft_products, draft_greedy_vocab = str(decoder.product_dtype).removeprefix("torch."), decoder.greedy_vocab
         drafts = f", FTP drafts with {draft_products} products, greedy ones among the first {draft_greedy_vocab} ids"
     print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
           f"{max_new_tokens} new tokens, batch {batch_size}, fp32 ({products} products{drafts}), "
           f"{torch.get_num_threads()} threads")
-    print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9} {'repeats':>8}")
-    for mode, per_method in results.items():
-        for method, r in per_method.items():
-            lossless = f"{r['lossless']:.0%}" if "lossless" in r else "-"
-            print(f"{mode:8} {method:18} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
-                  f"{r['draft_share']:7.1%} {lossless:>9} {r['repeated_4grams']:8.0%}")
-    print("where the time goes, ms per target forward (trunk = verification forwards, targets = next-token logits, "
-          "other = acceptance, cache, Python):")
-    print(f"{'mode':8} {'method':18} {'total':>7} {'trunk':>7} {'targets':>7} {'draft':>7} {'other':>7}")
-    for mode, per_method in results.items():
-        for method, r in per_method.items():
-            p = r["profile_ms_per_forward"]
-            print(f"{mode:8} {method:18} " + " ".join(f"{p[k]:7.2f}" for k in ("total", "trunk", "targets", "draft", "other")))
+    print_results(results)
     return {
         "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": "fp32", "products": products,
         "draft_products": draft_products, "draft_greedy_vocab": draft_greedy_vocab,
         "threads": torch.get_num_threads(),
-        "machine": describe_machine(),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "results": results,
+        **provenance(), "results": results,
     }

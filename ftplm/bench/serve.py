@@ -14,12 +14,11 @@ import json
 import multiprocessing
 import sys
 import time
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
 
-from ftplm.machine import describe_machine
+from ftplm.machine import provenance
 
 PROMPTS = [
     "The history of", "In mathematics, a", "The city is", "Music is", "The river flows",
@@ -127,15 +126,14 @@ def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: in
         httpx.post(f"{url}/v1/completions", json={"prompt": "Warm", "max_tokens": max_tokens}, timeout=120)
         clients_process.submit(_load, url, clients, clients, max_tokens).result()
         figures = clients_process.submit(_load, url, clients, requests, max_tokens).result()
-    tm = app.state.text_model
+    tm = app.state.served.text_model
     greedy = [r["greedy"] for r in figures.pop("records") if "greedy" in r]
     expected = {p: tm.generate(p, max_tokens, temperature=0) for p in {p for p, _ in greedy}}
     figures["greedy_checked"] = len(greedy)
     figures["greedy_mismatches"] = sum(text != expected[p] for p, text in greedy)
     figures.update(
-        run=str(run), model_type=tm.config.model_type, speculative=describe_drafters(app.state.drafters),
-        machine=describe_machine() + f", torch threads {threads}",
-        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        run=str(run), model_type=tm.config.model_type, speculative=describe_drafters(app.state.served.drafters),
+        **provenance(), threads=threads,
     )
     _print(figures)
     return figures

@@ -28,6 +28,7 @@ import torch
 from ftplm.config import preset as get_preset
 from ftplm.config import with_overrides
 from ftplm.distributed import pick_device
+from ftplm.machine import provenance
 from ftplm.model import build_model, flops_per_token
 from ftplm.train import autocast, make_optimizer, resolve_dtype
 
@@ -164,7 +165,7 @@ def bench_train(
     """
     dev = pick_device(device)
     torch.manual_seed(seed)
-    figures: dict[str, Any] = {"preset": preset, "device": str(dev), "steps": steps, "warmup": warmup, "models": {}}
+    figures: dict[str, Any] = {**provenance(), "preset": preset, "device": str(dev), "steps": steps, "warmup": warmup, "models": {}}
     figures["threads"] = torch.get_num_threads() if dev.type == "cpu" else None
     figures["peak_flops"] = {name: matmul_peak(dev, dt) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
     setups = {}

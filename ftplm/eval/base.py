@@ -9,6 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ftplm.checkpoint import resolve
+from ftplm.data import TokenData, documents, split_of
+
 if TYPE_CHECKING:
     from ftplm.api import TextModel
     from ftplm.data import Document
@@ -61,8 +64,6 @@ def suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
 def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...] = ("val", "test")) -> tuple[list[Document], str]:
     """Held-out documents of a corpus (never trained on): from the data directory's heldout.jsonl when the run's
     data holds that corpus, else read from the corpus package and split exactly as `ftplm prepare` would."""
-    from ftplm.data import TokenData, split_of
-
     fracs = (0.05, 0.10, 0)
     if data_dir is not None and (Path(data_dir) / "heldout.jsonl").is_file():
         data = TokenData(data_dir)
@@ -77,8 +78,6 @@ def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...
 @functools.lru_cache(maxsize=4)
 def _corpus_documents(corpus: str) -> tuple[Document, ...]:
     """A corpus read from its package once per process (both runs of `--against` and every suite share it)."""
-    from ftplm.data import documents
-
     return tuple(documents(corpus))
 
 
@@ -86,7 +85,6 @@ def provenance(run: Path) -> dict[str, Any]:
     """Which model files a result came from: the resolved checkpoint directory and its step."""
     import json
 
-    from ftplm.checkpoint import resolve
 
     directory = resolve(run)
     real = (directory / "latest").resolve() if (directory / "latest").exists() else directory.resolve()
