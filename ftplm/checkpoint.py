@@ -160,6 +160,21 @@ def save_checkpoint(
     return final
 
 
+def save_snapshot(run: Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer, trainer_state: dict[str, Any]) -> Path:
+    """Write RUN/snapshots/step_N atomically: weights, config, tokenizer and state, no optimizer. A snapshot is a
+    model to evaluate (`load` reads it), not a point to resume from: cheap enough to keep dozens."""
+    root = run / "snapshots"
+    root.mkdir(parents=True, exist_ok=True)
+    final, tmp = root / f"step_{step:07d}", root / f".step_{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_pretrained(model, tokenizer, tmp)
+    write_json(tmp / "trainer_state.json", {**trainer_state, "step": step})
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    return final
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -176,9 +191,12 @@ def _prune(ckpt_root: Path, latest: Path, keep: int) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def checkpoints(run: str | Path) -> list[Path]:
-    """All complete step checkpoints of a run, oldest first."""
-    return sorted(p for p in (Path(run) / "checkpoints").glob("step_*") if (p / "model.safetensors").exists())
+def checkpoints(run: str | Path, snapshots: bool = False) -> list[Path]:
+    """All complete step checkpoints of a run, oldest first; with snapshots, its weights-only snapshots too (one
+    per step, the snapshot where both exist)."""
+    dirs = ["checkpoints", "snapshots"] if snapshots else ["checkpoints"]
+    by_step = {p.name: p for d in dirs for p in (Path(run) / d).glob("step_*") if (p / "model.safetensors").exists()}
+    return [by_step[name] for name in sorted(by_step)]
 
 
 def load_trainer_state(run: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

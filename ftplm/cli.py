@@ -15,8 +15,11 @@ import re
 import sys
 import typing
 from collections.abc import Callable
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Literal, Union
+
+import numpy as np
 
 from ftplm import __version__
 from ftplm.api import load
@@ -36,8 +39,9 @@ from ftplm.data import prepare as run_prepare
 from ftplm.demo import run_demo
 from ftplm.errors import FtplmError
 from ftplm.eval import OPTIONS, headline, run_suites
-from ftplm.experiment import PaperExperiment, paper_experiment
+from ftplm.experiment import TEXT_CORPUS, PaperExperiment, paper_experiment
 from ftplm.generate import GenerationConfig
+from ftplm.gpucheck import gpu_check
 from ftplm.machine import command_line
 from ftplm.report import report as run_report
 from ftplm.results import generated_pages
@@ -77,6 +81,8 @@ def prepare(
     val_frac: float = 0.05,
     test_frac: float = 0.10,
     seed: int = 0,
+    max_heldout_docs: int = 10_000,
+    tokenizer_docs: int | None = None,
 ) -> None:
     """Split a corpus into train/val/test documents, train the tokenizer, write token shards.
 
@@ -90,17 +96,20 @@ def prepare(
         val_frac: fraction of documents held out for validation
         test_frac: fraction of documents held out for testing (classification, coherence prompts)
         seed: seed of the document split
+        max_heldout_docs: at most about this many documents per held-out split (a large corpus holds out smaller
+            fractions: 5% of OpenWebText would be 400k documents)
+        tokenizer_docs: train the BPE on the first this many training documents only (default: all of them)
     """
-    meta = run_prepare(corpus, out, vocab_size, tokenizer, val_frac, test_frac, seed)
+    if tokenizer_docs is not None and tokenizer_docs < 1:
+        raise FtplmError("--tokenizer-docs must be positive")
+    meta = run_prepare(corpus, out, vocab_size, tokenizer, val_frac, test_frac, seed, tokenizer_docs=tokenizer_docs,
+                       max_heldout_docs=max_heldout_docs)
     splits = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in meta["splits"].items())
     print(f"prepared {out}: vocab {meta['vocab_size']}; {splits}")
 
 
 def _split_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """--set key=value pairs, routed to the model or the training config by field name."""
-    from dataclasses import fields
-
-
     model_fields = {f.name for f in fields(ModelConfig)}
     train_fields = {f.name for f in fields(TrainConfig)}
     model_over: dict[str, Any] = {}
@@ -117,9 +126,6 @@ def _split_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _model_and_train_fields() -> dict[str, set[str]]:
-    from dataclasses import fields
-
-
     return {"set": {f.name for f in fields(ModelConfig) if f.name != "model_type"} | {f.name for f in fields(TrainConfig)}}
 
 
@@ -273,11 +279,6 @@ def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = 
         out: .npy file to write (float32, L2-normalised rows in input order)
         pooling: mean = average of the per-token state vectors; last = the final token's vector
     """
-    import json as json_lib
-
-    import numpy as np
-
-
     src, dst = Path(input), Path(out)
     if not src.is_file():
         raise FtplmError(f"no such file: {src}")
@@ -286,8 +287,8 @@ def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = 
     lines = [line for line in src.read_text(encoding="utf-8").splitlines() if line.strip()]
     if src.suffix == ".jsonl":
         try:
-            texts = [json_lib.loads(line)["text"] for line in lines]
-        except (json_lib.JSONDecodeError, KeyError, TypeError) as e:
+            texts = [json.loads(line)["text"] for line in lines]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise FtplmError(f"{src}: every line must be a JSON object with a \"text\" field ({e})") from None
     else:
         texts = lines
@@ -369,9 +370,6 @@ def report(run_a: str, run_b: str | None = None, *, out: str, title: str = "ftpl
 
 
 def _experiment_fields() -> dict[str, set[str]]:
-    from dataclasses import fields
-
-
     model = {f.name for f in fields(ModelConfig) if f.name not in ("model_type", "vocab_size")}
     return {"set": set(OPTIONS), "train_set": {f.name for f in fields(TrainConfig)}, "model_set": model}
 
@@ -391,6 +389,8 @@ def experiment_paper(
     train_set: list[str] = [],
     model_set: list[str] = [],
     variant: list[str] = [],
+    corpus: str = TEXT_CORPUS,
+    tokenizer: str = "bpe",
     config: str | None = None,
 ) -> None:
     """The paper's four claims: train FTP and GPT per seed (or reuse/resume runs in OUT), match perplexity, evaluate, report.
@@ -410,6 +410,9 @@ def experiment_paper(
             (FTP-only fields leave GPT unchanged)
         variant: an FTP variant trained beside the paper's design and compared with the same GPT runs at its own
             matched perplexity, NAME:FIELD=VALUE[,FIELD=VALUE], e.g. --variant masked:decoder_inputs=masked
+        corpus: training corpus, anything `ftplm prepare` takes (e.g. a streamed Hugging Face dataset:
+            --corpus Skylion007/openwebtext); the topic suites read wiki-vital and bbc-news from their packages
+        tokenizer: bpe (trained on the corpus) or gpt2
         config: YAML or JSON file of settings: any option above, eval --set field or training field (flags given
             here win); the resolved settings are saved as OUT/experiment_config.yaml
     """
@@ -418,9 +421,9 @@ def experiment_paper(
     variants = dict(_variant(x) for x in variant)
     resolved = {"preset": preset, "seeds": seeds, "max_tokens": max_tokens, "coding_max_tokens": coding_max_tokens,
                 "quick": quick, "skip_coding": skip_coding, "ppl_batches": ppl_batches, **options, **train_overrides,
-                **model_overrides, **({"variant": variant} if variant else {})}
+                **model_overrides, **({"variant": variant} if variant else {}), "corpus": corpus, "tokenizer": tokenizer}
     spec = PaperExperiment(preset, seeds, max_tokens, coding_max_tokens, quick, skip_coding, ppl_batches, options,
-                           train_overrides, model_overrides, variants)  # checked before anything is written
+                           train_overrides, model_overrides, variants, corpus, tokenizer)  # checked before anything is written
     Path(out).mkdir(parents=True, exist_ok=True)
     write_config_file(Path(out) / "experiment_config.yaml", resolved,
                       f"The settings of this experiment, resolved.\nftplm experiment paper --config THIS_FILE --out {out} runs it again.")
@@ -462,6 +465,20 @@ def docs(*, docs_dir: str = "docs", readme: str = "README.md", check: bool = Fal
     for page, text in pages.items():
         write_text(page, text)
         print(f"wrote {page}")
+
+
+@command(name="gpu-check")
+def gpu_check_(*, out: str = "gpu-check", preset: Literal["tiny", "mini", "small", "base"] | None = None, steps: int = 40,
+               data: str | None = None) -> None:
+    """The GPU checks in one run (`make gpu-check`): CUDA tests, bench train, train + kill + resume, bench decode, DDP.
+
+    Args:
+        out: directory for the runs and OUT/gpu-check.json (rewritten after every step)
+        preset: model size (default: base on CUDA, tiny elsewhere)
+        steps: training steps of each short run (killed halfway, then resumed)
+        data: a prepared data directory (default: wiki-vital, or the Python standard library, prepared into OUT/data)
+    """
+    gpu_check(out, preset, steps, data)
 
 
 @command(name="bench train")

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from ftplm.errors import FtplmError
 from ftplm.loggers import check_names as check_logger_names
 
@@ -97,10 +99,11 @@ class TrainConfig:
     eval_iters: int = 20
     save_interval: int = 500
     keep_checkpoints: int = 0  # older step checkpoints kept besides the latest (-1 = all)
+    snapshots: int = 0  # weights-only copies kept on a schedule (train.snapshot_steps), at most this many
     log_interval: int = 10
     seed: int = 1337
     dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 where the hardware has native bf16
-    compile: bool = False
+    compile: bool | None = None  # torch.compile the model; None: on CUDA (where it pays), not on CPU
     loggers: list[str] = field(default_factory=lambda: ["jsonl"])  # ftplm.loggers.LOGGERS; jsonl is always on
 
     def validate(self) -> TrainConfig:
@@ -115,6 +118,7 @@ class TrainConfig:
         need(self.warmup_steps >= 0, "warmup_steps must be >= 0")
         need(self.grad_clip >= 0, "grad_clip must be >= 0 (0 disables clipping)")
         need(self.keep_checkpoints >= -1, "keep_checkpoints must be >= 0, or -1 to keep all")
+        need(self.snapshots >= 0, "snapshots must be >= 0")
         for name in ("max_steps", "max_tokens", "time_budget"):
             value = getattr(self, name)
             need(value is None or value > 0, f"{name} must be positive")
@@ -216,8 +220,6 @@ def check_types(cfg: Any, where: str) -> Any:
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """A YAML (.yaml/.yml) or JSON config file as a dict of field -> value; any problem is one FtplmError line."""
-    import yaml
-
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -239,8 +241,6 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 def write_config_file(path: Path, data: dict[str, Any], header: str) -> None:
     """A resolved config as YAML (atomically), readable again by load_config_file."""
-    import yaml
-
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(f"# {line}\n" for line in header.splitlines()) + yaml.safe_dump(data, sort_keys=False))
     tmp.replace(path)

@@ -17,6 +17,7 @@ import importlib.util
 import itertools
 import json
 import re
+import shutil
 import sysconfig
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -292,25 +293,28 @@ def prepare(
     seed: int = 0,
     shard_tokens: int = 50_000_000,
     tokenizer_docs: int | None = None,
+    max_heldout_docs: int | None = 10_000,
 ) -> dict:
-    """Build a data directory; everything is written to a temporary directory first, then renamed into place."""
+    """Build a data directory; everything is written to a temporary directory first, then renamed into place.
+
+    max_heldout_docs: at most about this many documents per held-out split: a large corpus holds out fractions
+    scaled down to it (5% of OpenWebText would be 400k documents no evaluation reads), a small one the fractions."""
     out = Path(out)
+    if max_heldout_docs is not None and max_heldout_docs < 1:
+        raise FtplmError("max_heldout_docs must be positive")
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise FtplmError("val and test fractions must be in [0, 1) and leave room for training data")
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file():
         raise FtplmError(f"{out} exists and is not an ftplm data directory; refusing to overwrite it")
     tmp = out.with_name(f".{out.name}.tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        meta = _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs)
+        meta = _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs,
+                             max_heldout_docs)
         _replace_dir(tmp, out)
     except BaseException:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
@@ -328,8 +332,6 @@ def existing_tokenizer(spec: str) -> Tokenizer:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
-    import shutil
-
     if target.exists():
         old = target.with_name(f".{target.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -340,22 +342,22 @@ def _replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
 
 
-def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs) -> dict:
+def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs,
+                  max_heldout_docs) -> dict:
+    # 1. one pass to validate and count; the held-out fractions follow from the count
+    duplicates = [0]
+    total = sum(1 for _ in tqdm(unique_documents(corpus_spec, duplicates), desc="reading documents", unit=" docs",
+                                leave=False, delay=1))
+    if total == 0:
+        raise FtplmError(f"corpus {corpus_spec!r} has no text")
+    requested = (val_frac, test_frac)
+    if max_heldout_docs is not None:
+        val_frac, test_frac = (min(frac, max_heldout_docs / total) for frac in requested)
+
     def docs_of(split: str) -> Iterator[Document]:
         for doc in unique_documents(corpus_spec):
             if split_of(doc.doc_id, val_frac, test_frac, seed) == split:
                 yield doc
-
-    # 1. one pass to validate, count, and keep the held-out documents (small) for evaluation
-    counts, duplicates = dict.fromkeys(SPLITS, 0), [0]
-    with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
-        for doc in tqdm(unique_documents(corpus_spec, duplicates), desc="reading documents", unit=" docs", leave=False, delay=1):
-            split = split_of(doc.doc_id, val_frac, test_frac, seed)
-            counts[split] += 1
-            if split != "train":
-                heldout.write(json.dumps({"split": split, **asdict(doc)}, ensure_ascii=False) + "\n")
-    if counts["train"] == 0:
-        raise FtplmError(f"corpus {corpus_spec!r} has no text" if sum(counts.values()) == 0 else "no training documents after the split")
 
     # 2. tokenizer from training documents only
     if tokenizer == "gpt2":
@@ -373,11 +375,19 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
 
     # 3. token shards, one document after another, each followed by EOS: one streaming pass for all splits,
     #    tokenised in batches; memory holds one encode batch plus at most one shard buffer per split
+    #    and the held-out documents (text and label) written for evaluation
     writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
-    labelled, documents = itertools.tee((split_of(d.doc_id, val_frac, test_frac, seed), d.text) for d in unique_documents(corpus_spec))
-    encoded = encode_batches(tok, (text for _, text in documents))
-    for (split, _), ids in tqdm(zip(labelled, encoded), desc="tokenizing", total=sum(counts.values()), unit=" docs", leave=False, delay=1):
-        writers[split].add(ids + [eos])
+    counts = dict.fromkeys(SPLITS, 0)
+    labelled, documents = itertools.tee((split_of(d.doc_id, val_frac, test_frac, seed), d) for d in unique_documents(corpus_spec))
+    encoded = encode_batches(tok, (doc.text for _, doc in documents))
+    with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
+        for (split, doc), ids in tqdm(zip(labelled, encoded), desc="tokenizing", total=total, unit=" docs", leave=False, delay=1):
+            writers[split].add(ids + [eos])
+            counts[split] += 1
+            if split != "train":
+                heldout.write(json.dumps({"split": split, **asdict(doc)}, ensure_ascii=False) + "\n")
+    if counts["train"] == 0:
+        raise FtplmError("no training documents after the split")
     splits = {split: {**writer.close(), "documents": counts[split]} for split, writer in writers.items()}
     meta = {
         "corpus": corpus_spec,
@@ -385,8 +395,9 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
         "vocab_size": tok.get_vocab_size(),
         "eos_id": eos,
         "dtype": dtype.name,
-        "val_frac": val_frac,
+        "val_frac": val_frac,  # as split: the requested fractions, or less for a large corpus
         "test_frac": test_frac,
+        "requested_fracs": list(requested),
         "split_seed": seed,
         "duplicates_dropped": duplicates[0],
         "splits": splits,

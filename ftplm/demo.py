@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ftplm.api import TextModel, load
 from ftplm.checkpoint import write_json
 from ftplm.data import TokenData, prepare
@@ -149,9 +151,6 @@ def speculative_check(model: TextModel, data: TokenData, n_prompts: int = 4, new
 
 
 def _speculative_ids(model: TextModel, ids: list[int], new_tokens: int, stats: Any) -> list[int]:
-    import torch
-
-
     idx = torch.tensor([ids], device=model.device)
     return generate(model.model, idx, new_tokens, Sampling(0), speculative="ftp", stats=stats)[0, len(ids):].tolist()
 

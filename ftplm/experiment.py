@@ -2,8 +2,11 @@
 
 Layout under OUT (every step reuses what is already there, so an interrupted experiment continues where it stopped):
 
-    OUT/data                     prepared wiki-vital + shakespeare + bbc-news (document-level split, one tokenizer)
-    OUT/ftp-s{seed}, gpt-s{seed} training runs (same data, tokens, schedule; every checkpoint kept)
+    OUT/data                     the training corpus, prepared (default wiki-vital + shakespeare + bbc-news; any
+                                 corpus `ftplm prepare` accepts; the suites read wiki-vital and bbc-news from their
+                                 packages when it holds neither)
+    OUT/ftp-s{seed}, gpt-s{seed} training runs (same data, tokens, schedule; each keeps its latest checkpoint, GPT
+                                 also MATCH_SNAPSHOTS weights-only snapshots to match perplexity against)
     OUT/gpt-flops-s{seed}        GPT trained on FTP's training FLOPs (more tokens, its own schedule)
     OUT/coding-data              the planning-ahead coding corpus (training programs only)
     OUT/coding-{ftp,gpt}-s0      models trained on it with the same budget
@@ -28,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from ftplm.api import load
 from ftplm.bench.decode import bench_decode
@@ -47,8 +51,17 @@ from ftplm.train import train
 TEXT_CORPUS = "wiki-vital,shakespeare,bbc-news"
 TEXT_SUITES = ["ppl", "smoothness", "coherence", "classify"]
 MAX_GAP = 0.03
-# the schedule the paper runs use (GPT checkpoints every 5 steps so that one lands within 3% of FTP's perplexity)
-TRAIN_DEFAULTS = {"batch_size": 8, "warmup_steps": 20, "eval_interval": 25, "eval_iters": 10, "save_interval": 5, "keep_checkpoints": -1}
+# CPU budgets: more, smaller steps than the presets' own, evaluated often; `base` (a GPU's budgets) keeps its preset's
+CPU_SCHEDULE = {"batch_size": 8, "warmup_steps": 20, "eval_interval": 25, "eval_iters": 10}
+# weights-only snapshots a GPT run keeps to match FTP's perplexity against (train.snapshot_steps: half of them in the
+# second half of the run, where the matches fall); every run keeps only its latest full checkpoint
+MATCH_SNAPSHOTS = 40
+
+
+def train_defaults(preset: str, model_type: str) -> dict[str, Any]:
+    """The training settings of an experiment's run, before the user's --train-set."""
+    return {**({} if preset == "base" else CPU_SCHEDULE), "keep_checkpoints": 0,
+            "snapshots": MATCH_SNAPSHOTS if model_type == "gpt" else 0}
 BASELINES = [k for k in LABELS if k != "ftp"]
 # claim -> (suite, metric): FTP is claimed to be higher on each
 CLAIMS = [
@@ -71,7 +84,7 @@ def log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------
 # data and training, reusing what exists
 # ------------------------------------------------------------------------------------------------------
-def ensure_data(data_dir: Path, corpus: str, vocab_size: int = 8192) -> Path:
+def ensure_data(data_dir: Path, corpus: str, vocab_size: int = 8192, tokenizer: str = "bpe") -> Path:
     meta = data_dir / "meta.json"
     if meta.is_file():
         found = json.loads(meta.read_text()).get("corpus")
@@ -80,7 +93,7 @@ def ensure_data(data_dir: Path, corpus: str, vocab_size: int = 8192) -> Path:
         log(f"reusing {data_dir}")
         return data_dir
     log(f"preparing {corpus} -> {data_dir}")
-    prepare(corpus, data_dir, vocab_size=vocab_size)
+    prepare(corpus, data_dir, vocab_size=vocab_size, tokenizer=tokenizer)
     return data_dir
 
 
@@ -107,15 +120,12 @@ def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_toke
             raise FtplmError(f"{run} exists but holds no checkpoint: remove it or choose another --out")
         log(f"training {run} ({model_type}, preset {preset}, {max_tokens:,} tokens, seed {seed})")
         train(data, run, model_type=model_type, preset_name=preset, progress=True, model_overrides=model_overrides,
-              train_overrides={**TRAIN_DEFAULTS, **overrides, "max_tokens": max_tokens, "seed": seed})
+              train_overrides={**train_defaults(preset, model_type), **overrides, "max_tokens": max_tokens, "seed": seed})
     return run
 
 
 def equal_flops_tokens(preset: str, data: Path, max_tokens: int, model_overrides: dict[str, Any] | None = None) -> int:
     """The tokens GPT trains on to spend FTP's training FLOPs on max_tokens (same preset and vocabulary)."""
-    import torch
-
-
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
     with torch.device("meta"):  # shapes only
         flops = {t: flops_per_token(build_model(replace(get_preset(preset, t).model, **(model_overrides or {}), vocab_size=vocab)))
@@ -127,8 +137,8 @@ def equal_flops_tokens(preset: str, data: Path, max_tokens: int, model_overrides
 # matched perplexity
 # ------------------------------------------------------------------------------------------------------
 def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cache: Path) -> dict[str, Any]:
-    """Val ppl of FTP's final checkpoint and of every GPT checkpoint on the same windows; the closest GPT one."""
-    ckpts = checkpoints(gpt_run)
+    """Val ppl of FTP's final checkpoint and of every GPT snapshot and checkpoint on the same windows; the closest."""
+    ckpts = checkpoints(gpt_run, snapshots=True)
     if not ckpts:
         raise FtplmError(f"{gpt_run} has no checkpoints to match perplexity against")
     ftp_ckpt = (ftp_run / "latest").resolve()
@@ -287,7 +297,8 @@ class PaperExperiment:
 
     variants: name -> model fields of an FTP variant trained beside the paper's design (OUT/ftp-{name}-s{seed}),
     each compared with the same GPT runs at its own matched perplexity. options: eval suite sizes;
-    train_overrides / model_overrides: training and model fields of every run over the preset.
+    train_overrides / model_overrides: training and model fields of every run over the preset. corpus, tokenizer:
+    the training data, as `ftplm prepare` takes them.
     """
 
     preset: str = "small"
@@ -301,6 +312,8 @@ class PaperExperiment:
     train_overrides: dict[str, Any] = field(default_factory=dict)
     model_overrides: dict[str, Any] = field(default_factory=dict)
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+    corpus: str = TEXT_CORPUS
+    tokenizer: str = "bpe"
 
     def __post_init__(self) -> None:
         if self.seeds < 1:
@@ -321,17 +334,17 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
     options = {"ppl_batches": spec.ppl_batches, **spec.options}  # the ppl suite scores the windows matching used
     overrides = dict(spec.train_overrides)
 
-    data = ensure_data(out / "data", TEXT_CORPUS)
+    data = ensure_data(out / "data", spec.corpus, tokenizer=spec.tokenizer)
     flops_tokens = equal_flops_tokens(spec.preset, data, spec.max_tokens, spec.model_overrides)
     ftp_models = {"ftp": dict(spec.model_overrides)} | {f"ftp-{name}": {**spec.model_overrides, **v} for name, v in spec.variants.items()}
     for seed in range(spec.seeds):
-        for label, model_set in ftp_models.items():  # only GPT's checkpoints are matched: FTP keeps its latest
-            ensure_trained(out / f"{label}-s{seed}", data, "ftp", spec.preset, spec.max_tokens, seed,
-                           {"keep_checkpoints": 0, **overrides}, model_overrides=model_set)
+        for label, model_set in ftp_models.items():
+            ensure_trained(out / f"{label}-s{seed}", data, "ftp", spec.preset, spec.max_tokens, seed, overrides,
+                           model_overrides=model_set)
         ensure_trained(out / f"gpt-s{seed}", data, "gpt", spec.preset, spec.max_tokens, seed, overrides, model_overrides=spec.model_overrides)
-        # only its final checkpoint is evaluated: no checkpoint every 5 steps
+        # only its final checkpoint is evaluated: no snapshots
         ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", spec.preset, flops_tokens, seed,
-                       {**overrides, "save_interval": 200, "keep_checkpoints": 0}, model_overrides=spec.model_overrides)
+                       {**overrides, "snapshots": 0}, model_overrides=spec.model_overrides)
     matched, by_label = match_and_evaluate(out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options)
     coding_by_label: dict[str, Any] = {}
     coding_match = None
@@ -343,7 +356,7 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
     decode = {label: speculative_cached(out / f"{label}-s0" / "latest", evals_dir / f"decode-{label}-s0.json")
               for label in ftp_models} if spec.variants else {}
     summary = {
-        **provenance(), "preset": spec.preset, "seeds": spec.seeds,
+        **provenance(), "preset": spec.preset, "seeds": spec.seeds, "corpus": spec.corpus, "tokenizer": spec.tokenizer,
         "max_tokens": spec.max_tokens, "equal_flops_tokens": flops_tokens, "coding_max_tokens": None if spec.skip_coding else (spec.coding_max_tokens or spec.max_tokens),
         "quick": spec.quick, "options": options, "model_overrides": spec.model_overrides, "variants": spec.variants,
         "matched": [_public(m) for m in matched["ftp"]],

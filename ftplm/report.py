@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -242,8 +243,6 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
 
 def render_html(blocks: list[Block], title: str) -> str:
     """One file, nothing external: plots as base64 data URIs."""
-    import re
-
     def inline(text: str) -> str:
         t = html.escape(text)
         t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)

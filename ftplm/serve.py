@@ -19,8 +19,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import itertools
 import json
+import multiprocessing
+import os
 import queue
 import socket
 import sys
@@ -33,6 +36,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import torch
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -235,10 +239,6 @@ class Engine:
 
 def _engine_process(source: TextModel | str, threads: int, max_batch: int, inbox: Any, outbox: Any) -> None:
     """A spawned process's whole life: load the model, run the engine until told to stop or the server is gone."""
-    import gc
-
-    import torch
-
     torch.set_num_threads(threads)
     tm = source if isinstance(source, TextModel) else load(source)
     gc.freeze()  # the model's objects leave the collector's view: no full collection pauses a step (~80 ms)
@@ -324,10 +324,6 @@ class ModelWorker:
             self._threads = [threading.Thread(target=engine.run, name="ftplm-model", daemon=True)]
             self._send = inbox.put
         else:
-            import multiprocessing
-
-            import torch
-
             spawn = multiprocessing.get_context("spawn")
             (inbox_r, inbox_w), (outbox_r, outbox_w) = spawn.Pipe(duplex=False), spawn.Pipe(duplex=False)
             self._process = spawn.Process(target=_engine_process, name="ftplm-model", daemon=True,
@@ -788,10 +784,6 @@ def create_app(
 def set_cpu_threads(threads: int | None = None) -> int:
     """Torch CPU threads for serving: by default one core is left to the HTTP thread (OpenMP threads spin-wait for
     busy cores: on a busy 2-core machine 2 threads were ~50x slower than 1)."""
-    import os
-
-    import torch
-
     if threads is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         threads = max(1, cores - 1)

@@ -360,7 +360,7 @@ def test_aggregate_and_claims():
 def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     """Run again with the same arguments, the experiment retrains nothing and re-evaluates only what is missing
     (here: one model's suites, as if it had been stopped there), and reports the same figures."""
-    from ftplm.experiment import paper_experiment
+    from ftplm.experiment import MATCH_SNAPSHOTS, paper_experiment
 
     args: dict = {"preset": "tiny", "seeds": 1, "max_tokens": 3000, "quick": True, "skip_coding": True, "ppl_batches": 1,
                   "train_overrides": {"batch_size": 4, "eval_interval": 5},
@@ -385,6 +385,12 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json") if p.name != "gpt-flops-s0.json"} == \
         {k: v for k, v in evals.items() if k != "gpt-flops-s0.json"}
     assert steps == {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"] for r in steps}
+    # bounded disk: every run keeps one full checkpoint; the GPT run matched against also keeps weights-only snapshots
+    assert all(len(list((out / r / "checkpoints").iterdir())) == 1 for r in steps)
+    snapshots = list((out / "gpt-s0" / "snapshots").glob("step_*"))
+    assert 0 < len(snapshots) <= MATCH_SNAPSHOTS and not (out / "ftp-s0" / "snapshots").exists()
+    assert not any((s / "optimizer.safetensors").exists() for s in snapshots)
+    assert first["corpus"] == "wiki-vital,shakespeare,bbc-news" and len(first["matched"][0]["gpt_checkpoints"]) == len(snapshots)
     assert second["claims"] == first["claims"]
     metrics = lambda summary: {(label, suite): r["metrics"] for label, suites in summary["evals"].items() for suite, r in suites.items()}  # noqa: E731 - a one-line local helper
     assert metrics(second) == metrics(first)

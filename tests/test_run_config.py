@@ -125,7 +125,7 @@ def test_experiment_config_file_routes_eval_and_training_fields(capsys, tmp_path
     monkeypatch.setattr(ftplm.cli, "paper_experiment", lambda *args, **kwargs: seen.update(args=args, **kwargs))
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump({"preset": "tiny", "seeds": 2, "coherence_prompts": 5, "save_interval": 10,
-                                      "ppl_batches": 3, "decoder_inputs": "masked"}))
+                                      "ppl_batches": 3, "decoder_inputs": "masked", "corpus": "shakespeare"}))
     out = tmp_path / "exp"
     code, _, err = cli(capsys, "experiment", "paper", "--config", config, "--out", out, "--seeds", "1",
                        "--train-set", "save_interval=20")
@@ -134,6 +134,7 @@ def test_experiment_config_file_routes_eval_and_training_fields(capsys, tmp_path
     assert (spec.preset, spec.seeds) == ("tiny", 1)  # preset from the file, --seeds from the command line
     assert spec.options == {"coherence_prompts": 5} and spec.train_overrides == {"save_interval": 20}
     assert spec.ppl_batches == 3 and spec.model_overrides == {"decoder_inputs": "masked"}  # an FTP variant
+    assert (spec.corpus, spec.tokenizer) == ("shakespeare", "bpe")  # any corpus `prepare` takes
     saved = yaml.safe_load((out / "experiment_config.yaml").read_text())
     assert saved["seeds"] == 1 and saved["save_interval"] == 20 and saved["coherence_prompts"] == 5
     config.write_text("n_layers: 3\n")  # not a setting of the experiment

@@ -153,3 +153,22 @@ def test_duplicates_are_dropped_before_the_split(tmp_path):
     assert sum(split["documents"] for split in meta["splits"].values()) == 120
     held = {d.text for d in TokenData(tmp_path / "data").heldout()}
     assert held and held <= set(texts)
+
+
+def test_large_corpus_holds_out_a_bounded_number_of_documents(tmp_path):
+    """Held-out fractions scale down to max_heldout_docs per split for a large corpus; a corpus the data does not
+    hold is still split as asked for."""
+    from ftplm.eval.base import heldout_documents
+
+    path = tmp_path / "big.jsonl"
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document {i} of a large corpus"}) + "\n" for i in range(3000)))
+    meta = prepare(str(path), tmp_path / "data", vocab_size=300, val_frac=0.1, test_frac=0.2, max_heldout_docs=60)
+    assert meta["requested_fracs"] == [0.1, 0.2] and meta["val_frac"] == meta["test_frac"] == 60 / 3000
+    held = TokenData(tmp_path / "data").heldout()
+    assert 30 <= meta["splits"]["val"]["documents"] <= 95 and 30 <= meta["splits"]["test"]["documents"] <= 95
+    assert len(held) == meta["splits"]["val"]["documents"] + meta["splits"]["test"]["documents"]
+    assert sum(split["documents"] for split in meta["splits"].values()) == 3000
+    small = prepare(str(path), tmp_path / "small", vocab_size=300, val_frac=0.1, test_frac=0.2)  # under the cap
+    assert (small["val_frac"], small["test_frac"]) == (0.1, 0.2)
+    docs, source = heldout_documents(tmp_path / "data", "shakespeare", ("test",))
+    assert docs and "test_frac=0.2" in source

@@ -13,13 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import ftplm
 from ftplm import checkpoint
 from ftplm.checkpoint import checkpoints, load_pretrained
 from ftplm.config import TrainConfig
 from ftplm.errors import FtplmError
-from ftplm.train import lr_at, read_log, train
+from ftplm.train import lr_at, read_log, snapshot_steps, train
 
 
 def _logits(run: Path) -> torch.Tensor:
@@ -95,6 +97,27 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:]))
     assert lrs[110] == pytest.approx(0.1)
+
+
+@given(planned=st.integers(1, 10**6), n=st.integers(0, 200))
+def test_snapshot_schedule_is_bounded_and_dense_late(planned, n):
+    steps = snapshot_steps(planned, n)
+    assert len(steps) <= n and all(1 <= s <= planned for s in steps)
+    if n > 0:
+        assert planned in steps  # the end of the run, where the closest match usually is
+        late = [s for s in steps if s > planned / 2]
+        assert len(late) >= min(n // 2, planned // 2)  # at least half of them in the second half
+
+
+def test_snapshots_are_weights_only_and_loadable(tiny_data, tmp_path):
+    run = train(tiny_data, tmp_path / "run", model_type="gpt", preset_name="tiny", progress=False,
+                train_overrides={"max_steps": 12, "save_interval": 100, "eval_interval": 100, "snapshots": 4})
+    snaps = sorted((tmp_path / "run" / "snapshots").glob("step_*"))
+    assert [int(p.name[5:]) for p in snaps] == sorted(snapshot_steps(12, 4)) and run.step == 12
+    assert not any((p / "optimizer.safetensors").exists() for p in snaps)
+    assert json.loads((snaps[0] / "trainer_state.json").read_text())["step"] == int(snaps[0].name[5:])
+    assert ftplm.load(snaps[-1]).generate("The", 4, temperature=0) == ftplm.load(tmp_path / "run").generate("The", 4, temperature=0)
+    assert checkpoints(tmp_path / "run", snapshots=True)[-1] == snaps[-1]  # the snapshot stands for its step
 
 
 def _cli(*args: str) -> list[str]:

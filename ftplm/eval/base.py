@@ -4,6 +4,7 @@ it reads and the provenance it records (the suites themselves: one module each, 
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,9 @@ def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...
         wanted = [d for s in splits for d in data.heldout(s) if d.doc_id.startswith(f"{corpus}:")]
         if wanted:
             return wanted, f"{data_dir}/heldout.jsonl ({'+'.join(splits)})"
-        fracs = (data.meta.get("val_frac", 0.05), data.meta.get("test_frac", 0.10), data.meta.get("split_seed", 0))
+        # the data never held this corpus: split it as asked for (a large corpus's held-out fractions are scaled down)
+        requested = data.meta.get("requested_fracs") or (data.meta.get("val_frac", 0.05), data.meta.get("test_frac", 0.10))
+        fracs = (*requested, data.meta.get("split_seed", 0))
     docs = [d for d in _corpus_documents(corpus) if split_of(d.doc_id, *fracs) in splits]
     return docs, f"{corpus} {'+'.join(splits)} split (val_frac={fracs[0]}, test_frac={fracs[1]}, seed={fracs[2]})"
 
@@ -83,9 +86,6 @@ def _corpus_documents(corpus: str) -> tuple[Document, ...]:
 
 def provenance(run: Path) -> dict[str, Any]:
     """Which model files a result came from: the resolved checkpoint directory and its step."""
-    import json
-
-
     directory = resolve(run)
     real = (directory / "latest").resolve() if (directory / "latest").exists() else directory.resolve()
     info: dict[str, Any] = {"run": str(run), "checkpoint": str(real)}
