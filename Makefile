@@ -28,6 +28,7 @@ test: lint
 # lint and types (settings in pyproject.toml)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ftplm tests
+	$(VENV)/bin/ruff format --check ftplm tests
 	$(VENV)/bin/mypy
 
 # the GPU checks in one run: on a GPU machine with its own CUDA PyTorch (nothing to install, nothing fetched) the `base`

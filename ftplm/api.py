@@ -50,7 +50,9 @@ class TextModel:
         config = as_config(config, None, options)
         return self.text(self.generate_ids(prompt, config), config)
 
-    def generate_ids(self, prompt: str | list[int], config: GenerationConfig | int | None = None, **options: Any) -> list[int]:
+    def generate_ids(
+        self, prompt: str | list[int], config: GenerationConfig | int | None = None, **options: Any
+    ) -> list[int]:
         """New token ids only (including a final EOS when one was produced).
 
         speculative = "ftp" (FTP models: the decoder drafts for itself; "ftp-recycling" and "ftp-lookup" combine it
@@ -60,8 +62,9 @@ class TextModel:
         """
         return self._generate([self._ids(prompt)], as_config(config, None, options))[0]
 
-    def generate_batch(self, prompts: list[str] | list[list[int]], config: GenerationConfig | int | None = None,
-                       **options: Any) -> list[str]:
+    def generate_batch(
+        self, prompts: list[str] | list[list[int]], config: GenerationConfig | int | None = None, **options: Any
+    ) -> list[str]:
         """The continuations of several prompts (texts or token ids, of any lengths), generated together as one
         batch, each up to max_new_tokens within the context (`generate`'s options and conventions)."""
         config = as_config(config, None, options)
@@ -95,9 +98,7 @@ class TextModel:
         return self.model.state_vectors(idx)[0].float().cpu().numpy()
 
     @torch.no_grad()
-    def embed(
-        self, texts: list[str], pooling: Literal["mean", "last"] = "mean", batch_size: int = 32
-    ) -> np.ndarray:
+    def embed(self, texts: list[str], pooling: Literal["mean", "last"] = "mean", batch_size: int = 32) -> np.ndarray:
         """L2-normalised document vectors (len(texts), n_embd): mean- or last-token-pooled state vectors.
 
         Texts are truncated to the context and run in right-padded batches (sorted by length): the trunk is causal,
@@ -148,7 +149,9 @@ class TextModel:
             windows.append(rolling_windows(ctx + self._ids(continuation), len(ctx), L))
         return self._score_windows(windows, batch_size)
 
-    def score(self, texts: Sequence[str | list[int]], batch_size: int = 16, max_length: int | None = None) -> list[float]:
+    def score(
+        self, texts: Sequence[str | list[int]], batch_size: int = 16, max_length: int | None = None
+    ) -> list[float]:
         """Total log-likelihood of each text as a document of its own (after EOS): every token scored once, in
         rolling windows of max_length tokens, so a text longer than the context is scored whole (`rolling_windows`:
         lm-eval's loglikelihood_rolling)."""
@@ -221,8 +224,11 @@ def rolling_windows(tokens: list[int], first: int, max_length: int) -> list[tupl
     For a text after EOS (first = 1) these are the windows lm-eval's get_rolling_token_windows(context_len=1) and
     make_disjoint_window give HF models' loglikelihood_rolling; for a context + continuation that fits, the one
     window HF models' loglikelihood scores (left-truncated to max_length + 1 tokens)."""
-    return [(tokens[max(0, end - 1 - max_length) : end], end - start)
-            for start in range(first, len(tokens), max_length) for end in [min(start + max_length, len(tokens))]]
+    return [
+        (tokens[max(0, end - 1 - max_length) : end], end - start)
+        for start in range(first, len(tokens), max_length)
+        for end in [min(start + max_length, len(tokens))]
+    ]
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> TextModel:

@@ -92,7 +92,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     cfg = load_model_config(directory / "config.json")
     tokenizer = load_tokenizer(directory / "tokenizer.json")
     if tokenizer.get_vocab_size() > cfg.vocab_size:
-        raise FtplmError(f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {cfg.vocab_size}")
+        raise FtplmError(
+            f"{directory}: tokenizer has {tokenizer.get_vocab_size()} tokens but the model only {cfg.vocab_size}"
+        )
     model = build_model(cfg)
     try:
         missing, unexpected = load_model(model, str(directory / "model.safetensors"), strict=False, device=str(device))
@@ -101,7 +103,9 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu") -> tup
     except (SafetensorError, RuntimeError, OSError, ValueError) as e:
         raise FtplmError(f"corrupt checkpoint {directory / 'model.safetensors'}: {str(e).splitlines()[0]}") from None
     if missing or unexpected:
-        raise FtplmError(f"checkpoint {directory} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise FtplmError(
+            f"checkpoint {directory} does not match its config (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     return model.to(device).eval(), tokenizer
 
 
@@ -160,7 +164,9 @@ def save_checkpoint(
     return final
 
 
-def save_snapshot(run: Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer, trainer_state: dict[str, Any]) -> Path:
+def save_snapshot(
+    run: Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer, trainer_state: dict[str, Any]
+) -> Path:
     """Write RUN/snapshots/step_N atomically: weights, config, tokenizer and state, no optimizer. A snapshot is a
     model to evaluate (`load` reads it), not a point to resume from: cheap enough to keep dozens."""
     root = run / "snapshots"
@@ -237,15 +243,21 @@ def init_source(path: str | Path, tokenizer_path: Path) -> dict[str, Any]:
     if not (directory / "model.safetensors").is_file():
         raise FtplmError(f"--init-from: no model.safetensors in {directory}")
     if not same_tokenizer(load_tokenizer(directory / "tokenizer.json"), load_tokenizer(tokenizer_path)):
-        raise FtplmError(f"--init-from: {path} uses another tokenizer than the data ({tokenizer_path}); "
-                         f"prepare the data with `ftplm prepare --tokenizer {path}`")
+        raise FtplmError(
+            f"--init-from: {path} uses another tokenizer than the data ({tokenizer_path}); "
+            f"prepare the data with `ftplm prepare --tokenizer {path}`"
+        )
     state = directory / "trainer_state.json"
     try:
         step = json.loads(state.read_text()).get("step") if state.is_file() else None
     except (json.JSONDecodeError, UnicodeDecodeError):
         step = None
-    return {"path": str(directory.resolve()), "step": step, "config": load_model_config(directory / "config.json"),
-            "weights": directory / "model.safetensors"}
+    return {
+        "path": str(directory.resolve()),
+        "step": step,
+        "config": load_model_config(directory / "config.json"),
+        "weights": directory / "model.safetensors",
+    }
 
 
 def check_weights_fit(cfg: ModelConfig, weights: Path, source: str | Path) -> None:
@@ -268,8 +280,10 @@ def check_weights_fit(cfg: ModelConfig, weights: Path, source: str | Path) -> No
     differ = sorted(n for n in shapes.keys() | stored.keys() if shapes.get(n) != stored.get(n))
     if differ:
         name = differ[0]
-        raise FtplmError(f"--init-from {source}: its weights do not fit this model config ({name}: "
-                         f"{stored.get(name, 'missing')} in the checkpoint, {shapes.get(name, 'not in the model')} here)")
+        raise FtplmError(
+            f"--init-from {source}: its weights do not fit this model config ({name}: "
+            f"{stored.get(name, 'missing')} in the checkpoint, {shapes.get(name, 'not in the model')} here)"
+        )
 
 
 def run_data_dir(path: str | Path) -> Path | None:

@@ -54,7 +54,9 @@ CONFIG_FIELDS: dict[str, ConfigFields] = {}
 Drafters = Literal["ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup"]  # ftplm.drafters' registry
 
 
-def command(fn: Callable[..., Any] | None = None, *, name: str | None = None, config: ConfigFields | None = None) -> Any:
+def command(
+    fn: Callable[..., Any] | None = None, *, name: str | None = None, config: ConfigFields | None = None
+) -> Any:
     """Register a subcommand; a name with a space ("bench train") makes a nested subcommand. config: the command
     takes --config FILE, whose keys are its own options or the fields of its repeatable --set-like options."""
 
@@ -102,8 +104,17 @@ def prepare(
     """
     if tokenizer_docs is not None and tokenizer_docs < 1:
         raise FtplmError("--tokenizer-docs must be positive")
-    meta = run_prepare(corpus, out, vocab_size, tokenizer, val_frac, test_frac, seed, tokenizer_docs=tokenizer_docs,
-                       max_heldout_docs=max_heldout_docs)
+    meta = run_prepare(
+        corpus,
+        out,
+        vocab_size,
+        tokenizer,
+        val_frac,
+        test_frac,
+        seed,
+        tokenizer_docs=tokenizer_docs,
+        max_heldout_docs=max_heldout_docs,
+    )
     splits = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in meta["splits"].items())
     print(f"prepared {out}: vocab {meta['vocab_size']}; {splits}")
 
@@ -126,7 +137,9 @@ def _split_overrides(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _model_and_train_fields() -> dict[str, set[str]]:
-    return {"set": {f.name for f in fields(ModelConfig) if f.name != "model_type"} | {f.name for f in fields(TrainConfig)}}
+    return {
+        "set": {f.name for f in fields(ModelConfig) if f.name != "model_type"} | {f.name for f in fields(TrainConfig)}
+    }
 
 
 @command(config=_model_and_train_fields)
@@ -186,7 +199,6 @@ def train(
             resolved settings are saved as RUN/run_config.yaml
     """
     if data is None:  # a resumed run knows its data
-
         found = run_data_dir(out) if resume and (Path(out) / "latest").exists() else None
         if found is None:
             raise FtplmError("say which data to train on: --data DIR (or data: in --config)")
@@ -195,22 +207,39 @@ def train(
     if logger:
         train_over["loggers"] = logger
     explicit = {
-        "max_steps": max_steps, "max_tokens": max_tokens, "batch_size": batch_size, "grad_accum": grad_accum,
-        "learning_rate": learning_rate, "seed": seed, "dtype": dtype,
+        "max_steps": max_steps,
+        "max_tokens": max_tokens,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "dtype": dtype,
         "time_budget": parse_duration(time_budget) if time_budget is not None else None,
     }
     train_over.update({k: v for k, v in explicit.items() if v is not None})
     if resume and model_over:
         raise FtplmError("--resume continues a run with its own model config; model fields cannot be changed")
     info = run_train(
-        data, out, model_type=model, preset_name=preset, model_overrides=model_over, train_overrides=train_over,
-        resume=resume, device=device, progress=not no_progress, strategy=strategy, backend=backend, dist_timeout=dist_timeout,
+        data,
+        out,
+        model_type=model,
+        preset_name=preset,
+        model_overrides=model_over,
+        train_overrides=train_over,
+        resume=resume,
+        device=device,
+        progress=not no_progress,
+        strategy=strategy,
+        backend=backend,
+        dist_timeout=dist_timeout,
         init_from=init_from,
     )
     if os.environ.get("RANK", "0") != "0":
         return  # under torchrun only rank 0 reports
     ppl = f", val ppl {info.val['ppl']:.2f}" if info.val else ""
-    print(f"trained {info.model_type} to step {info.step} ({info.tokens:,} tokens, {info.elapsed:.0f}s){ppl}; saved {out}")
+    print(
+        f"trained {info.model_type} to step {info.step} ({info.tokens:,} tokens, {info.elapsed:.0f}s){ppl}; saved {out}"
+    )
 
 
 @command
@@ -248,8 +277,17 @@ def generate(
     """
     if not prompt:
         raise FtplmError("the prompt is empty")
-    config = GenerationConfig(max_new_tokens, temperature, top_k, top_p, seed, speculative=speculative,
-                              draft_len=draft_len, tree=tree or None, adaptive=adaptive)  # checked before loading
+    config = GenerationConfig(
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        speculative=speculative,
+        draft_len=draft_len,
+        tree=tree or None,
+        adaptive=adaptive,
+    )  # checked before loading
     print(load(run).generate(prompt, config))
 
 
@@ -289,7 +327,7 @@ def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = 
         try:
             texts = [json.loads(line)["text"] for line in lines]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise FtplmError(f"{src}: every line must be a JSON object with a \"text\" field ({e})") from None
+            raise FtplmError(f'{src}: every line must be a JSON object with a "text" field ({e})') from None
     else:
         texts = lines
     if not texts:
@@ -302,7 +340,13 @@ def embed(run: str, *, input: str, out: str, pooling: Literal["mean", "last"] = 
 
 
 @command
-def demo(*, out: str = "runs/demo", budget: str = "150s", corpus: str = "wiki-vital", preset: Literal["tiny", "mini", "small"] = "mini") -> None:
+def demo(
+    *,
+    out: str = "runs/demo",
+    budget: str = "150s",
+    corpus: str = "wiki-vital",
+    preset: Literal["tiny", "mini", "small"] = "mini",
+) -> None:
     """The main job: prepare data, train FTP and GPT for a fixed time each, compare them, write a report.
 
     Args:
@@ -419,14 +463,42 @@ def experiment_paper(
     options, train_overrides = dict(parse_override(x) for x in set), dict(parse_override(x) for x in train_set)
     model_overrides = dict(parse_override(x) for x in model_set)
     variants = dict(_variant(x) for x in variant)
-    resolved = {"preset": preset, "seeds": seeds, "max_tokens": max_tokens, "coding_max_tokens": coding_max_tokens,
-                "quick": quick, "skip_coding": skip_coding, "ppl_batches": ppl_batches, **options, **train_overrides,
-                **model_overrides, **({"variant": variant} if variant else {}), "corpus": corpus, "tokenizer": tokenizer}
-    spec = PaperExperiment(preset, seeds, max_tokens, coding_max_tokens, quick, skip_coding, ppl_batches, options,
-                           train_overrides, model_overrides, variants, corpus, tokenizer)  # checked before anything is written
+    resolved = {
+        "preset": preset,
+        "seeds": seeds,
+        "max_tokens": max_tokens,
+        "coding_max_tokens": coding_max_tokens,
+        "quick": quick,
+        "skip_coding": skip_coding,
+        "ppl_batches": ppl_batches,
+        **options,
+        **train_overrides,
+        **model_overrides,
+        **({"variant": variant} if variant else {}),
+        "corpus": corpus,
+        "tokenizer": tokenizer,
+    }
+    spec = PaperExperiment(
+        preset,
+        seeds,
+        max_tokens,
+        coding_max_tokens,
+        quick,
+        skip_coding,
+        ppl_batches,
+        options,
+        train_overrides,
+        model_overrides,
+        variants,
+        corpus,
+        tokenizer,
+    )  # checked before anything is written
     Path(out).mkdir(parents=True, exist_ok=True)
-    write_config_file(Path(out) / "experiment_config.yaml", resolved,
-                      f"The settings of this experiment, resolved.\nftplm experiment paper --config THIS_FILE --out {out} runs it again.")
+    write_config_file(
+        Path(out) / "experiment_config.yaml",
+        resolved,
+        f"The settings of this experiment, resolved.\nftplm experiment paper --config THIS_FILE --out {out} runs it again.",
+    )
     paper_experiment(out, spec)
 
 
@@ -435,7 +507,9 @@ def _variant(text: str) -> tuple[str, dict[str, Any]]:
     FTP model config."""
     name, _, settings = text.partition(":")
     if not name or not name.replace("-", "").replace("_", "").isalnum() or not settings:
-        raise FtplmError(f"--variant expects NAME:FIELD=VALUE[,FIELD=VALUE] (NAME letters, digits, - or _), got {text!r}")
+        raise FtplmError(
+            f"--variant expects NAME:FIELD=VALUE[,FIELD=VALUE] (NAME letters, digits, - or _), got {text!r}"
+        )
     overrides = dict(parse_override(x) for x in settings.split(","))
     with_overrides(ModelConfig(), overrides).validate()
     return name, overrides
@@ -468,8 +542,13 @@ def docs(*, docs_dir: str = "docs", readme: str = "README.md", check: bool = Fal
 
 
 @command(name="gpu-check")
-def gpu_check_(*, out: str = "gpu-check", preset: Literal["tiny", "mini", "small", "base"] | None = None, steps: int = 40,
-               data: str | None = None) -> None:
+def gpu_check_(
+    *,
+    out: str = "gpu-check",
+    preset: Literal["tiny", "mini", "small", "base"] | None = None,
+    steps: int = 40,
+    data: str | None = None,
+) -> None:
     """The GPU checks in one run (`make gpu-check`): CUDA tests, bench train, train + kill + resume, bench decode, DDP.
 
     Args:
@@ -506,7 +585,12 @@ def bench_train(
     model_over, train_over = _split_overrides(set)
     if train_over:
         raise FtplmError(f"bench train takes model fields only with --set, not {', '.join(train_over)}")
-    _emit(run_bench_train(preset=preset, steps=steps, warmup=warmup, batch_size=batch_size, dtype=dtype, overrides=model_over), json)
+    _emit(
+        run_bench_train(
+            preset=preset, steps=steps, warmup=warmup, batch_size=batch_size, dtype=dtype, overrides=model_over
+        ),
+        json,
+    )
 
 
 @command
@@ -536,8 +620,15 @@ def serve(
 
     if not 0 <= port <= 65535:
         raise FtplmError(f"--port must be in 0..65535, got {port}")
-    run_serve(run, host, port, model_name=model_name, speculative=None if speculative == "none" else speculative,
-              adaptive=adaptive, max_tokens_cap=max_tokens_cap)
+    run_serve(
+        run,
+        host,
+        port,
+        model_name=model_name,
+        speculative=None if speculative == "none" else speculative,
+        adaptive=adaptive,
+        max_tokens_cap=max_tokens_cap,
+    )
 
 
 @command(name="bench serve")
@@ -599,8 +690,12 @@ def bench_decode(
         json: also write the figures to this JSON file
     """
     temperatures = tuple(temperature) or (0.0, 1.0)
-    _emit(run_bench_decode(run, prompts, max_new_tokens, prompt_tokens, method or None, temperatures, seed, threads,
-                    batch_size), json)
+    _emit(
+        run_bench_decode(
+            run, prompts, max_new_tokens, prompt_tokens, method or None, temperatures, seed, threads, batch_size
+        ),
+        json,
+    )
 
 
 @command(name="lm-eval")
@@ -619,7 +714,9 @@ def lm_eval_(*args: str) -> None:
 
 
 @command(name="lm-eval-tasks")
-def lm_eval_tasks(*, data: str, out: str, docs: int = 200, split: Literal["test", "val"] = "test", seed: int = 0) -> None:
+def lm_eval_tasks(
+    *, data: str, out: str, docs: int = 200, split: Literal["test", "val"] = "test", seed: int = 0
+) -> None:
     """Write lm-eval tasks (JSONL + YAML) over a data directory's held-out documents, for `ftplm lm-eval --include_path OUT`.
 
     Args:
@@ -713,7 +810,9 @@ def _add_params(parser: argparse.ArgumentParser, fn: Callable[..., Any], suppres
 
 
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    parser = _Parser(prog="ftplm", description="Future Token Prediction language models: train, evaluate, generate, serve.")
+    parser = _Parser(
+        prog="ftplm", description="Future Token Prediction language models: train, evaluate, generate, serve."
+    )
     parser.add_argument("--version", action="version", version=f"ftplm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     groups: dict[str, Any] = {}
@@ -725,7 +824,9 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
             group, leaf = name.split(" ", 1)
             if group not in groups:
                 gp = sub.add_parser(group, help=f"{group} subcommands", description=f"{group} subcommands")
-                groups[group] = gp.add_subparsers(dest="subcommand", metavar="KIND", parser_class=_Parser, required=True)
+                groups[group] = gp.add_subparsers(
+                    dest="subcommand", metavar="KIND", parser_class=_Parser, required=True
+                )
             p = groups[group].add_parser(leaf, help=summary_help, description=summary)
         else:
             p = sub.add_parser(name, help=summary_help, description=summary)
@@ -758,8 +859,10 @@ def _with_config_file(name: str, kwargs: dict[str, Any], argv: list[str] | None)
         else:
             unknown.append(key)
     if unknown:
-        raise FtplmError(f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
-                         f"for `ftplm {name}` (see --help)")
+        raise FtplmError(
+            f"{path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"for `ftplm {name}` (see --help)"
+        )
     return {**kwargs, **{option: items + kwargs[option] for option, items in from_file.items()}}
 
 
@@ -808,7 +911,9 @@ def _call(name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> int:
 
 def _takes_rest(name: str) -> bool:
     """Whether a command takes the rest of the line verbatim (*args: `ftplm lm-eval`), --help included."""
-    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(COMMANDS[name]).parameters.values())
+    return any(
+        p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(COMMANDS[name]).parameters.values()
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,66 @@ from pathlib import Path
 from typing import Any
 
 HELDOUT_FRAC = 0.2
-WORDS = ["red", "blue", "green", "cat", "dog", "fox", "bird", "fish", "tree", "leaf", "rock", "sand", "moon", "star", "sun", "rain", "snow", "wind", "fire", "ice", "apple", "pear", "plum", "kiwi", "lime", "milk", "bread", "salt", "sugar", "tea", "cup", "box", "bag", "hat", "shoe", "ship", "boat", "car", "road", "city", "king", "queen", "book", "pen", "door", "wall", "lamp", "bell", "ring", "song", "drum", "game", "ball", "gold", "iron", "glass", "wood", "stone"]
+WORDS = [
+    "red",
+    "blue",
+    "green",
+    "cat",
+    "dog",
+    "fox",
+    "bird",
+    "fish",
+    "tree",
+    "leaf",
+    "rock",
+    "sand",
+    "moon",
+    "star",
+    "sun",
+    "rain",
+    "snow",
+    "wind",
+    "fire",
+    "ice",
+    "apple",
+    "pear",
+    "plum",
+    "kiwi",
+    "lime",
+    "milk",
+    "bread",
+    "salt",
+    "sugar",
+    "tea",
+    "cup",
+    "box",
+    "bag",
+    "hat",
+    "shoe",
+    "ship",
+    "boat",
+    "car",
+    "road",
+    "city",
+    "king",
+    "queen",
+    "book",
+    "pen",
+    "door",
+    "wall",
+    "lamp",
+    "bell",
+    "ring",
+    "song",
+    "drum",
+    "game",
+    "ball",
+    "gold",
+    "iron",
+    "glass",
+    "wood",
+    "stone",
+]
 
 
 @dataclass(frozen=True)
@@ -78,7 +137,9 @@ def _body(declare: str, items: list[Any], check: str) -> str:
     return "".join("\n    " + line for line in lines)
 
 
-def _problem(kind: str, level: int, key_parts: str, doc: str, expected: list[Any], declared: tuple[str, int], check: str) -> Problem:
+def _problem(
+    kind: str, level: int, key_parts: str, doc: str, expected: list[Any], declared: tuple[str, int], check: str
+) -> Problem:
     prompt = f'def solve():\n    """{doc}"""'
     body = _body(f"{declared[0]} = {declared[1]}", expected, check)
     return Problem(f"{kind}:{key_parts}", kind, prompt, body, expected, declared, level)
@@ -105,7 +166,9 @@ def make_problem(rng: random.Random, level: int | None = None) -> Problem:
         stop = start + step * (count - 1) + rng.randint(0, step - 1)
         expected = list(range(start, stop + 1, step))
         doc = f"Return the numbers from {start} to {stop} in steps of {step}."
-        return _problem(kind, level, f"{start}:{stop}:{step}", doc, expected, ("n", len(expected)), "assert len(out) == n")
+        return _problem(
+            kind, level, f"{start}:{stop}:{step}", doc, expected, ("n", len(expected)), "assert len(out) == n"
+        )
     if kind == "words":
         words = [rng.choice(WORDS) for _ in range(count)]
         doc = f"Return the words of: {' '.join(words)}."
@@ -113,7 +176,9 @@ def make_problem(rng: random.Random, level: int | None = None) -> Problem:
     numbers = [rng.randint(1, 9) for _ in range(count)]
     squares = [x * x for x in numbers]
     doc = f"Return the squares of {', '.join(map(str, numbers))}."
-    return _problem(kind, level, ",".join(map(str, numbers)), doc, squares, ("total", sum(squares)), "assert sum(out) == total")
+    return _problem(
+        kind, level, ",".join(map(str, numbers)), doc, squares, ("total", sum(squares)), "assert sum(out) == total"
+    )
 
 
 def is_heldout(key: str) -> bool:
@@ -145,7 +210,7 @@ def training_programs(n: int = 20_000, seed: int = 0) -> Iterator[tuple[str, str
 # ------------------------------------------------------------------------------------------------------
 # the restricted executor
 # ------------------------------------------------------------------------------------------------------
-RUNNER = r'''
+RUNNER = r"""
 import json, resource, sys
 cpu, memory, output = map(int, sys.argv[1:4])
 for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, output),
@@ -175,7 +240,7 @@ exec(compile(source, "candidate.py", "exec"), namespace)
 result = namespace["solve"]()
 write("\n" + nonce + " " + json.dumps(result) + "\n")
 sys.__stdout__.flush()
-'''
+"""
 
 
 @dataclass
@@ -208,11 +273,20 @@ def run_program(source: str, timeout: float = 5.0, memory_mb: int = 512, output_
         d = Path(tmp)
         (d / "candidate.py").write_text(source, encoding="utf-8")
         (d / "runner.py").write_text(RUNNER, encoding="utf-8")
-        limits = [str(int(timeout) + 1), str(memory_mb << 20), str(output_bytes)]  # set by the runner before the program
+        limits = [
+            str(int(timeout) + 1),
+            str(memory_mb << 20),
+            str(output_bytes),
+        ]  # set by the runner before the program
         cmd = [*_netns_prefix(), sys.executable, "-I", "-S", "-B", "runner.py", *limits]
         with open(d / "stdout", "wb") as out, open(d / "stderr", "wb") as err:
             proc = subprocess.Popen(
-                cmd, cwd=d, stdin=subprocess.PIPE, stdout=out, stderr=err, env={"PATH": "/usr/bin:/bin"},
+                cmd,
+                cwd=d,
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=err,
+                env={"PATH": "/usr/bin:/bin"},
                 start_new_session=True,
             )
             try:
@@ -250,12 +324,21 @@ def declared_value(source: str) -> tuple[str, int] | None:
     fn = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "solve"), None)
     if fn is None:
         return None
-    body = fn.body[1:] if fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(getattr(fn.body[0], "value", None), ast.Constant) else fn.body
+    body = (
+        fn.body[1:]
+        if fn.body and isinstance(fn.body[0], ast.Expr) and isinstance(getattr(fn.body[0], "value", None), ast.Constant)
+        else fn.body
+    )
     if not body:
         return None
     first = body[0]
-    if (isinstance(first, ast.Assign) and len(first.targets) == 1 and isinstance(first.targets[0], ast.Name)
-            and isinstance(first.value, ast.Constant) and type(first.value.value) is int):
+    if (
+        isinstance(first, ast.Assign)
+        and len(first.targets) == 1
+        and isinstance(first.targets[0], ast.Name)
+        and isinstance(first.value, ast.Constant)
+        and type(first.value.value) is int
+    ):
         return first.targets[0].id, first.value.value
     return None
 
@@ -268,7 +351,10 @@ def check(problem: Problem, completion: str, timeout: float = 5.0) -> tuple[bool
     if declared is None:
         return False, "no declaration: no `name = <int>` first statement in solve(), or a syntax error"
     if declared != problem.declared:
-        return False, f"wrong declaration: {declared[0]} = {declared[1]}, needed {problem.declared[0]} = {problem.declared[1]}"
+        return (
+            False,
+            f"wrong declaration: {declared[0]} = {declared[1]}, needed {problem.declared[0]} = {problem.declared[1]}",
+        )
     result = run_program(source, timeout)
     if not result.ok:
         return False, f"{result.status}: {result.detail}"
@@ -277,7 +363,9 @@ def check(problem: Problem, completion: str, timeout: float = 5.0) -> tuple[bool
     return True, "pass"
 
 
-def check_many(problems_: list[Problem], completions: list[str], workers: int = 2, timeout: float = 5.0) -> list[tuple[bool, str]]:
+def check_many(
+    problems_: list[Problem], completions: list[str], workers: int = 2, timeout: float = 5.0
+) -> list[tuple[bool, str]]:
     """check() over many problems, a few subprocesses at a time."""
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda pc: check(pc[0], pc[1], timeout), zip(problems_, completions)))

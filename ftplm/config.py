@@ -66,14 +66,20 @@ class ModelConfig:
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
         if self.model_type == "ftp":
             for name in ("n_future", "n_pseudo", "dec_n_layer", "dec_n_head", "dec_n_embd"):
-                need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
+                need(
+                    isinstance(getattr(self, name), int) and getattr(self, name) > 0,
+                    f"{name} must be a positive integer",
+                )
             need(
                 self.dec_n_embd % self.dec_n_head == 0,
                 f"dec_n_embd ({self.dec_n_embd}) must be divisible by dec_n_head ({self.dec_n_head})",
             )
             need(0.0 < self.gamma <= 1.0, f"gamma must be in (0, 1], got {self.gamma}")
             need(isinstance(self.pseudo_norm, bool), f"pseudo_norm must be true or false, got {self.pseudo_norm!r}")
-            need(self.decoder_inputs in ("tokens", "masked"), f"decoder_inputs must be 'tokens' or 'masked', got {self.decoder_inputs!r}")
+            need(
+                self.decoder_inputs in ("tokens", "masked"),
+                f"decoder_inputs must be 'tokens' or 'masked', got {self.decoder_inputs!r}",
+            )
             need(0.0 <= self.input_dropout <= 1.0, f"input_dropout must be in [0, 1], got {self.input_dropout}")
             need(self.future_bow >= 0.0, f"future_bow must be >= 0, got {self.future_bow}")
         return self
@@ -137,23 +143,77 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # Seconds on a laptop CPU: tests and CI.
     "tiny": Preset(
-        ModelConfig(block_size=64, n_layer=2, n_head=2, n_embd=64, n_future=4, n_pseudo=4, dec_n_layer=1, dec_n_head=2, dec_n_embd=32),
-        TrainConfig(batch_size=8, learning_rate=3e-3, warmup_steps=10, eval_interval=50, eval_iters=4, save_interval=50),
+        ModelConfig(
+            block_size=64,
+            n_layer=2,
+            n_head=2,
+            n_embd=64,
+            n_future=4,
+            n_pseudo=4,
+            dec_n_layer=1,
+            dec_n_head=2,
+            dec_n_embd=32,
+        ),
+        TrainConfig(
+            batch_size=8, learning_rate=3e-3, warmup_steps=10, eval_interval=50, eval_iters=4, save_interval=50
+        ),
     ),
     # ~5M parameters: the demo's model, a few hundred steps in minutes on 2 CPU cores without native bf16.
     "mini": Preset(
-        ModelConfig(block_size=128, n_layer=4, n_head=4, n_embd=256, n_future=4, n_pseudo=8, dec_n_layer=1, dec_n_head=4, dec_n_embd=128),
-        TrainConfig(batch_size=16, learning_rate=2e-3, warmup_steps=20, eval_interval=100, eval_iters=10, save_interval=100),
+        ModelConfig(
+            block_size=128,
+            n_layer=4,
+            n_head=4,
+            n_embd=256,
+            n_future=4,
+            n_pseudo=8,
+            dec_n_layer=1,
+            dec_n_head=4,
+            dec_n_embd=128,
+        ),
+        TrainConfig(
+            batch_size=16, learning_rate=2e-3, warmup_steps=20, eval_interval=100, eval_iters=10, save_interval=100
+        ),
     ),
     # ~14M parameters: useful in an hour on 2 CPU cores (with native bf16; a few hours in fp32).
     "small": Preset(
-        ModelConfig(block_size=256, n_layer=6, n_head=6, n_embd=384, n_future=4, n_pseudo=8, dec_n_layer=1, dec_n_head=4, dec_n_embd=256),
-        TrainConfig(batch_size=16, learning_rate=1e-3, warmup_steps=100, eval_interval=200, eval_iters=20, save_interval=200),
+        ModelConfig(
+            block_size=256,
+            n_layer=6,
+            n_head=6,
+            n_embd=384,
+            n_future=4,
+            n_pseudo=8,
+            dec_n_layer=1,
+            dec_n_head=4,
+            dec_n_embd=256,
+        ),
+        TrainConfig(
+            batch_size=16, learning_rate=1e-3, warmup_steps=100, eval_interval=200, eval_iters=20, save_interval=200
+        ),
     ),
     # The paper's scale (12-layer encoder, 3-layer decoder, ctx 1024): for GPUs.
     "base": Preset(
-        ModelConfig(block_size=1024, n_layer=12, n_head=12, n_embd=768, n_future=4, n_pseudo=8, dec_n_layer=3, dec_n_head=8, dec_n_embd=512),
-        TrainConfig(batch_size=16, grad_accum=4, learning_rate=6e-4, warmup_steps=1000, eval_interval=500, eval_iters=50, save_interval=1000),
+        ModelConfig(
+            block_size=1024,
+            n_layer=12,
+            n_head=12,
+            n_embd=768,
+            n_future=4,
+            n_pseudo=8,
+            dec_n_layer=3,
+            dec_n_head=8,
+            dec_n_embd=512,
+        ),
+        TrainConfig(
+            batch_size=16,
+            grad_accum=4,
+            learning_rate=6e-4,
+            warmup_steps=1000,
+            eval_interval=500,
+            eval_iters=50,
+            save_interval=1000,
+        ),
     ),
 }
 

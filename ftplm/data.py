@@ -189,7 +189,9 @@ def hf_documents(name: str) -> Iterator[Document]:
         else:
             stream = datasets.load_dataset(name, split="train", streaming=True)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds (network, format, missing): one line each
-        raise FtplmError(f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise FtplmError(
+            f"cannot load dataset {name!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     columns = stream.column_names
     if columns is not None and "text" not in columns:
         raise FtplmError(f"dataset {name!r} has no 'text' column (columns: {', '.join(columns)})")
@@ -311,8 +313,18 @@ def prepare(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        meta = _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs,
-                             max_heldout_docs)
+        meta = _prepare_into(
+            tmp,
+            corpus_spec,
+            vocab_size,
+            tokenizer,
+            val_frac,
+            test_frac,
+            seed,
+            shard_tokens,
+            tokenizer_docs,
+            max_heldout_docs,
+        )
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -342,12 +354,17 @@ def _replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
 
 
-def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs,
-                  max_heldout_docs) -> dict:
+def _prepare_into(
+    tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs, max_heldout_docs
+) -> dict:
     # 1. one pass to validate and count; the held-out fractions follow from the count
     duplicates = [0]
-    total = sum(1 for _ in tqdm(unique_documents(corpus_spec, duplicates), desc="reading documents", unit=" docs",
-                                leave=False, delay=1))
+    total = sum(
+        1
+        for _ in tqdm(
+            unique_documents(corpus_spec, duplicates), desc="reading documents", unit=" docs", leave=False, delay=1
+        )
+    )
     if total == 0:
         raise FtplmError(f"corpus {corpus_spec!r} has no text")
     requested = (val_frac, test_frac)
@@ -378,10 +395,14 @@ def _prepare_into(tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, 
     #    and the held-out documents (text and label) written for evaluation
     writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
     counts = dict.fromkeys(SPLITS, 0)
-    labelled, documents = itertools.tee((split_of(d.doc_id, val_frac, test_frac, seed), d) for d in unique_documents(corpus_spec))
+    labelled, documents = itertools.tee(
+        (split_of(d.doc_id, val_frac, test_frac, seed), d) for d in unique_documents(corpus_spec)
+    )
     encoded = encode_batches(tok, (doc.text for _, doc in documents))
     with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
-        for (split, doc), ids in tqdm(zip(labelled, encoded), desc="tokenizing", total=total, unit=" docs", leave=False, delay=1):
+        for (split, doc), ids in tqdm(
+            zip(labelled, encoded), desc="tokenizing", total=total, unit=" docs", leave=False, delay=1
+        ):
             writers[split].add(ids + [eos])
             counts[split] += 1
             if split != "train":
@@ -421,7 +442,9 @@ class TokenData:
             self.meta = json.loads(meta_path.read_text())
             dtype = np.dtype(self.meta["dtype"])
             self.shards = {
-                split: [np.memmap(self.root / s["file"], dtype=dtype, mode="r") for s in info["shards"] if s["tokens"] > 0]
+                split: [
+                    np.memmap(self.root / s["file"], dtype=dtype, mode="r") for s in info["shards"] if s["tokens"] > 0
+                ]
                 for split, info in self.meta["splits"].items()
             }
         except (KeyError, ValueError, TypeError, json.JSONDecodeError, FileNotFoundError) as e:
@@ -448,11 +471,15 @@ class TokenData:
                     docs.append(Document(**rec))
         return docs
 
-    def batch(self, split: str, batch_size: int, block_size: int, key: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, split: str, batch_size: int, block_size: int, key: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x, y) of shape (batch_size, block_size): random windows, y = x shifted by one. `key` seeds the draw."""
         shards = [s for s in self.shards.get(split, []) if len(s) > block_size + 1]
         if not shards:
-            raise FtplmError(f"the {split} split has fewer than {block_size + 2} tokens: use a bigger corpus or a smaller block_size")
+            raise FtplmError(
+                f"the {split} split has fewer than {block_size + 2} tokens: use a bigger corpus or a smaller block_size"
+            )
         rng = np.random.default_rng([abs(k) for k in key])
         sizes = np.array([len(s) - block_size - 1 for s in shards], dtype=np.float64)
         which = rng.choice(len(shards), size=batch_size, p=sizes / sizes.sum())

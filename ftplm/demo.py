@@ -39,7 +39,11 @@ def prepare_once(corpus: str, data_dir: Path) -> TokenData:
 
 
 def run_demo(
-    out: Path, budget_s: float, corpus: str = "wiki-vital", preset: str = "mini", eval_options: dict[str, Any] | None = None
+    out: Path,
+    budget_s: float,
+    corpus: str = "wiki-vital",
+    preset: str = "mini",
+    eval_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the main job into `out`; eval_options override the quick suite sizes (see EvalContext.size)."""
     started = time.perf_counter()
@@ -55,14 +59,24 @@ def run_demo(
         if (run / "latest").exists():  # a previous demo: start this model afresh, atomically replacing it
             shutil.rmtree(run)
         train(
-            data.root, run, model_type=model_type, preset_name=preset,
-            train_overrides={"time_budget": budget_s, "warmup_steps": 20, "eval_interval": 10**9, "save_interval": 10**9},
+            data.root,
+            run,
+            model_type=model_type,
+            preset_name=preset,
+            train_overrides={
+                "time_budget": budget_s,
+                "warmup_steps": 20,
+                "eval_interval": 10**9,
+                "save_interval": 10**9,
+            },
         )
         runs[model_type] = run
 
     _step("3. evaluate both on identical held-out data (short versions of the paper suites)")
 
-    evals = run_suites(runs["ftp"], DEMO_SUITES, against=runs["gpt"], quick=True, options=eval_options, data_dir=data.root)
+    evals = run_suites(
+        runs["ftp"], DEMO_SUITES, against=runs["gpt"], quick=True, options=eval_options, data_dir=data.root
+    )
     write_json(out / "eval.json", evals)
     labels = dict(zip(("ftp", "gpt"), evals["runs"]))
     models = {name: load(path) for name, path in runs.items()}
@@ -95,7 +109,11 @@ def run_demo(
     speculative = speculative_check(models["ftp"], data)
 
     summary = {
-        "corpus": corpus, "preset": preset, "budget_s": budget_s, "results": results, "samples": samples,
+        "corpus": corpus,
+        "preset": preset,
+        "budget_s": budget_s,
+        "results": results,
+        "samples": samples,
         "speculative": speculative,
     }
     summary["total_seconds"] = time.perf_counter() - started
@@ -120,8 +138,10 @@ def write_demo_report(out: Path, runs: dict[str, Path], summary: dict[str, Any])
         evals={labels[name]: results[name]["suites"] for name in runs},
         samples=samples,
         title=f"ftplm demo: FTP vs GPT on {summary['corpus']}",
-        notes=[f"Preset `{summary['preset']}`, {summary['budget_s']:.0f}s of training each (equal training time), "
-               f"total {summary['total_seconds']:.0f}s. Short versions of the evaluation suites (`ftplm eval --quick`)."],
+        notes=[
+            f"Preset `{summary['preset']}`, {summary['budget_s']:.0f}s of training each (equal training time), "
+            f"total {summary['total_seconds']:.0f}s. Short versions of the evaluation suites (`ftplm eval --quick`)."
+        ],
         extra_tables=[("Side by side", ["", "FTP", "GPT"], [list(row) for row in _rows(summary)])],
     )
 
@@ -142,17 +162,24 @@ def speculative_check(model: TextModel, data: TokenData, n_prompts: int = 4, new
         seconds["ftp"] += time.perf_counter() - t0
         identical &= spec == plain
     result = {
-        "prompts": len(prompts), "new_tokens": new_tokens, "plain_s": seconds["plain"], "speculative_s": seconds["ftp"],
-        "speedup": seconds["plain"] / seconds["ftp"], "tau": stats.tau, "identical": identical,
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "plain_s": seconds["plain"],
+        "speculative_s": seconds["ftp"],
+        "speedup": seconds["plain"] / seconds["ftp"],
+        "tau": stats.tau,
+        "identical": identical,
     }
-    print(f"plain {seconds['plain']:.2f}s, speculative {seconds['ftp']:.2f}s: speedup {result['speedup']:.2f}x, "
-          f"tau {stats.tau:.2f}, identical output: {identical}")
+    print(
+        f"plain {seconds['plain']:.2f}s, speculative {seconds['ftp']:.2f}s: speedup {result['speedup']:.2f}x, "
+        f"tau {stats.tau:.2f}, identical output: {identical}"
+    )
     return result
 
 
 def _speculative_ids(model: TextModel, ids: list[int], new_tokens: int, stats: Any) -> list[int]:
     idx = torch.tensor([ids], device=model.device)
-    return generate(model.model, idx, new_tokens, Sampling(0), speculative="ftp", stats=stats)[0, len(ids):].tolist()
+    return generate(model.model, idx, new_tokens, Sampling(0), speculative="ftp", stats=stats)[0, len(ids) :].tolist()
 
 
 def _metric(result: dict[str, Any], suite: str, key: str, fmt: str = "{:.3f}") -> str:

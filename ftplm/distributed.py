@@ -102,7 +102,9 @@ def context_from_env(backend: Backend = "auto", device: str = "auto", timeout: f
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and world > 1:
         if local_rank >= torch.cuda.device_count():
-            raise FtplmError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): lower --nproc_per_node")
+            raise FtplmError(
+                f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPU(s): lower --nproc_per_node"
+            )
         device = f"cuda:{local_rank}"
     dev = pick_device(device)
     if backend == "nccl" and dev.type != "cuda":
@@ -159,7 +161,13 @@ class Parallel:
     needs every rank: evaluation and checkpoint gathering then run on all ranks (see `all_ranks_forward`).
     """
 
-    def __init__(self, model: torch.nn.Module, ctx: DistContext, strategy: Strategy = "ddp", compile: bool = False) -> None:  # noqa: A002 - torch.compile's on/off, named as Trainer's
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ctx: DistContext,
+        strategy: Strategy = "ddp",
+        compile: bool = False,  # noqa: A002 - torch.compile's on/off, named as Trainer's
+    ) -> None:
         if strategy not in ("ddp", "fsdp"):
             raise FtplmError(f"unknown strategy {strategy!r}; choose ddp or fsdp")
         self.module, self.ctx, self.strategy = model, ctx, strategy
@@ -174,7 +182,9 @@ class Parallel:
             fully_shard(model)
             self.forward: torch.nn.Module = cast(torch.nn.Module, torch.compile(model)) if compile else model
         else:
-            inner = cast(torch.nn.Module, torch.compile(model)) if compile else model  # nanoGPT order: compile, then DDP
+            inner = (
+                cast(torch.nn.Module, torch.compile(model)) if compile else model
+            )  # nanoGPT order: compile, then DDP
             if ctx.distributed:
                 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -211,7 +221,6 @@ class Parallel:
             return (self.module, optimizer) if self.ctx.is_main else (None, None)
         from torch.distributed.tensor import DTensor
 
-
         def gather(value: Any) -> Any:
             if isinstance(value, DTensor):
                 full = value.full_tensor()
@@ -230,7 +239,9 @@ class Parallel:
         plain.load_state_dict(model_sd)
         return plain, _FrozenOptimizer(optim_sd)
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, groups: list[dict], tensors: dict[str, torch.Tensor]) -> None:
+    def load_optimizer(
+        self, optimizer: torch.optim.Optimizer, groups: list[dict], tensors: dict[str, torch.Tensor]
+    ) -> None:
         """Restore a single-layout optimizer checkpoint into this (possibly sharded) optimizer."""
 
         if self.strategy != "fsdp" or not self.ctx.distributed:
@@ -248,7 +259,9 @@ class Parallel:
         groups = [{**g, "params": [order[i] for i in g["params"]]} for g in groups]
         try:
             set_optimizer_state_dict(
-                self.module, optimizer, {"state": state, "param_groups": groups},  # type: ignore[dict-item]  # torch's hint is narrower than what it loads
+                self.module,
+                optimizer,
+                {"state": state, "param_groups": groups},  # type: ignore[dict-item]  # torch's hint is narrower than what it loads
                 options=StateDictOptions(full_state_dict=True),
             )
         except (ValueError, KeyError, RuntimeError) as e:

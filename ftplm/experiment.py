@@ -60,8 +60,13 @@ MATCH_SNAPSHOTS = 40
 
 def train_defaults(preset: str, model_type: str) -> dict[str, Any]:
     """The training settings of an experiment's run, before the user's --train-set."""
-    return {**({} if preset == "base" else CPU_SCHEDULE), "keep_checkpoints": 0,
-            "snapshots": MATCH_SNAPSHOTS if model_type == "gpt" else 0}
+    return {
+        **({} if preset == "base" else CPU_SCHEDULE),
+        "keep_checkpoints": 0,
+        "snapshots": MATCH_SNAPSHOTS if model_type == "gpt" else 0,
+    }
+
+
 BASELINES = [k for k in LABELS if k != "ftp"]
 # claim -> (suite, metric): FTP is claimed to be higher on each
 CLAIMS = [
@@ -102,8 +107,17 @@ def run_state(run: Path) -> dict[str, Any] | None:
     return json.loads(state.read_text()) if state.is_file() else None
 
 
-def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_tokens: int, seed: int, overrides: dict[str, Any],
-                   busy_s: float = 120.0, model_overrides: dict[str, Any] | None = None) -> Path:
+def ensure_trained(
+    run: Path,
+    data: Path,
+    model_type: str,
+    preset: str,
+    max_tokens: int,
+    seed: int,
+    overrides: dict[str, Any],
+    busy_s: float = 120.0,
+    model_overrides: dict[str, Any] | None = None,
+) -> Path:
     """Train RUN to max_tokens: reuse it when done, resume it when it stopped early, else start it."""
     state = run_state(run)
     if state is not None and state["tokens"] >= max_tokens:
@@ -111,7 +125,9 @@ def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_toke
         return run
     log_file = run / "log.jsonl"
     if log_file.is_file() and time.time() - log_file.stat().st_mtime < busy_s:
-        raise FtplmError(f"{run} seems to be training in another process (log.jsonl changed {time.time() - log_file.stat().st_mtime:.0f}s ago): wait for it to finish")
+        raise FtplmError(
+            f"{run} seems to be training in another process (log.jsonl changed {time.time() - log_file.stat().st_mtime:.0f}s ago): wait for it to finish"
+        )
     if state is not None:
         log(f"resuming {run} from {state['tokens']:,} tokens to {max_tokens:,}")
         train(data, run, model_type=model_type, resume=True, train_overrides={"max_tokens": max_tokens}, progress=True)
@@ -119,8 +135,15 @@ def ensure_trained(run: Path, data: Path, model_type: str, preset: str, max_toke
         if run.exists() and any(run.iterdir()):
             raise FtplmError(f"{run} exists but holds no checkpoint: remove it or choose another --out")
         log(f"training {run} ({model_type}, preset {preset}, {max_tokens:,} tokens, seed {seed})")
-        train(data, run, model_type=model_type, preset_name=preset, progress=True, model_overrides=model_overrides,
-              train_overrides={**train_defaults(preset, model_type), **overrides, "max_tokens": max_tokens, "seed": seed})
+        train(
+            data,
+            run,
+            model_type=model_type,
+            preset_name=preset,
+            progress=True,
+            model_overrides=model_overrides,
+            train_overrides={**train_defaults(preset, model_type), **overrides, "max_tokens": max_tokens, "seed": seed},
+        )
     return run
 
 
@@ -128,8 +151,12 @@ def equal_flops_tokens(preset: str, data: Path, max_tokens: int, model_overrides
     """The tokens GPT trains on to spend FTP's training FLOPs on max_tokens (same preset and vocabulary)."""
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
     with torch.device("meta"):  # shapes only
-        flops = {t: flops_per_token(build_model(replace(get_preset(preset, t).model, **(model_overrides or {}), vocab_size=vocab)))
-                 for t in ("ftp", "gpt")}
+        flops = {
+            t: flops_per_token(
+                build_model(replace(get_preset(preset, t).model, **(model_overrides or {}), vocab_size=vocab))
+            )
+            for t in ("ftp", "gpt")
+        }
     return round(max_tokens * flops["ftp"] / flops["gpt"])
 
 
@@ -158,11 +185,19 @@ def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cac
     best = min(table, key=lambda r: abs(r["ppl"] - ftp_ppl))
     gap = abs(best["ppl"] - ftp_ppl) / ftp_ppl
     result = {
-        "key": key, "ftp_checkpoint": str(ftp_ckpt), "ftp_ppl": ftp_ppl, "gpt_checkpoints": table,
-        "matched": best, "gap": gap, "gap_ok": gap <= MAX_GAP, "final": table[-1],
+        "key": key,
+        "ftp_checkpoint": str(ftp_ckpt),
+        "ftp_ppl": ftp_ppl,
+        "gpt_checkpoints": table,
+        "matched": best,
+        "gap": gap,
+        "gap_ok": gap <= MAX_GAP,
+        "final": table[-1],
     }
     if not result["gap_ok"]:
-        log(f"  WARNING: closest GPT checkpoint is {gap:.1%} away from FTP's perplexity (> {MAX_GAP:.0%}): save GPT checkpoints more often")
+        log(
+            f"  WARNING: closest GPT checkpoint is {gap:.1%} away from FTP's perplexity (> {MAX_GAP:.0%}): save GPT checkpoints more often"
+        )
     write_json(cache, result)
     return result
 
@@ -170,17 +205,28 @@ def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cac
 # ------------------------------------------------------------------------------------------------------
 # evaluation (cached per model) and aggregation across seeds
 # ------------------------------------------------------------------------------------------------------
-def evaluate_cached(path: Path, suites: list[str], data: Path, cache: Path, quick: bool, options: dict[str, Any]) -> dict[str, Any]:
+def evaluate_cached(
+    path: Path, suites: list[str], data: Path, cache: Path, quick: bool, options: dict[str, Any]
+) -> dict[str, Any]:
     """{suite: result (with per-item scores)} of one model, read from `cache` when it already holds those suites."""
     have = json.loads(cache.read_text()) if cache.is_file() else {}
     if have.get("checkpoint") == str(path.resolve()) and all(s in have.get("suites", {}) for s in suites):
         log(f"reusing {cache}")
         return have["suites"]
     log(f"evaluating {path} on {', '.join(suites)}")
-    result = run_suites(path, suites, quick=quick, options=options, data_dir=data, keep_items=True,
-                        progress=lambda m: log("  " + m))
+    result = run_suites(
+        path, suites, quick=quick, options=options, data_dir=data, keep_items=True, progress=lambda m: log("  " + m)
+    )
     entry = next(iter(result["runs"].values()))
-    write_json(cache, {"checkpoint": str(path.resolve()), "date": result["date"], "machine": result["machine"], "suites": entry["suites"]})
+    write_json(
+        cache,
+        {
+            "checkpoint": str(path.resolve()),
+            "date": result["date"],
+            "machine": result["machine"],
+            "suites": entry["suites"],
+        },
+    )
     return entry["suites"]
 
 
@@ -201,22 +247,39 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
             values = [r["metrics"][key]["value"] for r in results if key in r["metrics"]]
             if isinstance(m["value"], list):
                 arr = np.array(values, dtype=float)
-                metrics[key] = {**{k: v for k, v in m.items() if k not in ("value", "std", "ci95", "folds")},
-                                "value": arr.mean(0).tolist(), "std": arr.std(0, ddof=1).tolist() if len(arr) > 1 else None}
+                metrics[key] = {
+                    **{k: v for k, v in m.items() if k not in ("value", "std", "ci95", "folds")},
+                    "value": arr.mean(0).tolist(),
+                    "std": arr.std(0, ddof=1).tolist() if len(arr) > 1 else None,
+                }
             else:
                 items = [r.get("_items", {}).get(key) for r in results]
                 weights = [r.get("_item_weights", {}).get(key) for r in results]
                 metrics[key] = {
-                    **seeds_summary(values, items if None not in items else None, weights=weights if None not in weights else None),
+                    **seeds_summary(
+                        values, items if None not in items else None, weights=weights if None not in weights else None
+                    ),
                     "per_seed": values,
                 }
-        first = {k: v for k, v in results[0].items() if k not in ("metrics", *private, "checkpoint", "run", "step", "tokens")}
-        out[suite_name] = {**first, "metrics": metrics, "seeds": len(results), "checkpoints": [r.get("checkpoint") for r in results]}
+        first = {
+            k: v for k, v in results[0].items() if k not in ("metrics", *private, "checkpoint", "run", "step", "tokens")
+        }
+        out[suite_name] = {
+            **first,
+            "metrics": metrics,
+            "seeds": len(results),
+            "checkpoints": [r.get("checkpoint") for r in results],
+        }
     return out
 
 
-def claim_rows(evals_by_seed: dict[str, list[dict[str, Any]]], coding: dict[str, list[dict[str, Any]]], seed: int,
-               ftp: str = "ftp", baselines: dict[str, str] | None = None) -> list[dict[str, Any]]:
+def claim_rows(
+    evals_by_seed: dict[str, list[dict[str, Any]]],
+    coding: dict[str, list[dict[str, Any]]],
+    seed: int,
+    ftp: str = "ftp",
+    baselines: dict[str, str] | None = None,
+) -> list[dict[str, Any]]:
     """Per claim: FTP - GPT (matched and equal tokens), paired over the same items within each seed, with the
     hierarchical CI over seeds and items (ftplm.eval.stats.paired_seed_diff). baselines: column -> label of the
     GPT results it compares with (a variant has a matched checkpoint of its own)."""
@@ -250,8 +313,9 @@ def speculative_cached(path: Path, cache: Path) -> dict[str, Any]:
     log(f"self-speculative decoding of {path}")
     block = json.loads((path / "config.json").read_text())["block_size"]
     prompt = min(32, block // 4)
-    results = bench_decode(path, prompts=8, max_new_tokens=min(64, block - prompt), prompt_tokens=prompt,
-                           methods=["plain", "ftp"])["results"]
+    results = bench_decode(
+        path, prompts=8, max_new_tokens=min(64, block - prompt), prompt_tokens=prompt, methods=["plain", "ftp"]
+    )["results"]
     write_json(cache, {"checkpoint": str(path.resolve()), "results": results})
     return results
 
@@ -262,9 +326,12 @@ def training_rate(run: Path) -> float:
     return state.get("tokens", 0) / max(state.get("elapsed", 0.0), 1e-9)
 
 
-def model_rows(out: Path, ftp_labels: list[str], seeds: int, evals: dict[str, Any], decode: dict[str, Any]) -> list[list[str]]:
+def model_rows(
+    out: Path, ftp_labels: list[str], seeds: int, evals: dict[str, Any], decode: dict[str, Any]
+) -> list[list[str]]:
     """Rows of the variants table besides the claims: per-offset accuracy, training throughput against GPT's, and
     self-speculative τ and speedup (greedy / T = 1)."""
+
     def offsets(label: str) -> str:
         acc = evals[label_name(label)].get("ppl", {}).get("metrics", {}).get("offset_acc", {}).get("value")
         return " / ".join(f"{a:.3f}" for a in acc) if acc else "-"
@@ -277,10 +344,12 @@ def model_rows(out: Path, ftp_labels: list[str], seeds: int, evals: dict[str, An
         values = [decode[label][mode]["ftp"][key] for mode in decode[label]]
         return " / ".join("-" if v is None else format(v, fmt) for v in values)
 
-    return [["per-offset accuracy (k = 1..N)", "offset_acc", *(offsets(x) for x in ftp_labels)],
-            ["training tokens/s ÷ GPT's", "throughput", *(rate(x) for x in ftp_labels)],
-            ["self-speculative τ (greedy / T = 1)", "tau", *(spec(x, "tau", ".2f") for x in ftp_labels)],
-            ["self-speculative speedup (greedy / T = 1)", "speedup", *(spec(x, "speedup", ".2f") for x in ftp_labels)]]
+    return [
+        ["per-offset accuracy (k = 1..N)", "offset_acc", *(offsets(x) for x in ftp_labels)],
+        ["training tokens/s ÷ GPT's", "throughput", *(rate(x) for x in ftp_labels)],
+        ["self-speculative τ (greedy / T = 1)", "tau", *(spec(x, "tau", ".2f") for x in ftp_labels)],
+        ["self-speculative speedup (greedy / T = 1)", "speedup", *(spec(x, "speedup", ".2f") for x in ftp_labels)],
+    ]
 
 
 def matched_label(ftp_label: str) -> str:
@@ -318,7 +387,11 @@ class PaperExperiment:
     def __post_init__(self) -> None:
         if self.seeds < 1:
             raise FtplmError(f"--seeds must be at least 1, got {self.seeds}")
-        if self.max_tokens < 1 or (self.coding_max_tokens is not None and self.coding_max_tokens < 1) or self.ppl_batches < 1:
+        if (
+            self.max_tokens < 1
+            or (self.coding_max_tokens is not None and self.coding_max_tokens < 1)
+            or self.ppl_batches < 1
+        ):
             raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
 
 
@@ -336,38 +409,103 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
 
     data = ensure_data(out / "data", spec.corpus, tokenizer=spec.tokenizer)
     flops_tokens = equal_flops_tokens(spec.preset, data, spec.max_tokens, spec.model_overrides)
-    ftp_models = {"ftp": dict(spec.model_overrides)} | {f"ftp-{name}": {**spec.model_overrides, **v} for name, v in spec.variants.items()}
+    ftp_models = {"ftp": dict(spec.model_overrides)} | {
+        f"ftp-{name}": {**spec.model_overrides, **v} for name, v in spec.variants.items()
+    }
     for seed in range(spec.seeds):
         for label, model_set in ftp_models.items():
-            ensure_trained(out / f"{label}-s{seed}", data, "ftp", spec.preset, spec.max_tokens, seed, overrides,
-                           model_overrides=model_set)
-        ensure_trained(out / f"gpt-s{seed}", data, "gpt", spec.preset, spec.max_tokens, seed, overrides, model_overrides=spec.model_overrides)
+            ensure_trained(
+                out / f"{label}-s{seed}",
+                data,
+                "ftp",
+                spec.preset,
+                spec.max_tokens,
+                seed,
+                overrides,
+                model_overrides=model_set,
+            )
+        ensure_trained(
+            out / f"gpt-s{seed}",
+            data,
+            "gpt",
+            spec.preset,
+            spec.max_tokens,
+            seed,
+            overrides,
+            model_overrides=spec.model_overrides,
+        )
         # only its final checkpoint is evaluated: no snapshots
-        ensure_trained(out / f"gpt-flops-s{seed}", data, "gpt", spec.preset, flops_tokens, seed,
-                       {**overrides, "snapshots": 0}, model_overrides=spec.model_overrides)
-    matched, by_label = match_and_evaluate(out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options)
+        ensure_trained(
+            out / f"gpt-flops-s{seed}",
+            data,
+            "gpt",
+            spec.preset,
+            flops_tokens,
+            seed,
+            {**overrides, "snapshots": 0},
+            model_overrides=spec.model_overrides,
+        )
+    matched, by_label = match_and_evaluate(
+        out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options
+    )
     coding_by_label: dict[str, Any] = {}
     coding_match = None
     if not spec.skip_coding:
-        coding_by_label, coding_match = coding_experiment(out, spec.preset, spec.coding_max_tokens or spec.max_tokens, overrides,
-                                                          spec.model_overrides, spec.ppl_batches, spec.quick, options)
+        coding_by_label, coding_match = coding_experiment(
+            out,
+            spec.preset,
+            spec.coding_max_tokens or spec.max_tokens,
+            overrides,
+            spec.model_overrides,
+            spec.ppl_batches,
+            spec.quick,
+            options,
+        )
 
-    evals = {label_name(k): {**aggregate(v), **(aggregate(coding_by_label[k]) if k in coding_by_label else {})} for k, v in by_label.items()}
-    decode = {label: speculative_cached(out / f"{label}-s0" / "latest", evals_dir / f"decode-{label}-s0.json")
-              for label in ftp_models} if spec.variants else {}
+    evals = {
+        label_name(k): {**aggregate(v), **(aggregate(coding_by_label[k]) if k in coding_by_label else {})}
+        for k, v in by_label.items()
+    }
+    decode = (
+        {
+            label: speculative_cached(out / f"{label}-s0" / "latest", evals_dir / f"decode-{label}-s0.json")
+            for label in ftp_models
+        }
+        if spec.variants
+        else {}
+    )
     summary = {
-        **provenance(), "preset": spec.preset, "seeds": spec.seeds, "corpus": spec.corpus, "tokenizer": spec.tokenizer,
-        "max_tokens": spec.max_tokens, "equal_flops_tokens": flops_tokens, "coding_max_tokens": None if spec.skip_coding else (spec.coding_max_tokens or spec.max_tokens),
-        "quick": spec.quick, "options": options, "model_overrides": spec.model_overrides, "variants": spec.variants,
+        **provenance(),
+        "preset": spec.preset,
+        "seeds": spec.seeds,
+        "corpus": spec.corpus,
+        "tokenizer": spec.tokenizer,
+        "max_tokens": spec.max_tokens,
+        "equal_flops_tokens": flops_tokens,
+        "coding_max_tokens": None if spec.skip_coding else (spec.coding_max_tokens or spec.max_tokens),
+        "quick": spec.quick,
+        "options": options,
+        "model_overrides": spec.model_overrides,
+        "variants": spec.variants,
         "matched": [_public(m) for m in matched["ftp"]],
         "variant_matched": {label: [_public(m) for m in ms] for label, ms in matched.items() if label != "ftp"},
         "coding_matched": None if coding_match is None else _public(coding_match),
-        "evals": evals, "claims": claim_rows(by_label, coding_by_label, 0),
-        "variant_claims": {label: claim_rows(by_label, {}, 0, label, {"gpt-matched": matched_label(label), "gpt-tokens": "gpt-tokens",
-                                                                       "gpt-flops": "gpt-flops"})
-                           for label in ftp_models if label != "ftp"},
+        "evals": evals,
+        "claims": claim_rows(by_label, coding_by_label, 0),
+        "variant_claims": {
+            label: claim_rows(
+                by_label,
+                {},
+                0,
+                label,
+                {"gpt-matched": matched_label(label), "gpt-tokens": "gpt-tokens", "gpt-flops": "gpt-flops"},
+            )
+            for label in ftp_models
+            if label != "ftp"
+        },
         "variant_rows": model_rows(out, list(ftp_models), spec.seeds, evals, decode) if spec.variants else [],
-        "speculative": decode, "seconds": round(time.perf_counter() - started, 1),
+        "speculative": decode,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(evals_dir / "summary.json", summary)
     experiment_report(out, summary, by_label, list(ftp_models), matched)
@@ -378,8 +516,9 @@ def _public(match: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in match.items() if k != "key"}
 
 
-def match_and_evaluate(out: Path, data: Path, seeds: int, ftp_labels: list[str], ppl_batches: int, quick: bool,
-                       options: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+def match_and_evaluate(
+    out: Path, data: Path, seeds: int, ftp_labels: list[str], ppl_batches: int, quick: bool, options: dict[str, Any]
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     """Per seed: each FTP model matched to the GPT checkpoint closest to its perplexity; every suite of every model
     (cached). Returns the matches per FTP label and the suite results per label, seed by seed."""
     evals_dir = out / "evals"
@@ -397,47 +536,85 @@ def match_and_evaluate(out: Path, data: Path, seeds: int, ftp_labels: list[str],
             paths[matched_label(label)] = Path(m["matched"]["checkpoint"])
         for label, path in paths.items():
             by_label.setdefault(label, []).append(
-                evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options))
+                evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options)
+            )
     return matched, by_label
 
 
-def coding_experiment(out: Path, preset: str, budget: int, overrides: dict[str, Any], model_overrides: dict[str, Any] | None,
-                      ppl_batches: int, quick: bool, options: dict[str, Any]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+def coding_experiment(
+    out: Path,
+    preset: str,
+    budget: int,
+    overrides: dict[str, Any],
+    model_overrides: dict[str, Any] | None,
+    ppl_batches: int,
+    quick: bool,
+    options: dict[str, Any],
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
     """FTP and GPT trained on the coding corpus (seed 0), matched, and scored on the coding suite."""
     cdata = ensure_data(out / "coding-data", "coding", vocab_size=2048)
     for model_type in ("ftp", "gpt"):
-        ensure_trained(out / f"coding-{model_type}-s0", cdata, model_type, preset, budget, 0, overrides,
-                       model_overrides=model_overrides)
+        ensure_trained(
+            out / f"coding-{model_type}-s0",
+            cdata,
+            model_type,
+            preset,
+            budget,
+            0,
+            overrides,
+            model_overrides=model_overrides,
+        )
     cftp, cgpt = out / "coding-ftp-s0", out / "coding-gpt-s0"
     match = match_perplexity(cftp, cgpt, cdata, ppl_batches, out / "evals" / "coding-matched-s0.json")
     paths = {"ftp": cftp / "latest", "gpt-matched": Path(match["matched"]["checkpoint"]), "gpt-tokens": cgpt / "latest"}
-    results = {label: [evaluate_cached(path, ["coding"], cdata, out / "evals" / f"coding-{label}-s0.json", quick, options)]
-               for label, path in paths.items()}
+    results = {
+        label: [evaluate_cached(path, ["coding"], cdata, out / "evals" / f"coding-{label}-s0.json", quick, options)]
+        for label, path in paths.items()
+    }
     return results, match
 
 
-def experiment_report(out: Path, summary: dict[str, Any], by_label: dict[str, list[dict[str, Any]]], ftp_labels: list[str],
-                      matched: dict[str, list[dict[str, Any]]]) -> None:
+def experiment_report(
+    out: Path,
+    summary: dict[str, Any],
+    by_label: dict[str, list[dict[str, Any]]],
+    ftp_labels: list[str],
+    matched: dict[str, list[dict[str, Any]]],
+) -> None:
     """OUT/report/report.md + .html from the summary."""
+
     def match_row(name: str, m: dict[str, Any], flops: str) -> list[str]:
-        return [name, f"{m['ftp_ppl']:.3f}", f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})",
-                f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"), f"{m['final']['ppl']:.3f} (step {m['final']['step']})", flops]
+        return [
+            name,
+            f"{m['ftp_ppl']:.3f}",
+            f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})",
+            f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"),
+            f"{m['final']['ppl']:.3f} (step {m['final']['step']})",
+            flops,
+        ]
 
     seeds, variants = summary["seeds"], summary["variants"]
-    match_rows = [match_row(f"s{s}", m, f"{by_label['gpt-flops'][s]['ppl']['metrics']['ppl']['value']:.3f}")
-                  for s, m in enumerate(matched["ftp"])]
+    match_rows = [
+        match_row(f"s{s}", m, f"{by_label['gpt-flops'][s]['ppl']['metrics']['ppl']['value']:.3f}")
+        for s, m in enumerate(matched["ftp"])
+    ]
     if summary["coding_matched"]:
         match_rows.append(match_row("coding s0", summary["coding_matched"], "-"))
     claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in BASELINES)] for r in summary["claims"]]
     runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, "gpt", "gpt-flops")}
-    samples = {label_name(k): v[0]["coherence"]["examples"] for k, v in by_label.items() if v and v[0].get("coherence", {}).get("examples")}
+    samples = {
+        label_name(k): v[0]["coherence"]["examples"]
+        for k, v in by_label.items()
+        if v and v[0].get("coherence", {}).get("examples")
+    }
     command = summary["command"]
     notes = [
         f"Preset `{summary['preset']}`, {seeds} seed(s), {summary['max_tokens']:,} training tokens per text model "
         f"({summary['equal_flops_tokens']:,} for GPT at equal FLOPs)"
         + ("" if summary["coding_max_tokens"] is None else f", {summary['coding_max_tokens']:,} per coding model")
         + f"; {'quick' if summary['quick'] else 'full'} suite sizes"
-        + "".join(f", {k} = {v}" for k, v in summary["model_overrides"].items()) + ".",
+        + "".join(f", {k} = {v}" for k, v in summary["model_overrides"].items())
+        + ".",
         f"Date {summary['date']}, machine {summary['machine']}" + (f", command `{command}`" if command else "") + ".",
         "Values are means over seeds ± std across seeds, with a 95% CI in brackets: a hierarchical bootstrap (seeds, "
         "then items within seeds) where the metric has per-item scores, else a t interval over seeds (one seed: a "
@@ -445,10 +622,23 @@ def experiment_report(out: Path, summary: dict[str, Any], by_label: dict[str, li
         "seed, averaged over seeds, with the hierarchical bootstrap 95% CI.",
     ]
     paths = write_report(
-        out / "report", runs, summary["evals"], samples, title="ftplm experiment paper: FTP vs GPT", notes=notes,
+        out / "report",
+        runs,
+        summary["evals"],
+        samples,
+        title="ftplm experiment paper: FTP vs GPT",
+        notes=notes,
         extra_tables=[
-            ("Matched perplexity (val ppl on identical windows)", ["seed", "FTP", "GPT matched checkpoint", "gap", "GPT (equal tokens)", "GPT (equal FLOPs)"], match_rows),
-            ("The paper's claims: FTP − GPT", ["claim", "metric", "vs GPT matched ppl", "vs GPT equal tokens", "vs GPT equal FLOPs"], claim_table),
+            (
+                "Matched perplexity (val ppl on identical windows)",
+                ["seed", "FTP", "GPT matched checkpoint", "gap", "GPT (equal tokens)", "GPT (equal FLOPs)"],
+                match_rows,
+            ),
+            (
+                "The paper's claims: FTP − GPT",
+                ["claim", "metric", "vs GPT matched ppl", "vs GPT equal tokens", "vs GPT equal FLOPs"],
+                claim_table,
+            ),
             *variant_tables(variants, summary["claims"], summary["variant_claims"], matched, summary["variant_rows"]),
         ],
     )

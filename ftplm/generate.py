@@ -129,7 +129,11 @@ class GenerationConfig:
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise FtplmError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, (tuple, list)) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
+        if (
+            not isinstance(stop, (tuple, list))
+            or len(stop) > MAX_STOP
+            or not all(isinstance(s, str) and s for s in stop)
+        ):
             raise FtplmError(f"stop takes up to {MAX_STOP} non-empty strings, got {self.stop!r}")
         set_("stop", tuple(stop))
         if self.speculative is not None and not isinstance(self.speculative, str):
@@ -137,8 +141,10 @@ class GenerationConfig:
         if self.speculative == "none":
             set_("speculative", None)
         if self.speculative is not None and self.speculative != "auto" and self.speculative not in DRAFTERS:
-            raise FtplmError(f"unknown speculative drafter {self.speculative!r}; choose one of: auto, "
-                             f"{', '.join(sorted(DRAFTERS))} (or None)")
+            raise FtplmError(
+                f"unknown speculative drafter {self.speculative!r}; choose one of: auto, "
+                f"{', '.join(sorted(DRAFTERS))} (or None)"
+            )
         if self.draft_len is not None and (not _is_int(self.draft_len) or self.draft_len <= 0):
             raise FtplmError(f"draft_len must be a positive integer, got {self.draft_len!r}")
         if self.tree is not None and not isinstance(self.tree, bool):
@@ -350,8 +356,13 @@ class DecodeSession:
         self.valid: torch.Tensor | None = None  # the slots each active row's tokens are in
 
     # --- rows in and out ------------------------------------------------------------------------------
-    def add(self, prompt: Sequence[int], config: GenerationConfig | None = None, drafter: Drafter | None = None,
-            adaptive: bool | None = None) -> Row:
+    def add(
+        self,
+        prompt: Sequence[int],
+        config: GenerationConfig | None = None,
+        drafter: Drafter | None = None,
+        adaptive: bool | None = None,
+    ) -> Row:
         """A new row, prefilled at the next step. drafter: an instance to use (shared) instead of the config's, with
         adaptive draft lengths or not (default: the config's)."""
         config = (config or GenerationConfig()).resolved(self.model.cfg.model_type)
@@ -365,11 +376,14 @@ class DecodeSession:
         if drafter is not None:
             drafter.begin()
         adaptive = config.adaptive if adaptive is None else adaptive
-        depth = AdaptiveDepth(drafter.draft_len, drafter.node_cost, drafter.fixed_cost) if drafter and adaptive else None
+        depth = (
+            AdaptiveDepth(drafter.draft_len, drafter.node_cost, drafter.fixed_cost) if drafter and adaptive else None
+        )
         if depth is not None and shared:  # a drafter the caller shares keeps one set of statistics, carried over
             depth = drafter.adaptive_depth = drafter.adaptive_depth or depth  # type: ignore[union-attr]  # a shared drafter: the caller's instance
-        row = Row(prompt, config, budget, config.sampling, make_generator(config.seed, self.model.device), drafter,
-                  depth)
+        row = Row(
+            prompt, config, budget, config.sampling, make_generator(config.seed, self.model.device), drafter, depth
+        )
         if budget == 0 and not config.echo:
             row.finish_reason = "length"
         else:
@@ -433,8 +447,15 @@ class DecodeSession:
         self.cache.k, self.cache.v, self.cache.length = self._k[:, :n], self._v[:, :n], length  # type: ignore[index]  # the pools and views exist once a row has joined
         self.valid = self._valid[:n]  # type: ignore[index]  # the pools and views exist once a row has joined
 
-    def _forward(self, rows: list[Row], x: torch.Tensor, cache: KVCache, positions: torch.Tensor | None = None,
-                 mask: torch.Tensor | None = None, last: bool = False) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def _forward(
+        self,
+        rows: list[Row],
+        x: torch.Tensor,
+        cache: KVCache,
+        positions: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        last: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor, Any]:
         """One target forward of the rows' inputs x (masked where a (rows, T, slots) mask is given): the state
         vectors, the next-token logits at the fed positions (last: at the last only) and, for FTP drafters, the
         decoder state after that first step."""
@@ -443,7 +464,9 @@ class DecodeSession:
         t1 = time.perf_counter()
         hx = (h[:, -1:], x[:, -1:]) if last else (h, x)
         first_decoder_step = getattr(self.model, "first_decoder_step", None)  # FTP's
-        if first_decoder_step is not None and any(r.drafter is not None and r.drafter.wants_decoder_start for r in rows):
+        if first_decoder_step is not None and any(
+            r.drafter is not None and r.drafter.wants_decoder_start for r in rows
+        ):
             logits, decoder = first_decoder_step(*hx)
         else:
             logits, decoder = self.model.next_token_logits(*hx), None
@@ -473,7 +496,8 @@ class DecodeSession:
             if row.config.echo and row.config.logprobs is not None:  # the prompt's own, from the same forward
                 prompt_logits = self.model.next_token_logits(h[i : i + 1, pad:-1], x[i : i + 1, pad:-1])[0]
                 row.prompt_logprobs = [TokenLogprob(row.prompt[0], None)] + _logprobs(
-                    prompt_logits, row.prompt[1:], row.config.logprobs)
+                    prompt_logits, row.prompt[1:], row.config.logprobs
+                )
             row.length, row.h_prev = len(row.prompt), h[i, -1]
             row.decoder_start = decoder.row(i) if decoder is not None else None
             if row.drafter is not None:
@@ -501,7 +525,10 @@ class DecodeSession:
             pools = [k.new_zeros((k.size(0), size, *k.shape[2:3], self.capacity, k.size(-1))) for _ in range(2)]
             valid_pool = torch.zeros(size, self.capacity, dtype=torch.bool, device=k.device)
             if n:
-                pools[0][:, :n, :, :length], pools[1][:, :n, :, :length] = self.cache.k[..., :length, :], self.cache.v[..., :length, :]  # type: ignore[union-attr,index]  # the pools and views exist once a row has joined
+                pools[0][:, :n, :, :length], pools[1][:, :n, :, :length] = (
+                    self.cache.k[..., :length, :],  # type: ignore[union-attr,index]  # the pools exist once a row has joined
+                    self.cache.v[..., :length, :],  # type: ignore[union-attr,index]
+                )
                 valid_pool[:n] = self._valid[:n]  # type: ignore[index]  # the pools and views exist once a row has joined
             self._k, self._v, self._valid = pools[0], pools[1], valid_pool
         end = slice(new_length - width, new_length)
@@ -528,8 +555,18 @@ class DecodeSession:
                 max_depth, max_nodes = row.budget - len(row.out) - 1, self.block - len(tokens)
                 if row.adaptive is not None:
                     max_depth = min(max_depth, row.adaptive.depth())
-                ctxs.append(DraftContext(tokens, row.h_prev, max_depth, max_nodes, row.sampling, row.generator,  # type: ignore[arg-type]  # h_prev: set at prefill
-                                         row.decoder_start, row.drafter))
+                ctxs.append(
+                    DraftContext(
+                        tokens,
+                        row.h_prev,  # type: ignore[arg-type]  # h_prev: set at prefill
+                        max_depth,
+                        max_nodes,
+                        row.sampling,
+                        row.generator,
+                        row.decoder_start,
+                        row.drafter,
+                    )
+                )
             proposed = self.rows[members[0]].drafter.propose_batch(ctxs)  # type: ignore[union-attr]  # rows in a group all have a drafter
             for i, draft, ctx in zip(members, proposed, ctxs):
                 drafts[i] = draft.truncated(ctx.max_depth, ctx.max_nodes)
@@ -555,8 +592,13 @@ class DecodeSession:
         positions = mask = None  # every row contiguous, chains of one length: the plain causal path, no mask
         holes = any(r.length != start for r in rows)
         if holes or any(len(row) != width for row in inputs) or not all(d.is_chain() for d in drafts):
-            positions = torch.tensor([[r.length + depth for depth in [0] + d.depths()] + [r.length] * (width - 1 - len(d))
-                                      for r, d in zip(rows, drafts)], device=device)
+            positions = torch.tensor(
+                [
+                    [r.length + depth for depth in [0] + d.depths()] + [r.length] * (width - 1 - len(d))
+                    for r, d in zip(rows, drafts)
+                ],
+                device=device,
+            )
             among = torch.stack([_draft_mask(d, width) for d in drafts]).to(device)
             mask = torch.cat([valid[:, None, :start].expand(-1, width, -1), among], dim=2)
         h, logits, decoder = self._forward(rows, x, cache, positions, mask)
@@ -589,8 +631,9 @@ class DecodeSession:
         valid[i, start : start + n] = True  # type: ignore[index]  # the pools and views exist once a row has joined
         self.rows[i].length += n
 
-    def _emit(self, row: Row, new: list[int], logits: torch.Tensor, path: list[int],
-              events: list[tuple[Row, list[int]]]) -> None:
+    def _emit(
+        self, row: Row, new: list[int], logits: torch.Tensor, path: list[int], events: list[tuple[Row, list[int]]]
+    ) -> None:
         """Add a step's new tokens to a row (cut at EOS and at its budget) and record whether it has finished."""
         eos = self.eos_id if row.config.stop_at_eos else None
         if eos is not None and eos in new:
@@ -617,8 +660,11 @@ def _logprobs(logits: torch.Tensor, tokens: list[int], top: int) -> list[TokenLo
 
 
 # --- the session's usual callers ----------------------------------------------------------------------------
-def as_config(config: GenerationConfig | int | None = None, sampling: Sampling | None = None,
-              options: dict[str, Any] | None = None) -> GenerationConfig:
+def as_config(
+    config: GenerationConfig | int | None = None,
+    sampling: Sampling | None = None,
+    options: dict[str, Any] | None = None,
+) -> GenerationConfig:
     """generate's arguments as one GenerationConfig: a config, or max_new_tokens [+ Sampling] [+ its fields]."""
     options = dict(options or {})
     if isinstance(config, GenerationConfig):
@@ -640,9 +686,16 @@ def _row_seed(seed: int | None, r: int) -> int | None:
 
 @torch.inference_mode()
 def generate_batch(
-    model: LanguageModel, prompts: list[list[int]], config: GenerationConfig | int | None = None,
-    sampling: Sampling | None = None, *, eos_id: int | None = None, stats: SpecStats | None = None,
-    drafter: Drafter | None = None, session: DecodeSession | None = None, **options: Any,
+    model: LanguageModel,
+    prompts: list[list[int]],
+    config: GenerationConfig | int | None = None,
+    sampling: Sampling | None = None,
+    *,
+    eos_id: int | None = None,
+    stats: SpecStats | None = None,
+    drafter: Drafter | None = None,
+    session: DecodeSession | None = None,
+    **options: Any,
 ) -> list[list[int]]:
     """New token ids for prompts of any lengths, generated together: a list per prompt, ending at its EOS when one
     was produced (eos_id). `config` is a GenerationConfig, or max_new_tokens with an optional Sampling and any
@@ -663,8 +716,9 @@ def generate_batch(
         session = DecodeSession(model, eos_id, stats)
     elif session.active:
         raise FtplmError("the session is busy with other rows")
-    rows = [session.add(p, config.replace(seed=_row_seed(config.seed, r)), drafter, adaptive)
-            for r, p in enumerate(prompts)]
+    rows = [
+        session.add(p, config.replace(seed=_row_seed(config.seed, r)), drafter, adaptive) for r, p in enumerate(prompts)
+    ]
     for _ in session.run():
         pass
     return [row.out for row in rows]
@@ -672,16 +726,21 @@ def generate_batch(
 
 @torch.inference_mode()
 def generate(
-    model: LanguageModel, idx: torch.Tensor, config: GenerationConfig | int | None = None,
-    sampling: Sampling | None = None, *, eos_id: int | None = None, stats: SpecStats | None = None,
-    drafter: Drafter | None = None, **options: Any,
+    model: LanguageModel,
+    idx: torch.Tensor,
+    config: GenerationConfig | int | None = None,
+    sampling: Sampling | None = None,
+    *,
+    eos_id: int | None = None,
+    stats: SpecStats | None = None,
+    drafter: Drafter | None = None,
+    **options: Any,
 ) -> torch.Tensor:
     """idx (B, T) -> (B, T + n): `generate_batch` on a tensor. Rows that stop at EOS before the others are padded
     with eos_id. Generation stops at the context length (no sliding window: positions are learned)."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
         raise FtplmError("idx must be a (batch, time) tensor of token ids")
-    rows = generate_batch(model, idx.tolist(), config, sampling, eos_id=eos_id, stats=stats, drafter=drafter,
-                          **options)
+    rows = generate_batch(model, idx.tolist(), config, sampling, eos_id=eos_id, stats=stats, drafter=drafter, **options)
     width = max(len(r) for r in rows)
     pad = eos_id if eos_id is not None else 0  # rows only differ in length when they ended with EOS
     new = torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=idx.dtype, device=idx.device)

@@ -40,17 +40,43 @@ def _tests(out: Path) -> dict[str, Any]:
     """The CUDA-marked tests, in a pytest of their own (skipped where there is no GPU: they say so)."""
     if not Path(CUDA_TESTS).is_file():
         return {"skipped": f"{CUDA_TESTS} not found (run from the repository root)"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", CUDA_TESTS, "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider"],
-                          capture_output=True, text=True, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", CUDA_TESTS, "-o", "addopts=", "-q", "-rs", "-p", "no:cacheprovider"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     (out / "cuda-tests.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
     counts = [line for line in proc.stdout.splitlines() if re.match(r"\d+ (passed|failed|skipped|error)", line)]
     return {"returncode": proc.returncode, "summary": counts[-1] if counts else proc.stderr.strip()[-500:]}
 
 
 def _train_cmd(data: Path, run: Path, model_type: str, preset: str, steps: int) -> list[str]:
-    return [sys.executable, "-m", "ftplm", "train", "--model", model_type, "--preset", preset, "--data", str(data),
-            "--out", str(run), "--max-steps", str(steps), "--no-progress", "--set", f"save_interval={max(1, steps // 4)}",
-            "--set", f"eval_interval={steps}", "--set", "eval_iters=4", "--set", "warmup_steps=2"]
+    return [
+        sys.executable,
+        "-m",
+        "ftplm",
+        "train",
+        "--model",
+        model_type,
+        "--preset",
+        preset,
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--max-steps",
+        str(steps),
+        "--no-progress",
+        "--set",
+        f"save_interval={max(1, steps // 4)}",
+        "--set",
+        f"eval_interval={steps}",
+        "--set",
+        "eval_iters=4",
+        "--set",
+        "warmup_steps=2",
+    ]
 
 
 def _killed_halfway(cmd: list[str], run: Path, steps: int, timeout: float = 600.0) -> int | None:
@@ -86,16 +112,37 @@ def _train_and_resume(data: Path, out: Path, model_type: str, preset: str, steps
         shutil.rmtree(run, ignore_errors=True)
     subprocess.run(_train_cmd(data, whole, model_type, preset, steps), check=True, capture_output=True)
     resumed_from = _killed_halfway(_train_cmd(data, killed, model_type, preset, steps), killed, steps)
-    subprocess.run([sys.executable, "-m", "ftplm", "train", "--data", str(data), "--out", str(killed), "--resume",
-                    "--no-progress"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ftplm",
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(killed),
+            "--resume",
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
+    )
     a, b = (load_file(str(run / "latest" / "model.safetensors")) for run in (whole, killed))
     max_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     state = json.loads((whole / "trainer_state.json").read_text())
     val = [r["val"] for r in read_log(whole) if "val" in r]
-    return {"steps": steps, "tokens": state["tokens"], "seconds": state["elapsed"],
-            "tokens_per_s": state["tokens"] / state["elapsed"], "val_ppl": val[-1]["ppl"] if val else None,
-            "resumed_from_step": resumed_from, "resume_max_abs_diff": max_diff, "resume_exact": max_diff == 0.0,
-            "run": str(killed)}
+    return {
+        "steps": steps,
+        "tokens": state["tokens"],
+        "seconds": state["elapsed"],
+        "tokens_per_s": state["tokens"] / state["elapsed"],
+        "val_ppl": val[-1]["ppl"] if val else None,
+        "resumed_from_step": resumed_from,
+        "resume_max_abs_diff": max_diff,
+        "resume_exact": max_diff == 0.0,
+        "run": str(killed),
+    }
 
 
 def _ddp(data: Path, out: Path, preset: str, steps: int) -> dict[str, Any]:
@@ -105,14 +152,35 @@ def _ddp(data: Path, out: Path, preset: str, steps: int) -> dict[str, Any]:
         return {"skipped": f"{gpus} GPU(s): DDP needs at least 2"}
     run = out / "ddp"
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", "-m", "ftplm",
-           "train", "--model", "ftp", "--preset", preset, "--data", str(data), "--out", str(run),
-           "--max-steps", str(steps)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={gpus}",
+        "-m",
+        "ftplm",
+        "train",
+        "--model",
+        "ftp",
+        "--preset",
+        preset,
+        "--data",
+        str(data),
+        "--out",
+        str(run),
+        "--max-steps",
+        str(steps),
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     (out / "ddp.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
-    return {"gpus": gpus, "returncode": proc.returncode, "seconds": time.perf_counter() - t0,
-            "checkpoint": (run / "latest" / "model.safetensors").is_file()}
+    return {
+        "gpus": gpus,
+        "returncode": proc.returncode,
+        "seconds": time.perf_counter() - t0,
+        "checkpoint": (run / "latest" / "model.safetensors").is_file(),
+    }
 
 
 def _prepare_any(data_dir: Path) -> dict[str, Any]:
@@ -124,8 +192,9 @@ def _prepare_any(data_dir: Path) -> dict[str, Any]:
         return prepare("python-code", data_dir)
 
 
-def gpu_check(out: str | Path = "gpu-check", preset: str | None = None, steps: int = 40, data: str | Path | None = None
-              ) -> dict[str, Any]:
+def gpu_check(
+    out: str | Path = "gpu-check", preset: str | None = None, steps: int = 40, data: str | Path | None = None
+) -> dict[str, Any]:
     """Run every step; a step that fails is recorded with its error and the next one still runs.
 
     preset: default `base` on CUDA, `tiny` elsewhere; data: a prepared data directory (default: prepared into
@@ -137,8 +206,14 @@ def gpu_check(out: str | Path = "gpu-check", preset: str | None = None, steps: i
     preset = preset or ("base" if cuda else "tiny")
     if steps < 2:
         raise FtplmError("--steps must be at least 2 (training stops halfway and resumes)")
-    summary: dict[str, Any] = {**provenance(), "preset": preset, "cuda": cuda, "torch": torch.__version__,
-                               "gpus": torch.cuda.device_count() if cuda else 0, "steps": {}}
+    summary: dict[str, Any] = {
+        **provenance(),
+        "preset": preset,
+        "cuda": cuda,
+        "torch": torch.__version__,
+        "gpus": torch.cuda.device_count() if cuda else 0,
+        "steps": {},
+    }
     path = out / "gpu-check.json"
 
     def step(name: str, run: Callable[[], dict[str, Any]]) -> dict[str, Any] | None:
@@ -157,9 +232,14 @@ def gpu_check(out: str | Path = "gpu-check", preset: str | None = None, steps: i
     data_dir = Path(data) if data is not None else out / "data"
     if data is None and not (data_dir / "meta.json").is_file():
         step("prepare", partial(_prepare_any, data_dir))
-    trained = {t: step(f"train_{t}", partial(_train_and_resume, data_dir, out, t, preset, steps)) for t in ("ftp", "gpt")}
+    trained = {
+        t: step(f"train_{t}", partial(_train_and_resume, data_dir, out, t, preset, steps)) for t in ("ftp", "gpt")
+    }
     if trained["ftp"]:
-        step("bench_decode", partial(bench_decode, trained["ftp"]["run"], prompts=4, methods=["plain", "ftp", "ftp-lookup"]))
+        step(
+            "bench_decode",
+            partial(bench_decode, trained["ftp"]["run"], prompts=4, methods=["plain", "ftp", "ftp-lookup"]),
+        )
     step("ddp", partial(_ddp, data_dir, out, preset, steps))
     summary["ok"] = all(s["ok"] for s in summary["steps"].values())
     write_json(path, summary)

@@ -36,9 +36,14 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         if (
-            self.training or torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type)
-            or x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32
-            or w.numel() < self.MIN_PACKED or not ONEDNN_LINEAR
+            self.training
+            or torch.is_grad_enabled()
+            or torch.is_autocast_enabled(x.device.type)
+            or x.device.type != "cpu"
+            or x.dtype != torch.float32
+            or w.dtype != torch.float32
+            or w.numel() < self.MIN_PACKED
+            or not ONEDNN_LINEAR
         ):
             return F.linear(x, w, self.bias)
         key = weight_key(w)
@@ -81,7 +86,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, coef, want_argmax: bool = False, chunk_rows: int = 256):
         need_grad = hidden.requires_grad or weight.requires_grad
-        compute_dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        compute_dtype = (
+            torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+        )
         if hidden.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
             compute_dtype = torch.get_autocast_dtype("cuda")
         h = hidden.detach().to(compute_dtype)
@@ -136,5 +143,11 @@ def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, want_argmax: bool = False
 ) -> tuple[torch.Tensor, ...]:
     """Weighted LM-head cross-entropy: (sum_i coef_i * CE_i, per-row CE[, per-row argmax]). See LinearCrossEntropy."""
-    return LinearCrossEntropy.apply(hidden, weight, targets, coef.to(torch.promote_types(hidden.dtype, torch.float32)),
-                                     want_argmax, CHUNK_ROWS.get(hidden.device.type, 256))
+    return LinearCrossEntropy.apply(
+        hidden,
+        weight,
+        targets,
+        coef.to(torch.promote_types(hidden.dtype, torch.float32)),
+        want_argmax,
+        CHUNK_ROWS.get(hidden.device.type, 256),
+    )

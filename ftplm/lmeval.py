@@ -65,7 +65,9 @@ class FtplmLM(TemplateLM):
             device = "cpu"
         self.model = pretrained if isinstance(pretrained, TextModel) else load(str(pretrained), device or "cpu")
         self._device = self.model.device
-        self.batch_size = _positive_int("batch_size", 16 if batch_size is None or str(batch_size).startswith("auto") else batch_size)
+        self.batch_size = _positive_int(
+            "batch_size", 16 if batch_size is None or str(batch_size).startswith("auto") else batch_size
+        )
         block = self.model.config.block_size
         self.max_length = block if max_length is None else _positive_int("max_length", max_length)
         if self.max_length > block:
@@ -94,8 +96,9 @@ class FtplmLM(TemplateLM):
     def _loglikelihood_tokens(
         self, requests: list[tuple[tuple[str, str], list[int], list[int]]], disable_tqdm: bool = False, **kwargs: Any
     ) -> list[tuple[float, bool]]:
-        results = self.model.loglikelihood_batch([(ctx, cont) for _, ctx, cont in requests], self.batch_size,
-                                                 self.max_length)
+        results = self.model.loglikelihood_batch(
+            [(ctx, cont) for _, ctx, cont in requests], self.batch_size, self.max_length
+        )
         for (key, _, _), result in zip(requests, results):
             if key is not None:
                 self.cache_hook.add_partial("loglikelihood", key, result)
@@ -113,8 +116,12 @@ class FtplmLM(TemplateLM):
         continuation cut at its first stop string. Prompts are left-truncated to leave max_gen_toks of the context,
         keeping at least half of it (a longer budget then ends at the context's end). Sampling without a `seed`
         gen_kwarg draws one from torch's RNG, which lm-eval seeds (--seed)."""
-        collator = Collator([req.args for req in requests], sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),
-                            group_by="gen_kwargs", group_fn=lambda a: a[1])
+        collator = Collator(
+            [req.args for req in requests],
+            sort_fn=lambda a: (-len(self.tok_encode(a[0])), a[0]),
+            group_by="gen_kwargs",
+            group_fn=lambda a: a[1],
+        )
         results: list[str] = []
         for chunk in collator.get_batched(n=self.batch_size):
             contexts, all_kwargs = zip(*chunk)
@@ -128,8 +135,14 @@ class FtplmLM(TemplateLM):
             seed = kwargs.get("seed")
             if seed is None and temperature > 0:
                 seed = int(torch.randint(2**31 - 1, ()))
-            texts = self.model.generate_batch(prompts, max_gen_toks, temperature=temperature, top_k=kwargs.get("top_k"),
-                                              top_p=kwargs.get("top_p"), seed=seed)
+            texts = self.model.generate_batch(
+                prompts,
+                max_gen_toks,
+                temperature=temperature,
+                top_k=kwargs.get("top_k"),
+                top_p=kwargs.get("top_p"),
+                seed=seed,
+            )
             for context, gen_kwargs, text in zip(contexts, all_kwargs, texts):
                 text = postprocess_generated_text(text, until, None)
                 results.append(text)
@@ -157,10 +170,12 @@ def run_cli(argv: list[str]) -> None:
     from lm_eval.__main__ import cli_evaluate
 
     if not argv or argv in (["-h"], ["--help"]):
-        print("usage: ftplm lm-eval [lm-eval arguments]: lm-eval's command line with --model ftplm registered, e.g.\n"
-              "  ftplm lm-eval-tasks --data DATA --out tasks/   # local tasks over held-out documents\n"
-              "  ftplm lm-eval --model ftplm --model_args pretrained=RUN --tasks ftplm_heldout --include_path tasks/\n"
-              "model_args: pretrained=RUN[,batch_size=16][,device=cpu][,max_length=N][,max_gen_toks=256]\n")
+        print(
+            "usage: ftplm lm-eval [lm-eval arguments]: lm-eval's command line with --model ftplm registered, e.g.\n"
+            "  ftplm lm-eval-tasks --data DATA --out tasks/   # local tasks over held-out documents\n"
+            "  ftplm lm-eval --model ftplm --model_args pretrained=RUN --tasks ftplm_heldout --include_path tasks/\n"
+            "model_args: pretrained=RUN[,batch_size=16][,device=cpu][,max_length=N][,max_gen_toks=256]\n"
+        )
         argv = ["run", "--help"]
     saved = sys.argv
     sys.argv = ["ftplm lm-eval", *argv]
@@ -192,7 +207,6 @@ def write_tasks(
     """
     import yaml
 
-
     if isinstance(docs, bool) or not isinstance(docs, int) or docs < 1:
         raise FtplmError(f"docs must be a positive integer, got {docs!r}")
     held = TokenData(data_dir).heldout(split)[:docs]
@@ -206,10 +220,19 @@ def write_tasks(
     tasks: dict[str, tuple[list[dict[str, Any]], dict[str, Any]]] = {}
     tasks["ftplm_heldout_ppl"] = (
         [{"doc_id": d.doc_id, "text": d.text} for d in held if d.text.strip()],
-        {"output_type": "loglikelihood_rolling", "doc_to_text": "", "doc_to_target": "{{text}}",
-         "metric_list": [{"metric": m, "aggregation": agg, "higher_is_better": False} for m, agg in (
-             ("word_perplexity", "weighted_perplexity"), ("byte_perplexity", "weighted_perplexity"),
-             ("bits_per_byte", "bits_per_byte"))]},
+        {
+            "output_type": "loglikelihood_rolling",
+            "doc_to_text": "",
+            "doc_to_target": "{{text}}",
+            "metric_list": [
+                {"metric": m, "aggregation": agg, "higher_is_better": False}
+                for m, agg in (
+                    ("word_perplexity", "weighted_perplexity"),
+                    ("byte_perplexity", "weighted_perplexity"),
+                    ("bits_per_byte", "bits_per_byte"),
+                )
+            ],
+        },
     )
     long = [i for i, w in enumerate(words) if len(w) >= 42]
     if len(long) >= 4:
@@ -218,36 +241,76 @@ def write_tasks(
             others = rng.sample([j for j in long if j != i], 3)
             choices = [" ".join(words[j][32:42]) for j in [i, *others]]
             rng.shuffle(choices)
-            rows.append({"doc_id": held[i].doc_id, "prefix": " ".join(words[i][:32]), "choices": choices,
-                         "label": choices.index(" ".join(words[i][32:42]))})
+            rows.append(
+                {
+                    "doc_id": held[i].doc_id,
+                    "prefix": " ".join(words[i][:32]),
+                    "choices": choices,
+                    "label": choices.index(" ".join(words[i][32:42])),
+                }
+            )
         tasks["ftplm_heldout_continuation"] = (rows, _multiple_choice("{{prefix}}"))
     labels = sorted({d.label for d in held if d.label})
     if len(labels) >= 2:
-        rows = [{"doc_id": d.doc_id, "text": " ".join(w[:64]), "choices": labels, "label": labels.index(d.label)}
-                for d, w in zip(held, words) if d.label]
+        rows = [
+            {"doc_id": d.doc_id, "text": " ".join(w[:64]), "choices": labels, "label": labels.index(d.label)}
+            for d, w in zip(held, words)
+            if d.label
+        ]
         tasks["ftplm_heldout_topic"] = (rows, _multiple_choice("{{text}}\nTopic:"))
-    rows = [{"doc_id": d.doc_id, "prompt": " ".join(w[:24]), "target": w[24]} for d, w in zip(held, words) if len(w) > 24]
+    rows = [
+        {"doc_id": d.doc_id, "prompt": " ".join(w[:24]), "target": w[24]} for d, w in zip(held, words) if len(w) > 24
+    ]
     if rows:
-        tasks["ftplm_heldout_next_word"] = (rows, {
-            "output_type": "generate_until", "doc_to_text": "{{prompt}}", "doc_to_target": "{{target}}",
-            "generation_kwargs": {"until": ["\n"], "max_gen_toks": 16, "do_sample": False, "temperature": 0.0},
-            "filter_list": [{"name": "first-word", "filter": [
-                {"function": "regex", "regex_pattern": r"\S+", "fallback": ""}, {"function": "take_first"}]}],
-            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                             "ignore_case": True, "ignore_punctuation": True}],
-        })
+        tasks["ftplm_heldout_next_word"] = (
+            rows,
+            {
+                "output_type": "generate_until",
+                "doc_to_text": "{{prompt}}",
+                "doc_to_target": "{{target}}",
+                "generation_kwargs": {"until": ["\n"], "max_gen_toks": 16, "do_sample": False, "temperature": 0.0},
+                "filter_list": [
+                    {
+                        "name": "first-word",
+                        "filter": [
+                            {"function": "regex", "regex_pattern": r"\S+", "fallback": ""},
+                            {"function": "take_first"},
+                        ],
+                    }
+                ],
+                "metric_list": [
+                    {
+                        "metric": "exact_match",
+                        "aggregation": "mean",
+                        "higher_is_better": True,
+                        "ignore_case": True,
+                        "ignore_punctuation": True,
+                    }
+                ],
+            },
+        )
 
     for name, (rows, config) in tasks.items():
         data = out / f"{name}.jsonl"
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        task = {"tag": [TAG], "task": name, "dataset_path": "json",
-                "dataset_kwargs": {"data_files": {"test": str(data)}}, "test_split": "test", **config,
-                "metadata": {"version": 1.0, "source": str(Path(data_dir).absolute()), "split": split}}
+        task = {
+            "tag": [TAG],
+            "task": name,
+            "dataset_path": "json",
+            "dataset_kwargs": {"data_files": {"test": str(data)}},
+            "test_split": "test",
+            **config,
+            "metadata": {"version": 1.0, "source": str(Path(data_dir).absolute()), "split": split},
+        }
         (out / f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return list(tasks)
 
 
 def _multiple_choice(doc_to_text: str) -> dict[str, Any]:
-    return {"output_type": "multiple_choice", "doc_to_text": doc_to_text, "doc_to_choice": "choices",
-            "doc_to_target": "label",
-            "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]}
+    return {
+        "output_type": "multiple_choice",
+        "doc_to_text": doc_to_text,
+        "doc_to_choice": "choices",
+        "doc_to_target": "label",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }

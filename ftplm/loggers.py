@@ -151,8 +151,13 @@ class WandbLogger(Logger):
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
         id_file.write_text(run_id)
         self.session = self.wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "ftplm"), name=self.run.name, id=run_id, resume="allow",
-            dir=str(self.run), config=config, mode=os.environ.get("WANDB_MODE", "offline"),
+            project=os.environ.get("WANDB_PROJECT", "ftplm"),
+            name=self.run.name,
+            id=run_id,
+            resume="allow",
+            dir=str(self.run),
+            config=config,
+            mode=os.environ.get("WANDB_MODE", "offline"),
         )
 
     def log(self, record: Record) -> None:
@@ -165,7 +170,10 @@ class WandbLogger(Logger):
 
 # The one list of loggers: `--logger` choices, validation and the docs read it. jsonl is always on.
 LOGGERS: dict[str, Callable[[Path], Logger]] = {
-    "jsonl": JsonlLogger, "csv": CsvLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLogger,
+    "jsonl": JsonlLogger,
+    "csv": CsvLogger,
+    "tensorboard": TensorBoardLogger,
+    "wandb": WandbLogger,
 }
 
 

@@ -29,8 +29,11 @@ def cores() -> int:
 
 def describe_machine() -> str:
     """e.g. "Intel(R) Xeon(R) Processor, 2 cores, native bf16" (+ the GPU, where there is one)."""
-    bf16 = "native bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
+    bf16 = (
+        "native bf16"
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
         else "no native bf16"
+    )
     text = f"{cpu_model()}, {cores()} cores, {bf16}"
     if torch.cuda.is_available():
         text += f"; GPU {torch.cuda.get_device_name()}"
@@ -46,5 +49,8 @@ def command_line() -> str | None:
 
 def provenance() -> dict[str, str | None]:
     """command, machine and UTC date: the fields every published JSON carries."""
-    return {"command": command_line(), "machine": describe_machine(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    return {
+        "command": command_line(),
+        "machine": describe_machine(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }

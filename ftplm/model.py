@@ -87,8 +87,10 @@ class DecoderStart:
     @staticmethod
     def cat(starts: list[DecoderStart]) -> DecoderStart:
         """The rows of several starts (of one decoder length) as one, copied: drafting for a batch of rows."""
-        memory_kv = [(torch.cat([s.memory_kv[i][0] for s in starts]), torch.cat([s.memory_kv[i][1] for s in starts]))
-                     for i in range(len(starts[0].memory_kv))]
+        memory_kv = [
+            (torch.cat([s.memory_kv[i][0] for s in starts]), torch.cat([s.memory_kv[i][1] for s in starts]))
+            for i in range(len(starts[0].memory_kv))
+        ]
         cache = KVCache(starts[0].cache.n_layer, starts[0].cache.max_len)
         cache.length = starts[0].cache.length
         if any(s.cache.length != cache.length for s in starts):
@@ -341,7 +343,9 @@ class GPT(LanguageModel):
         if targets is None:
             return Output(logits=self.lm_head(h))
         valid = (targets >= 0).flatten().float()
-        loss, _ = linear_cross_entropy(h.flatten(0, 1), self.lm_head.weight, targets.flatten(), valid / valid.sum().clamp(min=1))
+        loss, _ = linear_cross_entropy(
+            h.flatten(0, 1), self.lm_head.weight, targets.flatten(), valid / valid.sum().clamp(min=1)
+        )
         return Output(loss=loss, next_token_ce=loss.detach())
 
 
@@ -392,10 +396,7 @@ class FTP(LanguageModel):
         return [cast(CrossAttention, block.cross).memory_kv(pseudo) for block in self.dec_h]
 
     def decode(
-        self,
-        tokens: torch.Tensor,
-        memory_kv: list[tuple[torch.Tensor, torch.Tensor]],
-        cache: KVCache | None = None,
+        self, tokens: torch.Tensor, memory_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache | None = None
     ) -> torch.Tensor:
         """Decoder hidden states (M, n, d) for inputs (M, n) given each row's pseudo-sequence keys/values.
 
@@ -472,7 +473,9 @@ class FTP(LanguageModel):
         offset_ce = (ce.view(B * T, N) * valid).sum(0) / n_valid.clamp(min=1)
         if self.cfg.future_bow > 0:  # the pseudo-sequence's mean predicts each of the next N tokens, unordered
             bag = pseudo.mean(1).repeat_interleave(N, 0)
-            bow, _ = linear_cross_entropy(bag, self.lm_head.weight, future.flatten(), valid.flatten() / valid.sum().clamp(min=1))
+            bow, _ = linear_cross_entropy(
+                bag, self.lm_head.weight, future.flatten(), valid.flatten() / valid.sum().clamp(min=1)
+            )
             loss = loss + self.cfg.future_bow * bow
         out = Output(loss=loss, next_token_ce=offset_ce[0], offset_ce=offset_ce)
         if with_metrics:

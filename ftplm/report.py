@@ -84,7 +84,9 @@ def plot_training(runs: dict[str, Path], path: Path) -> Path | None:
     return _save(fig, path)
 
 
-def plot_curves(evals: dict[str, dict[str, Any]], suite: str, keys: list[tuple[str, str]], xlabel: str, path: Path) -> Path | None:
+def plot_curves(
+    evals: dict[str, dict[str, Any]], suite: str, keys: list[tuple[str, str]], xlabel: str, path: Path
+) -> Path | None:
     """Line plots of list-valued metrics (offset curves), one panel per key."""
     have = [(k, t) for k, t in keys if any(_metric(evals, lab, suite, k) for lab in evals)]
     if not have:
@@ -107,7 +109,9 @@ def plot_curves(evals: dict[str, dict[str, Any]], suite: str, keys: list[tuple[s
     return _save(fig, path)
 
 
-def plot_bars(evals: dict[str, dict[str, Any]], suite: str, keys: list[str], title: str, path: Path, ylabel: str = "") -> Path | None:
+def plot_bars(
+    evals: dict[str, dict[str, Any]], suite: str, keys: list[str], title: str, path: Path, ylabel: str = ""
+) -> Path | None:
     """Grouped bars (one group per metric, one bar per label) with CI or std error bars."""
     keys = [k for k in keys if any(_metric(evals, lab, suite, k) for lab in evals)]
     labels = [lab for lab in evals if any(_metric(evals, lab, suite, k) for k in keys)]
@@ -141,19 +145,50 @@ def _save(fig, path: Path) -> Path:
 SECTIONS = [
     # (suite, title, metric keys for the table, plot kind, plot keys)
     ("ppl", "Validation perplexity", ["ppl", "next_token_ce"], None, None),
-    ("smoothness", "(a) Smoothness of state vectors", ["adjacent_cosine", "adjacent_cosine_centered"], "curve",
-     [("offset_curve", "cosine(h_t, h_t+k), raw"), ("offset_curve_centered", "cosine(h_t, h_t+k), mean-centred")]),
-    ("coherence", "(b) Topic coherence of generated text (MiniLM judge)",
-     ["prompt_continuation_cos", "half_half_cos", "distinct_2", "repeated_4gram_rate", "continuation_tokens"], "bars",
-     ["prompt_continuation_cos", "half_half_cos", "distinct_2", "repeated_4gram_rate"]),
-    ("classify", "(c) Topic classification from frozen vectors (5-fold CV accuracy)",
-     ["wiki-vital/mean", "wiki-vital/last", "wiki-vital/tfidf", "wiki-vital/majority", "bbc-news/mean", "bbc-news/last",
-      "bbc-news/tfidf", "bbc-news/majority"], "bars",
-     ["wiki-vital/mean", "wiki-vital/last", "wiki-vital/tfidf", "bbc-news/mean", "bbc-news/last", "bbc-news/tfidf"]),
-    ("coding", "(d) Planning-ahead coding task (pass@1, greedy)",
-     ["pass@1", "declared_correct", "pass@1/range", "pass@1/words", "pass@1/squares"], "bars",
-     ["pass@1", "declared_correct", "pass@1/range", "pass@1/words", "pass@1/squares"]),
-    ("retrieval", "Retrieval (first sentence -> rest of article)", ["recall@1", "recall@10", "mrr", "judge_recall@1"], None, None),
+    (
+        "smoothness",
+        "(a) Smoothness of state vectors",
+        ["adjacent_cosine", "adjacent_cosine_centered"],
+        "curve",
+        [("offset_curve", "cosine(h_t, h_t+k), raw"), ("offset_curve_centered", "cosine(h_t, h_t+k), mean-centred")],
+    ),
+    (
+        "coherence",
+        "(b) Topic coherence of generated text (MiniLM judge)",
+        ["prompt_continuation_cos", "half_half_cos", "distinct_2", "repeated_4gram_rate", "continuation_tokens"],
+        "bars",
+        ["prompt_continuation_cos", "half_half_cos", "distinct_2", "repeated_4gram_rate"],
+    ),
+    (
+        "classify",
+        "(c) Topic classification from frozen vectors (5-fold CV accuracy)",
+        [
+            "wiki-vital/mean",
+            "wiki-vital/last",
+            "wiki-vital/tfidf",
+            "wiki-vital/majority",
+            "bbc-news/mean",
+            "bbc-news/last",
+            "bbc-news/tfidf",
+            "bbc-news/majority",
+        ],
+        "bars",
+        ["wiki-vital/mean", "wiki-vital/last", "wiki-vital/tfidf", "bbc-news/mean", "bbc-news/last", "bbc-news/tfidf"],
+    ),
+    (
+        "coding",
+        "(d) Planning-ahead coding task (pass@1, greedy)",
+        ["pass@1", "declared_correct", "pass@1/range", "pass@1/words", "pass@1/squares"],
+        "bars",
+        ["pass@1", "declared_correct", "pass@1/range", "pass@1/words", "pass@1/squares"],
+    ),
+    (
+        "retrieval",
+        "Retrieval (first sentence -> rest of article)",
+        ["recall@1", "recall@10", "mrr", "judge_recall@1"],
+        None,
+        None,
+    ),
 ]
 
 
@@ -181,14 +216,20 @@ def write_report(
         blocks += [("h2", caption), ("table", header, rows)]
 
     if (png := plot_training(run_paths, plots / "training.png")) is not None:
-        blocks += [("h2", "Training curves"), ("img", png, "training loss and validation perplexity against training tokens")]
+        blocks += [
+            ("h2", "Training curves"),
+            ("img", png, "training loss and validation perplexity against training tokens"),
+        ]
     for suite_name, section, table_keys, kind, plot_keys in SECTIONS:
         present = [lab for lab in labels if suite_name in evals.get(lab, {})]
         if not present:
             continue
         blocks.append(("h2", section))
-        rows = [[k] + [fmt(_metric(evals, lab, suite_name, k)) for lab in present] for k in table_keys
-                if any(_metric(evals, lab, suite_name, k) for lab in present)]
+        rows = [
+            [k] + [fmt(_metric(evals, lab, suite_name, k)) for lab in present]
+            for k in table_keys
+            if any(_metric(evals, lab, suite_name, k) for lab in present)
+        ]
         blocks.append(("table", ["metric", *present], rows))
         sub = {lab: evals[lab] for lab in present}
         if kind == "curve":
@@ -201,20 +242,60 @@ def write_report(
             blocks.append(("img", png, section))
         if suite_name == "ppl":
             ftp = {lab: sub[lab] for lab in present if _metric(sub, lab, "ppl", "offset_acc")}
-            if ftp and (png := plot_curves(ftp, "ppl", [("offset_acc", "FTP decoder accuracy at offset k"), ("offset_ce", "FTP decoder CE at offset k")],
-                                            "offset k (tokens ahead)", plots / "ftp_offsets.png")) is not None:
-                rows = [[lab, " / ".join(f"{a:.3f}" for a in _metric(ftp, lab, "ppl", "offset_acc")["value"])] for lab in ftp]  # type: ignore[index]  # present: ftp is filtered on it
-                blocks += [("h3", "FTP per-offset accuracy"), ("table", ["run", "accuracy at k = 1..N"], rows), ("img", png, "FTP per-offset accuracy and CE")]
+            if (
+                ftp
+                and (
+                    png := plot_curves(
+                        ftp,
+                        "ppl",
+                        [
+                            ("offset_acc", "FTP decoder accuracy at offset k"),
+                            ("offset_ce", "FTP decoder CE at offset k"),
+                        ],
+                        "offset k (tokens ahead)",
+                        plots / "ftp_offsets.png",
+                    )
+                )
+                is not None
+            ):
+                rows = [
+                    [lab, " / ".join(f"{a:.3f}" for a in _metric(ftp, lab, "ppl", "offset_acc")["value"])]  # type: ignore[index]  # present: ftp is filtered on it
+                    for lab in ftp
+                ]
+                blocks += [
+                    ("h3", "FTP per-offset accuracy"),
+                    ("table", ["run", "accuracy at k = 1..N"], rows),
+                    ("img", png, "FTP per-offset accuracy and CE"),
+                ]
         details = [(lab, evals[lab][suite_name]) for lab in present]
-        blocks.append(("p", "; ".join(f"{lab}: n = {r.get('n', '?')}" + (f", checkpoint `{r['checkpoint']}`" if r.get("checkpoint") else "") for lab, r in details)))
+        blocks.append(
+            (
+                "p",
+                "; ".join(
+                    f"{lab}: n = {r.get('n', '?')}"
+                    + (f", checkpoint `{r['checkpoint']}`" if r.get("checkpoint") else "")
+                    for lab, r in details
+                ),
+            )
+        )
 
-    samples = samples or {lab: evals[lab]["coherence"]["examples"] for lab in labels if evals.get(lab, {}).get("coherence", {}).get("examples")}
+    samples = samples or {
+        lab: evals[lab]["coherence"]["examples"]
+        for lab in labels
+        if evals.get(lab, {}).get("coherence", {}).get("examples")
+    }
     if samples:
         blocks.append(("h2", "Samples side by side (temperature 0.8, top-k 50)"))
         n = max(len(v) for v in samples.values())
         for i in range(min(3, n)):
             prompt = next((v[i]["prompt"] for v in samples.values() if len(v) > i), "")
-            blocks.append(("table", ["prompt", *samples], [[prompt] + [v[i]["continuation"] if len(v) > i else "" for v in samples.values()]]))
+            blocks.append(
+                (
+                    "table",
+                    ["prompt", *samples],
+                    [[prompt] + [v[i]["continuation"] if len(v) > i else "" for v in samples.values()]],
+                )
+            )
     md, page = render_markdown(blocks, out), render_html(blocks, title)
     paths = {"md": out / "report.md", "html": out / "report.html"}
     paths["md"].write_text(md, encoding="utf-8")
@@ -243,16 +324,19 @@ def render_markdown(blocks: list[Block], out: Path) -> str:
 
 def render_html(blocks: list[Block], title: str) -> str:
     """One file, nothing external: plots as base64 data URIs."""
+
     def inline(text: str) -> str:
         t = html.escape(text)
         t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
         return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
 
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
-             "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "vertical-align:top;font-size:14px}th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4}"
-             "</style></head><body>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "vertical-align:top;font-size:14px}th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4}"
+        "</style></head><body>"
+    ]
     for b in blocks:
         if b[0] in ("h1", "h2", "h3"):
             parts.append(f"<{b[0]}>{html.escape(b[1])}</{b[0]}>")
@@ -264,7 +348,9 @@ def render_html(blocks: list[Block], title: str) -> str:
             parts.append(f"<table><tr>{head}</tr>{body}</table>")
         elif b[0] == "img":
             data = base64.b64encode(Path(b[1]).read_bytes()).decode()
-            parts.append(f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'><figcaption>{html.escape(b[2])}</figcaption></figure>")
+            parts.append(
+                f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'><figcaption>{html.escape(b[2])}</figcaption></figure>"
+            )
     parts.append("</body></html>")
     return "\n".join(parts)
 
@@ -311,7 +397,10 @@ def quick_samples(runs: dict[str, Path | None], max_new_tokens: int = 48) -> dic
         if run is None or not (run / "config.json").exists():
             continue
         tm = load(run)
-        out[label] = [{"prompt": p, "continuation": tm.generate(p, max_new_tokens, temperature=0.8, top_k=50, seed=0)} for p in SAMPLE_PROMPTS]
+        out[label] = [
+            {"prompt": p, "continuation": tm.generate(p, max_new_tokens, temperature=0.8, top_k=50, seed=0)}
+            for p in SAMPLE_PROMPTS
+        ]
     return out
 
 

@@ -57,8 +57,14 @@ MAX_BATCH = 64  # completions decoded together; more wait for a free row
 class APIError(Exception):
     """A client-visible error: HTTP status + OpenAI's {"error": {message, type, param, code}} body."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:  # noqa: A002 - OpenAI's field name
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",  # noqa: A002 - OpenAI's field name
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
 
@@ -146,8 +152,11 @@ class Chunk:
 
     @staticmethod
     def merge(chunks: list[Chunk]) -> Chunk:
-        return Chunk([t for c in chunks for t in c.tokens], [e for c in chunks for e in c.logprobs],
-                     [e for c in chunks for e in c.prompt_logprobs])
+        return Chunk(
+            [t for c in chunks for t in c.tokens],
+            [e for c in chunks for e in c.logprobs],
+            [e for c in chunks for e in c.prompt_logprobs],
+        )
 
 
 class Engine:
@@ -156,8 +165,9 @@ class Engine:
     finished and cancelled ones leave. Other calls (embeddings) run between steps. It knows requests only by id and
     talks through two functions, so it runs the same on a thread or in a process of its own."""
 
-    def __init__(self, tm: TextModel, max_batch: int, receive: Callable[[bool], Message],
-                 send: Callable[[list[Event]], None]) -> None:
+    def __init__(
+        self, tm: TextModel, max_batch: int, receive: Callable[[bool], Message], send: Callable[[list[Event]], None]
+    ) -> None:
         self.tm, self.max_batch, self.receive, self.send = tm, max_batch, receive, send
         self.waiting: deque[tuple[int, list[int], GenerationConfig, bool]] = deque()
         self.rows: dict[int, Row] = {}  # job id -> its row
@@ -198,8 +208,15 @@ class Engine:
             self.waiting = deque(w for w in self.waiting if w[0] != job)
             events.append((job, "done", None))
 
-    def _admit(self, session: DecodeSession, job: int, prompt: list[int], config: GenerationConfig, stream: bool,
-               events: list[Event]) -> None:
+    def _admit(
+        self,
+        session: DecodeSession,
+        job: int,
+        prompt: list[int],
+        config: GenerationConfig,
+        stream: bool,
+        events: list[Event],
+    ) -> None:
         try:
             row = session.add(prompt, config)
         except BaseException as e:  # noqa: BLE001 - handed to the request, which answers for it
@@ -222,8 +239,11 @@ class Engine:
         job_of = {id(row): job for job, row in self.rows.items()}
         for row, new in produced:
             job = job_of[id(row)]
-            chunk = Chunk(new, row.logprobs[len(row.logprobs) - len(new):] if row.config.logprobs is not None else [],
-                          row.prompt_logprobs if len(row.out) == len(new) else [])
+            chunk = Chunk(
+                new,
+                row.logprobs[len(row.logprobs) - len(new) :] if row.config.logprobs is not None else [],
+                row.prompt_logprobs if len(row.out) == len(new) else [],
+            )
             if job in self.held:
                 self.held[job].append(chunk)
             else:
@@ -304,8 +324,13 @@ class ModelWorker:
     decoding then does not share an interpreter lock with the HTTP handling (on 2 cores, 50-client `bench serve`
     on `mini`: ~290 req/s instead of ~245, p99 latency ~0.25 s instead of ~0.3 s)."""
 
-    def __init__(self, tm: TextModel | None = None, max_pending: int = 256, max_batch: int = MAX_BATCH,
-                 process_source: str | TextModel | None = None) -> None:
+    def __init__(
+        self,
+        tm: TextModel | None = None,
+        max_pending: int = 256,
+        max_batch: int = MAX_BATCH,
+        process_source: str | TextModel | None = None,
+    ) -> None:
         self.tm, self.max_pending, self.max_batch, self.source = tm, max_pending, max_batch, process_source
         self.pending = 0  # jobs submitted and not finished (read by the event loop for back-pressure)
         self.jobs: dict[int, Job] = {}
@@ -326,8 +351,12 @@ class ModelWorker:
         else:
             spawn = multiprocessing.get_context("spawn")
             (inbox_r, inbox_w), (outbox_r, outbox_w) = spawn.Pipe(duplex=False), spawn.Pipe(duplex=False)
-            self._process = spawn.Process(target=_engine_process, name="ftplm-model", daemon=True,
-                                          args=(self.source, torch.get_num_threads(), self.max_batch, inbox_r, outbox_w))
+            self._process = spawn.Process(
+                target=_engine_process,
+                name="ftplm-model",
+                daemon=True,
+                args=(self.source, torch.get_num_threads(), self.max_batch, inbox_r, outbox_w),
+            )
             self._process.start()
             inbox_r.close()
             outbox_w.close()
@@ -367,8 +396,12 @@ class ModelWorker:
 
     def _submit(self, message: Callable[[int], tuple[Any, ...]]) -> Job:
         if self.pending >= self.max_pending:
-            raise APIError(429, f"server busy: {self.pending} requests queued; retry later", code="server_busy",
-                           type="rate_limit_error")
+            raise APIError(
+                429,
+                f"server busy: {self.pending} requests queued; retry later",
+                code="server_busy",
+                type="rate_limit_error",
+            )
         self.start()
         job = Job(self, asyncio.get_running_loop(), next(self._ids))
         with self._lock:
@@ -461,14 +494,15 @@ def _drafters(tm: TextModel, speculative: str | None, adaptive: bool = False) ->
 
 
 def describe_drafters(drafters: dict[str, str | None]) -> str:
-    """"ftp-lookup", "off", or "greedy: lookup, sampled: off" where the two differ."""
+    """ "ftp-lookup", "off", or "greedy: lookup, sampled: off" where the two differ."""
     if drafters["greedy"] == drafters["sampled"]:
         return drafters["greedy"] or "off"
     return ", ".join(f"{mode}: {name or 'off'}" for mode, name in drafters.items())
 
 
-def completion_config(req: CompletionRequest, cap: int, drafters: dict[str, str | None], adaptive: bool
-                      ) -> GenerationConfig:
+def completion_config(
+    req: CompletionRequest, cap: int, drafters: dict[str, str | None], adaptive: bool
+) -> GenerationConfig:
     """A completion request as the engine's GenerationConfig (OpenAI's names and defaults): the one place they
     meet, so a bad option gets the engine's own one-line message, as a 400."""
     if req.n not in (None, 1) or req.best_of not in (None, 1):
@@ -477,8 +511,11 @@ def completion_config(req: CompletionRequest, cap: int, drafters: dict[str, str 
     if max_tokens > cap:
         raise APIError(400, f"max_tokens is at most {cap}, got {max_tokens}", "max_tokens")
     # the options a request shares with the engine, by name; those it leaves unset keep the engine's defaults
-    options = {f.name: getattr(req, f.name) for f in fields(GenerationConfig)
-               if f.name in CompletionRequest.model_fields and getattr(req, f.name) is not None}
+    options = {
+        f.name: getattr(req, f.name)
+        for f in fields(GenerationConfig)
+        if f.name in CompletionRequest.model_fields and getattr(req, f.name) is not None
+    }
     options["stop"] = req.stop or ()
     drafter = drafters["greedy" if options.get("temperature", GenerationConfig.temperature) == 0 else "sampled"]
     options["adaptive"] = bool(drafter) and options.get("adaptive", adaptive)
@@ -511,8 +548,9 @@ class LogprobsJSON:
 
 def _check_model(requested: str | None, name: str) -> None:
     if requested is not None and requested != name:
-        raise APIError(404, f"the model {requested!r} does not exist; this server serves {name!r}", "model",
-                       "model_not_found")
+        raise APIError(
+            404, f"the model {requested!r} does not exist; this server serves {name!r}", "model", "model_not_found"
+        )
 
 
 @dataclass
@@ -534,8 +572,15 @@ class Served:
 
     def model_card(self) -> dict[str, Any]:
         cfg = self.text_model.config
-        return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "ftplm",
-                "model_type": cfg.model_type, "context_length": cfg.block_size, "embedding_dim": cfg.n_embd}
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "ftplm",
+            "model_type": cfg.model_type,
+            "context_length": cfg.block_size,
+            "embedding_dim": cfg.n_embd,
+        }
 
     def prompt_ids(self, prompt: str | list[str] | list[int], max_tokens: int) -> list[int]:
         """A request's prompt as token ids (text, one text in a list, or ids), checked against the context."""
@@ -555,8 +600,13 @@ class Served:
                 raise APIError(400, "the prompt is empty", "prompt")
             ids = [tm.eos_id]
         if len(ids) > self.block or (len(ids) == self.block and max_tokens > 0):
-            raise APIError(400, f"the prompt has {len(ids)} tokens; this model's context is {self.block} tokens, "
-                                "including the completion", "prompt", "context_length_exceeded")
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this model's context is {self.block} tokens, "
+                "including the completion",
+                "prompt",
+                "context_length_exceeded",
+            )
         return ids
 
 
@@ -582,8 +632,9 @@ async def _invalid_request(request: Request, e: Exception) -> JSONResponse:
     errors = e.errors()
     err = errors[0] if errors else {}
     if err.get("type") == "json_invalid":
-        return APIError(400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "),
-                        code="invalid_json").response()
+        return APIError(
+            400, f"the body is not valid JSON: {err.get('ctx', {}).get('error', '')}".rstrip(": "), code="invalid_json"
+        ).response()
     param = field(err)
     # a union field (e.g. prompt: str | list[str]) fails once per member: say all of it, under the field's name
     msgs = dict.fromkeys(x.get("msg", "invalid value") for x in errors if field(x) == param)
@@ -605,8 +656,11 @@ async def _internal_error(request: Request, e: Exception) -> JSONResponse:
 
 
 EXCEPTION_HANDLERS: dict[Any, Callable[[Request, Exception], Any]] = {
-    APIError: _api_error, RequestValidationError: _invalid_request, FtplmError: _bad_input,
-    HTTPException: _http_error, Exception: _internal_error,
+    APIError: _api_error,
+    RequestValidationError: _invalid_request,
+    FtplmError: _bad_input,
+    HTTPException: _http_error,
+    Exception: _internal_error,
 }
 
 
@@ -616,8 +670,13 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(s: ServedDep) -> dict[str, Any]:
-    return {"status": "ok", "model": s.model_name, "pending": s.worker.pending, "speculative": s.drafters,
-            "adaptive": s.adaptive}
+    return {
+        "status": "ok",
+        "model": s.model_name,
+        "pending": s.worker.pending,
+        "speculative": s.drafters,
+        "adaptive": s.adaptive,
+    }
 
 
 @router.get("/v1/models")
@@ -640,8 +699,12 @@ class Completion:
         self.asm = TextAssembler(tm, list(config.stop))
         self.logprobs = LogprobsJSON(tm, ids if req.echo else []) if config.logprobs is not None else None
         self.echo = tm.decode(ids) if req.echo else ""
-        self.head = {"id": f"cmpl-{uuid.uuid4().hex[:24]}", "object": "text_completion", "created": int(time.time()),
-                     "model": s.model_name}
+        self.head = {
+            "id": f"cmpl-{uuid.uuid4().hex[:24]}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": s.model_name,
+        }
 
     def usage(self) -> dict[str, int]:
         n = self.asm.n_generated
@@ -659,8 +722,9 @@ class Completion:
         asm = self.asm
         text = self.echo + asm.add(whole.tokens)
         text += "" if asm.finish_reason else asm.flush()
-        return JSONResponse({**self.head, "choices": [self.choice(text, asm.finish_reason or "length", whole)],
-                             "usage": self.usage()})
+        return JSONResponse(
+            {**self.head, "choices": [self.choice(text, asm.finish_reason or "length", whole)], "usage": self.usage()}
+        )
 
     def _sse(self, choices: list[dict[str, Any]], **extra: Any) -> str:
         return f"data: {json.dumps({**self.head, 'choices': choices, **extra})}\n\n"
@@ -698,8 +762,11 @@ async def completions(req: CompletionRequest, s: ServedDep) -> JSONResponse | St
     completion = Completion(s, req, ids, s.worker.complete(ids, config, bool(req.stream)), config)
     if not req.stream:
         return await completion.whole()
-    return StreamingResponse(completion.events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        completion.events(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.post("/v1/embeddings")
@@ -717,8 +784,12 @@ async def embeddings(req: EmbeddingRequest, s: ServedDep) -> JSONResponse:
         if n == 0:
             raise APIError(400, f"input[{i}] is empty", "input")
         if n > block:
-            raise APIError(400, f"input[{i}] has {n} tokens; this model's context is {block} tokens", "input",
-                           "context_length_exceeded")
+            raise APIError(
+                400,
+                f"input[{i}] has {n} tokens; this model's context is {block} tokens",
+                "input",
+                "context_length_exceeded",
+            )
         n_tokens.append(n)
 
     (vectors,) = [v async for v in s.worker.call("embed", texts, req.pooling)]  # the job's one item
@@ -726,11 +797,14 @@ async def embeddings(req: EmbeddingRequest, s: ServedDep) -> JSONResponse:
         data = [base64.b64encode(v.astype("<f4").tobytes()).decode() for v in vectors]
     else:
         data = [v.tolist() for v in vectors]
-    return JSONResponse({
-        "object": "list", "model": s.model_name,
-        "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
-        "usage": {"prompt_tokens": sum(n_tokens), "total_tokens": sum(n_tokens)},
-    })
+    return JSONResponse(
+        {
+            "object": "list",
+            "model": s.model_name,
+            "data": [{"object": "embedding", "index": i, "embedding": e} for i, e in enumerate(data)],
+            "usage": {"prompt_tokens": sum(n_tokens), "total_tokens": sum(n_tokens)},
+        }
+    )
 
 
 # --- the app ------------------------------------------------------------------------------------------------------
@@ -774,9 +848,15 @@ def create_app(
     app = FastAPI(title="ftplm", lifespan=lifespan, exception_handlers=EXCEPTION_HANDLERS)
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.include_router(router)
-    app.state.served = Served(tm, worker, model_name or (tm.path.name if tm.path is not None else "ftplm"),
-                              max_tokens_cap or tm.config.block_size, drafters,
-                              adaptive and any(drafters.values()), int(time.time()))
+    app.state.served = Served(
+        tm,
+        worker,
+        model_name or (tm.path.name if tm.path is not None else "ftplm"),
+        max_tokens_cap or tm.config.block_size,
+        drafters,
+        adaptive and any(drafters.values()),
+        int(time.time()),
+    )
     return app
 
 
@@ -800,8 +880,9 @@ def bind(host: str, port: int) -> socket.socket:
         raise FtplmError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None,
-          **app_kwargs: Any) -> None:
+def serve(
+    run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: int | None = None, **app_kwargs: Any
+) -> None:
     """Serve a run until interrupted (Ctrl-C)."""
     import uvicorn
 
@@ -813,8 +894,11 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, threads: i
     sock = bind(host, port)
     s: Served = app.state.served
     adaptive = ", adaptive" if s.adaptive else ""
-    print(f"serving {s.model_name} ({s.text_model.config.model_type}, speculative: "
-          f"{describe_drafters(s.drafters)}{adaptive}) on http://{host}:{port}/v1", flush=True)
+    print(
+        f"serving {s.model_name} ({s.text_model.config.model_type}, speculative: "
+        f"{describe_drafters(s.drafters)}{adaptive}) on http://{host}:{port}/v1",
+        flush=True,
+    )
     uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
 
 

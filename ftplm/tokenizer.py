@@ -48,8 +48,9 @@ def gpt2_tokenizer() -> Tokenizer:
     vocab = json.loads((data / "encoder.json").read_text(encoding="utf-8"))
     merges = [
         (first, second)
-        for first, second in (line.split() for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:]
-                              if line.strip())
+        for first, second in (
+            line.split() for line in (data / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line.strip()
+        )
     ]
     tok = _byte_level(models.BPE(vocab=vocab, merges=merges))
     tok.add_special_tokens([EOS])  # already id 50256 in the vocabulary; this marks it special

@@ -184,17 +184,22 @@ class Trainer:
         if resume:
             self.model_cfg, self.train_cfg = self._resumed_run(train_overrides or {})
         else:
-            self.model_cfg, self.train_cfg = self._new_run(model_type, preset_name, model_overrides or {},
-                                                           train_overrides or {}, init_from)
+            self.model_cfg, self.train_cfg = self._new_run(
+                model_type, preset_name, model_overrides or {}, train_overrides or {}, init_from
+            )
         if self.model_cfg.vocab_size < self.data.vocab_size:
-            raise FtplmError(f"model vocab ({self.model_cfg.vocab_size}) is smaller than the data's tokenizer ({self.data.vocab_size})")
+            raise FtplmError(
+                f"model vocab ({self.model_cfg.vocab_size}) is smaller than the data's tokenizer ({self.data.vocab_size})"
+            )
         cfg = self.train_cfg
         if cfg.max_steps is None and cfg.max_tokens is None and cfg.time_budget is None:
             raise FtplmError("say when to stop: --max-steps, --max-tokens or --time-budget")
         if strategy not in ("ddp", "fsdp"):
             raise FtplmError(f"unknown strategy {strategy!r}; choose ddp or fsdp")
         if strategy == "fsdp" and not self.dist.distributed:
-            raise FtplmError("--strategy fsdp shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)")
+            raise FtplmError(
+                "--strategy fsdp shards the model over processes: launch with torchrun --nproc_per_node=N (N >= 2)"
+            )
         self.tokenizer = load_tokenizer(self.data.tokenizer_path)
         self.loggers = Loggers(self.out, cfg.loggers) if self.dist.is_main else None  # a missing package fails here
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.model_cfg.block_size * self.dist.world_size
@@ -214,8 +219,14 @@ class Trainer:
         train_cfg = config_from_dict(TrainConfig, train_dict, "trainer_state.json").validate()
         return load_model_config(self.out / "latest" / "config.json"), train_cfg
 
-    def _new_run(self, model_type: str | None, preset_name: str, model_overrides: dict[str, Any],
-                 train_overrides: dict[str, Any], init_from: str | Path | None) -> tuple[ModelConfig, TrainConfig]:
+    def _new_run(
+        self,
+        model_type: str | None,
+        preset_name: str,
+        model_overrides: dict[str, Any],
+        train_overrides: dict[str, Any],
+        init_from: str | Path | None,
+    ) -> tuple[ModelConfig, TrainConfig]:
         """The configs of a new run: the preset's (or init_from's model), with the overrides."""
         if (self.out / "latest").exists():
             raise FtplmError(f"{self.out} already holds a run: pass --resume to continue it, or choose another --out")
@@ -223,7 +234,9 @@ class Trainer:
             self.init_from = init_source(init_from, self.data.tokenizer_path)
             model_type = model_type or self.init_from["config"].model_type
             if model_type != self.init_from["config"].model_type:
-                raise FtplmError(f"--init-from {init_from} is a {self.init_from['config'].model_type} model, not {model_type}")
+                raise FtplmError(
+                    f"--init-from {init_from} is a {self.init_from['config'].model_type} model, not {model_type}"
+                )
         chosen = preset(preset_name, model_type or "ftp")  # type: ignore[arg-type]  # validated by preset()
         base_model = self.init_from["config"] if self.init_from else chosen.model
         model_cfg = with_overrides(base_model, {"vocab_size": self.data.vocab_size, **model_overrides}).validate()
@@ -252,8 +265,14 @@ class Trainer:
         """Every setting of this run, flat, as `ftplm train --config` reads it: that file trains the same model."""
         model_fields = {k: v for k, v in dataclasses.asdict(self.model_cfg).items() if k != "model_type"}
         origin = {"init_from": self.init_from["path"]} if self.init_from else {}
-        return {"model": self.model_cfg.model_type, "preset": self.preset_name, "data": str(self.data.root.resolve()),
-                **origin, **model_fields, **dataclasses.asdict(self.train_cfg)}
+        return {
+            "model": self.model_cfg.model_type,
+            "preset": self.preset_name,
+            "data": str(self.data.root.resolve()),
+            **origin,
+            **model_fields,
+            **dataclasses.asdict(self.train_cfg),
+        }
 
     def _start_logging(self, step: int) -> Loggers | None:
         """The run's loggers (main process), each told where the run (re)starts; the resolved config beside them."""
@@ -305,7 +324,10 @@ class Trainer:
                 "elapsed": elapsed,
                 "planned_steps": planned,
                 "data_dir": str(self.data.root.resolve()),
-                "data_position": {"step": step, "note": "batches are a function of (seed, step, rank * grad_accum + micro)"},
+                "data_position": {
+                    "step": step,
+                    "note": "batches are a function of (seed, step, rank * grad_accum + micro)",
+                },
                 "train_config": dataclasses.asdict(cfg),  # grad_accum is per process: global = grad_accum * world_size
                 "world_size": ctx.world_size,
                 "strategy": self.strategy,
@@ -316,7 +338,9 @@ class Trainer:
             nonlocal saved_step
             full_model, full_optimizer = parallel.full_state(optimizer)  # a collective under FSDP
             if ctx.is_main:
-                save_checkpoint(self.out, step, full_model, self.tokenizer, full_optimizer, state(), keep=cfg.keep_checkpoints)
+                save_checkpoint(
+                    self.out, step, full_model, self.tokenizer, full_optimizer, state(), keep=cfg.keep_checkpoints
+                )
             saved_step = step
 
         def snapshot() -> None:
@@ -328,7 +352,14 @@ class Trainer:
             if loggers is not None:
                 loggers.log(record)
 
-        bar = tqdm(total=planned, initial=step, desc=f"train {self.model_cfg.model_type}", unit="step", disable=not self.progress, dynamic_ncols=True)
+        bar = tqdm(
+            total=planned,
+            initial=step,
+            desc=f"train {self.model_cfg.model_type}",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
         last_val: dict[str, Any] | None = None
         loss_value = float("nan")
         start_time = time.perf_counter() - elapsed
@@ -344,7 +375,11 @@ class Trainer:
                 group["lr"] = lr
             loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
             for micro in range(cfg.grad_accum):
-                key = (cfg.seed, step, global_micro(ctx, micro, cfg.grad_accum))  # this rank's slice of the global batch
+                key = (
+                    cfg.seed,
+                    step,
+                    global_micro(ctx, micro, cfg.grad_accum),
+                )  # this rank's slice of the global batch
                 x, y = self.data.batch("train", cfg.batch_size, self.model_cfg.block_size, key=key)
                 x, y = to_device(x, device), to_device(y, device)
                 with parallel.gradient_sync(micro == cfg.grad_accum - 1):  # reduce on the last micro-batch only
@@ -359,7 +394,9 @@ class Trainer:
             tokens += self.tokens_per_step
             step_time = time.perf_counter() - t0
             # every rank takes the same decisions (stop, schedule length) from the same averaged numbers
-            loss_value, elapsed, step_time = ctx.mean([loss_sum.item() / cfg.grad_accum, time.perf_counter() - start_time, step_time])
+            loss_value, elapsed, step_time = ctx.mean(
+                [loss_sum.item() / cfg.grad_accum, time.perf_counter() - start_time, step_time]
+            )
             if planned is None:  # time budget only: fix the schedule length from warmed-up step times
                 if step == 2:
                     warm_mark = (step, elapsed)
@@ -368,14 +405,24 @@ class Trainer:
                     planned = step + self._planned_steps(seconds_per_step, cfg.time_budget - elapsed)
                     bar.total = planned
             if step % cfg.log_interval == 0 or step == 1:
-                log({
-                    "step": step, "loss": loss_value, "lr": lr, "tokens": tokens, "elapsed": round(elapsed, 3),
-                    "tokens_per_s": round(self.tokens_per_step / step_time, 1),
-                    "grad_norm": None if grad_norm is None else float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
-                })
+                log(
+                    {
+                        "step": step,
+                        "loss": loss_value,
+                        "lr": lr,
+                        "tokens": tokens,
+                        "elapsed": round(elapsed, 3),
+                        "tokens_per_s": round(self.tokens_per_step / step_time, 1),
+                        "grad_norm": None
+                        if grad_norm is None
+                        else float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm),
+                    }
+                )
             bar.update(1)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{self.tokens_per_step / step_time:,.0f}")
-            done = (planned is not None and step >= planned) or (cfg.time_budget is not None and elapsed >= cfg.time_budget)
+            done = (planned is not None and step >= planned) or (
+                cfg.time_budget is not None and elapsed >= cfg.time_budget
+            )
             if (step % cfg.eval_interval == 0 or done) and (ctx.is_main or parallel.all_ranks_forward):
                 last_val = evaluate(model, self.data, cfg.batch_size, cfg.eval_iters, cfg.dtype)
                 log({"step": step, "tokens": tokens, "elapsed": round(elapsed, 3), "val": last_val})
@@ -407,4 +454,3 @@ def train(data_dir: str | Path, out: str | Path, **kwargs: Any) -> RunInfo:
         return Trainer(data_dir, out, **kwargs).fit()
     finally:
         shutdown()
-

@@ -34,7 +34,11 @@ def tiny_data(tiny_corpus, tmp_path_factory) -> Path:
 
 def _train_tiny(data: Path, out: Path, model_type: str, steps: int = 40) -> Path:
     train(
-        data, out, model_type=model_type, preset_name="tiny", progress=False,
+        data,
+        out,
+        model_type=model_type,
+        preset_name="tiny",
+        progress=False,
         train_overrides={"max_steps": steps, "eval_interval": steps, "save_interval": steps},
     )
     return out

@@ -23,12 +23,13 @@ def test_bench_train_measures_both_models_side_by_side(tmp_path, capsys):
 
 def test_bench_train_cli_writes_json(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "train", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--json", str(out)]) in (0, None)
+    assert main(
+        ["bench", "train", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2", "--json", str(out)]
+    ) in (0, None)
     assert set(json.loads(out.read_text())["models"]) == {"gpt", "ftp"}
 
 
 # --- MFU, FLOPs, memory, max batch (issue 5) ------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize("model_type", ["gpt", "ftp"])
@@ -53,7 +54,9 @@ def test_bench_reports_mfu_and_memory():
     f = bench_train("tiny", steps=1, warmup=0, batch_size=2)
     assert set(f["peak_flops"]) == {"bf16", "fp32"} and all(v["flops"] > 0 for v in f["peak_flops"].values())
     for m in f["models"].values():
-        assert m["mfu"] == pytest.approx(m["flops_per_token"] * m["tokens_per_s"] / f["peak_flops"][f["dtype"]]["flops"])
+        assert m["mfu"] == pytest.approx(
+            m["flops_per_token"] * m["tokens_per_s"] / f["peak_flops"][f["dtype"]]["flops"]
+        )
         assert m["memory"]["peak_mb"] > 0 and m["memory"]["step_mb"] >= 0
         assert "max_batch_size" not in m  # CPU: no out-of-memory errors to search with
     assert f["models"]["ftp"]["flops_per_token"] > f["models"]["gpt"]["flops_per_token"]
@@ -79,8 +82,24 @@ def test_largest_batch_finds_the_limit(threshold, cap):
 
 def test_bench_train_cli_model_overrides(tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["bench", "train", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--batch-size", "2",
-            "--set", "n_future=2", "--dtype", "fp32", "--json", str(out)]
+    argv = [
+        "bench",
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "1",
+        "--warmup",
+        "0",
+        "--batch-size",
+        "2",
+        "--set",
+        "n_future=2",
+        "--dtype",
+        "fp32",
+        "--json",
+        str(out),
+    ]
     assert main(argv) in (0, None)
     figures = json.loads(out.read_text())
     assert figures["n_future"] == 2 and figures["dtype"] == "fp32"

@@ -61,13 +61,34 @@ def bad_cases(t: Path, data: Path, run: Path) -> list[tuple[list[str], str]]:
         (["prepare", "--corpus", str(t / "bad.jsonl"), "--out", str(t / "o4")], "not valid JSON"),
         (["prepare", "--corpus", str(t / "latin1.txt"), "--out", str(t / "foreign")], "not valid UTF-8|refusing"),
         (["prepare", "--corpus", "wiki-vital", "--out", str(t / "o5"), "--vocab-size", "10"], "vocab size"),
-        (["train", "--data", str(t / "nodata"), "--out", str(t / "r1"), "--max-steps", "1"], "not a prepared data directory"),
+        (
+            ["train", "--data", str(t / "nodata"), "--out", str(t / "r1"), "--max-steps", "1"],
+            "not a prepared data directory",
+        ),
         (["train", "--data", d, "--out", str(t / "r2"), "--preset", "huge"], "invalid choice"),
-        (["train", "--data", d, "--out", str(t / "r3"), "--preset", "tiny", "--max-steps", "1", "--set", "n_embd=65"], "divisible"),
+        (
+            [
+                "train",
+                "--data",
+                d,
+                "--out",
+                str(t / "r3"),
+                "--preset",
+                "tiny",
+                "--max-steps",
+                "1",
+                "--set",
+                "n_embd=65",
+            ],
+            "divisible",
+        ),
         (["train", "--data", d, "--out", str(t / "r4"), "--preset", "tiny"], "when to stop"),
         (["train", "--data", d, "--out", r, "--preset", "tiny", "--max-steps", "1"], "already holds a run"),
         (["train", "--data", d, "--out", str(t / "r5"), "--resume"], "no checkpoint"),
-        (["train", "--data", d, "--out", str(t / "r6"), "--max-steps", "1", "--set", "colour=blue"], "unknown config field"),
+        (
+            ["train", "--data", d, "--out", str(t / "r6"), "--max-steps", "1", "--set", "colour=blue"],
+            "unknown config field",
+        ),
         (["train", "--data", d, "--out", str(t / "r7"), "--time-budget", "soon"], "invalid duration"),
         (["train", "--data", d, "--out", str(t / "r8"), "--max-steps", "-5"], "max_steps must be positive"),
         (["train", "--data", d, "--out", str(t / "r9"), "--max-steps", "1", "--set", "gamma=0"], "gamma"),
@@ -103,7 +124,10 @@ def test_bad_input_gives_one_line_and_exit_2(capsys, files, tiny_data, tiny_ftp_
 
 
 def test_real_process_exit_status(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ftplm", "generate", str(tmp_path / "none"), "--prompt", "x"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "ftplm", "generate", str(tmp_path / "none"), "--prompt", "x"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no such run" in result.stderr

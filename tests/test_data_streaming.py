@@ -64,7 +64,9 @@ def test_streams_into_bounded_shards_in_order(saved, rows, tmp_path):
     assert peak - small_peak < allowed, f"peak grew {peak - small_peak:,} bytes for {extra_bytes:,} more text"
     train = meta["splits"]["train"]
     assert len(train["shards"]) > 5 and all(s["tokens"] <= 20_000 for s in train["shards"])
-    assert sum(s["tokens"] for s in train["shards"]) == train["tokens"] == TokenData(tmp_path / "data").num_tokens("train")
+    assert (
+        sum(s["tokens"] for s in train["shards"]) == train["tokens"] == TokenData(tmp_path / "data").num_tokens("train")
+    )
     # every document lands, whole and in order, in the split its id hashes to (one pass routes all splits)
     for split in ("train", "val", "test"):
         want = [r["text"] for n, r in enumerate(rows) if split_of(f"{saved}:{n}", 0.05, 0.10, 0) == split]
@@ -81,7 +83,9 @@ def test_local_data_files_folder_and_dataset_dict(rows, tmp_path):
     docs = list(documents(f"hf:{folder}"))
     assert [d.text for d in docs] == [r["text"] for r in rows[:200]] and docs[4].label == "1"
     dd = tmp_path / "dd"
-    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:50]), "test": datasets.Dataset.from_list(rows[50:60])}).save_to_disk(str(dd))
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:50]), "test": datasets.Dataset.from_list(rows[50:60])}
+    ).save_to_disk(str(dd))
     assert [d.text for d in documents(f"hf:{dd}")] == [r["text"] for r in rows[:50]]
 
 

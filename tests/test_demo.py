@@ -6,7 +6,13 @@ from ftplm.demo import run_demo
 
 
 def test_demo_end_to_end(tmp_path, tiny_corpus, capsys):
-    sizes = {"ppl_batches": 2, "smoothness_docs": 8, "coherence_prompts": 2, "coherence_new_tokens": 16, "classify_docs": 60}
+    sizes = {
+        "ppl_batches": 2,
+        "smoothness_docs": 8,
+        "coherence_prompts": 2,
+        "coherence_new_tokens": 16,
+        "classify_docs": 60,
+    }
     summary = run_demo(tmp_path / "demo", budget_s=3, corpus=str(tiny_corpus), preset="tiny", eval_options=sizes)
     out = capsys.readouterr().out
     assert "FTP" in out and "GPT" in out and "val perplexity" in out

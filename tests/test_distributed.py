@@ -28,16 +28,47 @@ from ftplm.errors import FtplmError
 from ftplm.train import read_log, train
 
 STEPS = 6
-OVERRIDES = {"max_steps": STEPS, "dtype": "fp32", "log_interval": 1, "eval_interval": 100, "eval_iters": 2,
-             "save_interval": 3, "keep_checkpoints": -1}
+OVERRIDES = {
+    "max_steps": STEPS,
+    "dtype": "fp32",
+    "log_interval": 1,
+    "eval_interval": 100,
+    "eval_iters": 2,
+    "save_interval": 3,
+    "keep_checkpoints": -1,
+}
 TIMEOUT = 180  # seconds: a hung process group fails the test instead of the suite
 
 
 def _torchrun(data: Path, out: Path, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
     sets = [arg for k, v in OVERRIDES.items() if k not in ("max_steps", "dtype") for arg in ("--set", f"{k}={v}")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "ftplm",
-           "train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--model", "ftp", "--dtype", "fp32",
-           "--max-steps", str(STEPS), "--no-progress", "--dist-timeout", "60", *sets, *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ftplm",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--model",
+        "ftp",
+        "--dtype",
+        "fp32",
+        "--max-steps",
+        str(STEPS),
+        "--no-progress",
+        "--dist-timeout",
+        "60",
+        *sets,
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
 
 
@@ -73,7 +104,14 @@ def _assert_same_weights(run_a: Path, run_b: Path) -> None:
 def one_proc_run(tiny_data, tmp_path_factory) -> Path:
     """1 process, grad_accum 2: the reference for a 2-process run with grad_accum 1."""
     out = tmp_path_factory.mktemp("dist") / "one"
-    train(tiny_data, out, model_type="ftp", preset_name="tiny", progress=False, train_overrides={**OVERRIDES, "grad_accum": 2})
+    train(
+        tiny_data,
+        out,
+        model_type="ftp",
+        preset_name="tiny",
+        progress=False,
+        train_overrides={**OVERRIDES, "grad_accum": 2},
+    )
     return out
 
 
@@ -146,7 +184,19 @@ def _one_line_error(capsys, argv: list[str], match: str) -> None:
 
 
 def _train_args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--preset", "tiny", "--max-steps", "1", "--no-progress", *extra]
+    return [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "1",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def _free_port() -> int:
@@ -169,10 +219,14 @@ def test_missing_rendezvous_endpoint(tiny_data, tmp_path, capsys, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    _one_line_error(capsys, _train_args(tiny_data, tmp_path / "r"), "no rendezvous endpoint (MASTER_ADDR and MASTER_PORT unset)")
+    _one_line_error(
+        capsys, _train_args(tiny_data, tmp_path / "r"), "no rendezvous endpoint (MASTER_ADDR and MASTER_PORT unset)"
+    )
 
 
-def test_resume_on_a_world_size_that_does_not_divide_the_global_batch(tiny_data, ddp_run, tmp_path, capsys, monkeypatch):
+def test_resume_on_a_world_size_that_does_not_divide_the_global_batch(
+    tiny_data, ddp_run, tmp_path, capsys, monkeypatch
+):
     stopped = _rewind(ddp_run, tmp_path / "stopped", 3)  # global batch: 2 processes x 1 micro-batch
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("RANK", "0")
@@ -185,11 +239,23 @@ def test_resume_on_a_world_size_that_does_not_divide_the_global_batch(tiny_data,
 
 def test_unreachable_peer_times_out_instead_of_hanging(tiny_data, tmp_path):
     """Rank 1 of 2 whose rank 0 never comes: the join times out after --dist-timeout, one line, exit 2."""
-    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port()), "TORCH_CPP_LOG_LEVEL": "FATAL"}  # torch's own C++ retry logs off
+    env = {
+        **os.environ,
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "TORCH_CPP_LOG_LEVEL": "FATAL",
+    }  # torch's own C++ retry logs off
     start = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "ftplm", *_train_args(tiny_data, tmp_path / "r", "--dist-timeout", "3")],
-                            env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    result = subprocess.run(
+        [sys.executable, "-m", "ftplm", *_train_args(tiny_data, tmp_path / "r", "--dist-timeout", "3")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "could not join the process group at 127.0.0.1:" in lines[0], result.stderr[-2000:]

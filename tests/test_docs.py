@@ -39,18 +39,40 @@ def test_every_relative_link_and_anchor_resolves(page):
 
 def _summary(value: float) -> dict:
     diff = {"value": value, "ci95": [value - 0.01, value + 0.01], "n": 10, "verdict": "FTP higher"}
-    return {"command": "ftplm experiment paper --out x", "machine": "test CPU", "date": "2026-12-06", "preset": "tiny",
-            "seeds": 3, "max_tokens": 1000, "equal_flops_tokens": 1600,
-            "claims": [{"claim": "(a) smoother state vectors", "metric": "adjacent_cosine", "gpt-matched": diff}],
-            "variant_claims": {"ftp-bow": [{"claim": "(a) smoother state vectors", "metric": "adjacent_cosine",
-                                            "gpt-matched": {**diff, "value": -value, "verdict": "FTP lower"}}]}}
+    return {
+        "command": "ftplm experiment paper --out x",
+        "machine": "test CPU",
+        "date": "2026-12-06",
+        "preset": "tiny",
+        "seeds": 3,
+        "max_tokens": 1000,
+        "equal_flops_tokens": 1600,
+        "claims": [{"claim": "(a) smoother state vectors", "metric": "adjacent_cosine", "gpt-matched": diff}],
+        "variant_claims": {
+            "ftp-bow": [
+                {
+                    "claim": "(a) smoother state vectors",
+                    "metric": "adjacent_cosine",
+                    "gpt-matched": {**diff, "value": -value, "verdict": "FTP lower"},
+                }
+            ]
+        },
+    }
 
 
 def _bench_train() -> dict:
     model = {"tokens_per_s": 1000.0, "mfu": 0.5, "memory": {"step_mb": 10, "peak_mb": 20}}
-    return {"command": "ftplm bench train --preset tiny --json t.json", "machine": "test CPU", "date": "2026-12-06",
-            "preset": "tiny", "dtype": "fp32", "batch_size": 4, "block_size": 64, "ftp_over_gpt": 0.5,
-            "models": {"gpt": {**model, "tokens_per_s": 2000.0}, "ftp": model}}
+    return {
+        "command": "ftplm bench train --preset tiny --json t.json",
+        "machine": "test CPU",
+        "date": "2026-12-06",
+        "preset": "tiny",
+        "dtype": "fp32",
+        "batch_size": 4,
+        "block_size": 64,
+        "ftp_over_gpt": 0.5,
+        "models": {"gpt": {**model, "tokens_per_s": 2000.0}, "ftp": model},
+    }
 
 
 def test_docs_command_writes_and_checks(tmp_path, capsys):

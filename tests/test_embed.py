@@ -91,8 +91,10 @@ def test_query_target_split():
     from ftplm.eval.retrieval import query_target
 
     text = "Rome is the capital city of Italy. It is also the capital of the Lazio region, and has many old churches."
-    assert query_target(text) == ("Rome is the capital city of Italy.",
-                                  "It is also the capital of the Lazio region, and has many old churches.")
+    assert query_target(text) == (
+        "Rome is the capital city of Italy.",
+        "It is also the capital of the Lazio region, and has many old churches.",
+    )
     assert query_target("One sentence only, with no second part at all here.") is None
     assert query_target("Too short. " + "Rest of the text goes on for long enough to count here, yes.") is None
 
@@ -118,8 +120,9 @@ def test_retrieval_suite(tiny_ftp_run, tiny_data):
     import ftplm.eval.retrieval
     from ftplm.eval import SUITES, EvalContext
 
-    ctx = EvalContext(run=tiny_ftp_run, model=ftplm.load(tiny_ftp_run), data_dir=tiny_data,
-                      options={"retrieval_docs": 40})
+    ctx = EvalContext(
+        run=tiny_ftp_run, model=ftplm.load(tiny_ftp_run), data_dir=tiny_data, options={"retrieval_docs": 40}
+    )
     r = SUITES["retrieval"](ctx)
     assert r["n"] == 40 and r["model_type"] == "ftp" and "heldout" in r["docs"]
     for name in ("recall@1", "recall@10", "mrr", "recall@1_last", "judge_recall@1", "judge_recall@10"):

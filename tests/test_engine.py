@@ -17,8 +17,14 @@ from ftplm.generate import DecodeSession, GenerationConfig, Sampling, generate
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-ANY = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True), st.text(max_size=4),
-                st.lists(st.integers(-1, 3), max_size=3))
+ANY = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 300),
+    st.floats(allow_nan=True),
+    st.text(max_size=4),
+    st.lists(st.integers(-1, 3), max_size=3),
+)
 
 
 @settings(max_examples=300, deadline=None, derandomize=True)
@@ -67,10 +73,20 @@ def test_rows_joining_and_leaving_mid_generation_stay_lossless(model_type, data)
         length = data.draw(st.integers(1, BLOCK - 4), label="prompt length")
         prompt = data.draw(st.lists(st.integers(0, 4), min_size=length, max_size=length), label="prompt")
         drafter = data.draw(st.sampled_from((None, *DRAFTERS_FOR[model_type])), label="drafter")
-        config = GenerationConfig(data.draw(st.integers(1, 12), label="max_new_tokens"), temperature=0,
-                                  speculative=drafter, tree=data.draw(st.booleans(), label="tree") or None)
-        plans.append((data.draw(st.integers(0, 6), label="joins at step"), prompt, config,
-                      data.draw(st.booleans(), label="cancelled")))
+        config = GenerationConfig(
+            data.draw(st.integers(1, 12), label="max_new_tokens"),
+            temperature=0,
+            speculative=drafter,
+            tree=data.draw(st.booleans(), label="tree") or None,
+        )
+        plans.append(
+            (
+                data.draw(st.integers(0, 6), label="joins at step"),
+                prompt,
+                config,
+                data.draw(st.booleans(), label="cancelled"),
+            )
+        )
     session = DecodeSession(model, eos_id=None)
     rows, step = [], 0
     while len(rows) < n_rows or session.active:
@@ -86,7 +102,7 @@ def test_rows_joining_and_leaving_mid_generation_stay_lossless(model_type, data)
         if row.finish_reason == "cancelled":
             continue
         expected = generate(model, torch.tensor([prompt]), config.replace(speculative=None, tree=None))
-        assert row.out == expected[0, len(prompt):].tolist(), (prompt, config)
+        assert row.out == expected[0, len(prompt) :].tolist(), (prompt, config)
         assert row.finish_reason == "length"
 
 

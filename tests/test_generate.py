@@ -72,8 +72,13 @@ def test_draws_follow_the_distribution(n):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"temperature": -1}, "temperature"), ({"temperature": float("nan")}, "temperature"),
-     ({"top_k": 0}, "top_k"), ({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p")],
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+    ],
 )
 def test_invalid_sampling_values(kwargs, message):
     with pytest.raises(FtplmError, match=message):

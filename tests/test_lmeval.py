@@ -52,7 +52,12 @@ def texts(tiny_data, lm) -> tuple[str, str]:
 def task_dir(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("lmeval_tasks")
     names = write_tasks(tiny_data, out, docs=12)
-    assert names == ["ftplm_heldout_ppl", "ftplm_heldout_continuation", "ftplm_heldout_topic", "ftplm_heldout_next_word"]
+    assert names == [
+        "ftplm_heldout_ppl",
+        "ftplm_heldout_continuation",
+        "ftplm_heldout_topic",
+        "ftplm_heldout_next_word",
+    ]
     return out
 
 
@@ -97,10 +102,13 @@ def test_loglikelihood_rolling_is_ftplm_perplexity(run, request, texts):
 
 def test_loglikelihood_is_the_summed_log_softmax(lm):
     model = lm.model.model
-    (score, _), (empty, _) = lm.loglikelihood(requests("loglikelihood", ("The river flows", " into the sea"),
-                                                      ("", "The river")))
-    for context, continuation, got in ((lm.tok_encode("The river flows"), lm.tok_encode(" into the sea"), score),
-                                       ([lm.eot_token_id], lm.tok_encode("The river"), empty)):
+    (score, _), (empty, _) = lm.loglikelihood(
+        requests("loglikelihood", ("The river flows", " into the sea"), ("", "The river"))
+    )
+    for context, continuation, got in (
+        (lm.tok_encode("The river flows"), lm.tok_encode(" into the sea"), score),
+        ([lm.eot_token_id], lm.tok_encode("The river"), empty),
+    ):
         tokens = context + continuation
         with torch.no_grad():
             logp = model(torch.tensor([tokens[:-1]])).logits[0].log_softmax(-1)
@@ -115,7 +123,7 @@ def test_is_greedy(lm):
     other = greedy[:-1] + [(greedy[-1] + 1) % lm.model.config.vocab_size]
     assert lm.model.loglikelihood(context, other)[1] is False
     continuation = lm.tok_decode(greedy)
-    if lm.tok_encode(lm.tok_decode(context) + continuation)[len(context):] == greedy:  # the text round-trips
+    if lm.tok_encode(lm.tok_decode(context) + continuation)[len(context) :] == greedy:  # the text round-trips
         assert lm.loglikelihood(requests("loglikelihood", (lm.tok_decode(context), continuation)))[0][1] is True
 
 
@@ -132,10 +140,11 @@ def test_batching_does_not_change_results(tiny_ftp_run, lm, texts):
 def test_generate_until_is_ftplm_greedy_generation(lm, texts):
     block, n = lm.model.config.block_size, 12
     prompts = ["The", "In 1900 the", texts[1]]  # the last one is left-truncated to leave room for the generation
-    full = [lm.model.generate(lm.tok_encode(p)[-(block - n):], n, temperature=0) for p in prompts]
+    full = [lm.model.generate(lm.tok_encode(p)[-(block - n) :], n, temperature=0) for p in prompts]
     until = [".", full[0][-3:]]  # a stop string that occurs (tiny models repeat themselves)
-    out = lm.generate_until(requests("generate_until", *[(p, {"until": until, "max_gen_toks": n, "do_sample": False})
-                                                         for p in prompts]))
+    out = lm.generate_until(
+        requests("generate_until", *[(p, {"until": until, "max_gen_toks": n, "do_sample": False}) for p in prompts])
+    )
     for text, got in zip(full, out):
         assert got == text[: min((text.find(s) for s in until if s in text), default=len(text))]
     assert len(out[0]) < len(full[0])
@@ -146,10 +155,19 @@ def test_generate_until_is_ftplm_greedy_generation(lm, texts):
 
 @pytest.mark.parametrize("run", ["tiny_ftp_run", "tiny_gpt_run"])
 def test_simple_evaluate_on_the_local_tasks(run, request, task_manager):
-    results = simple_evaluate(model="ftplm", model_args=f"pretrained={request.getfixturevalue(run)},batch_size=8",
-                              tasks=["ftplm_heldout"], task_manager=task_manager, limit=4)["results"]
-    expected = {"ftplm_heldout_ppl": "bits_per_byte,none", "ftplm_heldout_continuation": "acc,none",
-                "ftplm_heldout_topic": "acc,none", "ftplm_heldout_next_word": "exact_match,first-word"}
+    results = simple_evaluate(
+        model="ftplm",
+        model_args=f"pretrained={request.getfixturevalue(run)},batch_size=8",
+        tasks=["ftplm_heldout"],
+        task_manager=task_manager,
+        limit=4,
+    )["results"]
+    expected = {
+        "ftplm_heldout_ppl": "bits_per_byte,none",
+        "ftplm_heldout_continuation": "acc,none",
+        "ftplm_heldout_topic": "acc,none",
+        "ftplm_heldout_next_word": "exact_match,first-word",
+    }
     for task, metric in expected.items():
         assert math.isfinite(results[task][metric]), (task, results[task])
     assert results["ftplm_heldout_ppl"]["bits_per_byte,none"] > 0
@@ -157,9 +175,28 @@ def test_simple_evaluate_on_the_local_tasks(run, request, task_manager):
 
 def test_ftplm_lm_eval_command(tiny_ftp_run, task_dir):
     proc = subprocess.run(
-        [sys.executable, "-m", "ftplm", "lm-eval", "--model", "ftplm", "--model_args", f"pretrained={tiny_ftp_run}",
-         "--tasks", "ftplm_heldout_ppl", "--include_path", str(task_dir), "--limit", "3", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},  # see one_torch_thread
+        [
+            sys.executable,
+            "-m",
+            "ftplm",
+            "lm-eval",
+            "--model",
+            "ftplm",
+            "--model_args",
+            f"pretrained={tiny_ftp_run}",
+            "--tasks",
+            "ftplm_heldout_ppl",
+            "--include_path",
+            str(task_dir),
+            "--limit",
+            "3",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # see one_torch_thread
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("|ftplm_heldout_ppl")]
@@ -168,13 +205,32 @@ def test_ftplm_lm_eval_command(tiny_ftp_run, task_dir):
 
 def test_bad_input_is_one_clear_line(tmp_path, tiny_data, task_dir, task_manager, capsys):
     with pytest.raises(FtplmError, match="no such run"):
-        simple_evaluate(model="ftplm", model_args=f"pretrained={tmp_path / 'missing'}", tasks=["ftplm_heldout_ppl"],
-                        task_manager=task_manager, limit=1)
+        simple_evaluate(
+            model="ftplm",
+            model_args=f"pretrained={tmp_path / 'missing'}",
+            tasks=["ftplm_heldout_ppl"],
+            task_manager=task_manager,
+            limit=1,
+        )
     with pytest.raises(FtplmError, match="pretrained=RUN"):
         FtplmLM()
     capsys.readouterr()
-    assert main(["lm-eval", "--model", "ftplm", "--model_args", f"pretrained={tiny_data}", "--tasks", "ftplm_nope",
-                 "--include_path", str(task_dir)]) == 2
+    assert (
+        main(
+            [
+                "lm-eval",
+                "--model",
+                "ftplm",
+                "--model_args",
+                f"pretrained={tiny_data}",
+                "--tasks",
+                "ftplm_nope",
+                "--include_path",
+                str(task_dir),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("ftplm lm-eval: error: lm-eval: Tasks not found: ftplm_nope")
     assert main(["lm-eval-tasks", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "t")]) == 2
@@ -183,9 +239,11 @@ def test_bad_input_is_one_clear_line(tmp_path, tiny_data, task_dir, task_manager
 
 def test_lm_eval_stays_optional():
     """Without lm-eval the rest of ftplm imports and `ftplm lm-eval` says how to install it, in one line."""
-    code = ("import sys; sys.modules['lm_eval'] = None\n"
-            "import ftplm.api, ftplm.cli, ftplm.eval\n"
-            "sys.exit(ftplm.cli.main(['lm-eval', '--model', 'ftplm']))")
+    code = (
+        "import sys; sys.modules['lm_eval'] = None\n"
+        "import ftplm.api, ftplm.cli, ftplm.eval\n"
+        "sys.exit(ftplm.cli.main(['lm-eval', '--model', 'ftplm']))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().count("\n") == 0 and "pip install 'ftplm[lmeval]'" in proc.stderr

@@ -266,6 +266,7 @@ def test_tied_weights_and_param_count():
 def test_same_seed_same_starting_trunk():
     """At one seed FTP and GPT start from identical trunks (a fair comparison); FTP's decoder draws from its own
     generator, its residual projections scaled by its own depth; another seed gives another trunk."""
+
     def built(model_type: str, seed: int, **over):
         torch.manual_seed(seed)
         return build_model(tiny_cfg(model_type, **over))

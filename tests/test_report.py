@@ -14,15 +14,27 @@ from ftplm.errors import FtplmError
 
 def _evals(offset: float = 0.0) -> dict:
     return {
-        "ppl": {"n": 100, "checkpoint": "/x/step_1", "metrics": {
-            "ppl": {"value": 50.0 + offset, "ci95": [48.0, 52.0], "n": 100},
-            "offset_acc": {"value": [0.3, 0.2, 0.1, 0.05], "offsets": [1, 2, 3, 4], "n": 100},
-            "offset_ce": {"value": [3.0, 4.0, 4.5, 5.0], "offsets": [1, 2, 3, 4], "n": 100}}},
-        "smoothness": {"n": 10, "metrics": {
-            "adjacent_cosine": {"value": 0.9, "ci95": [0.88, 0.92], "n": 500},
-            "offset_curve": {"value": [0.9 - 0.01 * k for k in range(32)], "offsets": list(range(1, 33))}}},
-        "coherence": {"n": 3, "metrics": {"prompt_continuation_cos": {"value": 0.3 + offset, "ci95": [0.2, 0.4], "n": 3}},
-                      "examples": [{"prompt": f"prompt {i} <b>|x", "continuation": f"cont {i} {offset}"} for i in range(3)]},
+        "ppl": {
+            "n": 100,
+            "checkpoint": "/x/step_1",
+            "metrics": {
+                "ppl": {"value": 50.0 + offset, "ci95": [48.0, 52.0], "n": 100},
+                "offset_acc": {"value": [0.3, 0.2, 0.1, 0.05], "offsets": [1, 2, 3, 4], "n": 100},
+                "offset_ce": {"value": [3.0, 4.0, 4.5, 5.0], "offsets": [1, 2, 3, 4], "n": 100},
+            },
+        },
+        "smoothness": {
+            "n": 10,
+            "metrics": {
+                "adjacent_cosine": {"value": 0.9, "ci95": [0.88, 0.92], "n": 500},
+                "offset_curve": {"value": [0.9 - 0.01 * k for k in range(32)], "offsets": list(range(1, 33))},
+            },
+        },
+        "coherence": {
+            "n": 3,
+            "metrics": {"prompt_continuation_cos": {"value": 0.3 + offset, "ci95": [0.2, 0.4], "n": 3}},
+            "examples": [{"prompt": f"prompt {i} <b>|x", "continuation": f"cont {i} {offset}"} for i in range(3)],
+        },
         "classify": {"n": 60, "metrics": {"wiki-vital/mean": {"value": 0.5, "std": 0.05, "n": 60, "folds": [0.5] * 5}}},
         "coding": {"n": 500, "metrics": {"pass@1": {"value": 0.1, "ci95": [0.08, 0.12], "n": 500}}},
     }
@@ -40,11 +52,25 @@ def _check_html(path):
 def test_write_report_all_sections(tiny_ftp_run, tiny_gpt_run, tmp_path):
     from ftplm.report import write_report
 
-    paths = write_report(tmp_path / "r", {"FTP": tiny_ftp_run, "GPT": tiny_gpt_run}, {"FTP": _evals(), "GPT": _evals(0.1)},
-                         notes=["budget: tiny"], extra_tables=[("Extra", ["a", "b"], [["1", "2"]])])
+    paths = write_report(
+        tmp_path / "r",
+        {"FTP": tiny_ftp_run, "GPT": tiny_gpt_run},
+        {"FTP": _evals(), "GPT": _evals(0.1)},
+        notes=["budget: tiny"],
+        extra_tables=[("Extra", ["a", "b"], [["1", "2"]])],
+    )
     md = paths["md"].read_text()
-    for title in ("Training curves", "Validation perplexity", "FTP per-offset accuracy", "(a) Smoothness", "(b) Topic coherence",
-                  "(c) Topic classification", "(d) Planning-ahead coding", "Samples side by side", "Extra"):
+    for title in (
+        "Training curves",
+        "Validation perplexity",
+        "FTP per-offset accuracy",
+        "(a) Smoothness",
+        "(b) Topic coherence",
+        "(c) Topic classification",
+        "(d) Planning-ahead coding",
+        "Samples side by side",
+        "Extra",
+    ):
         assert title in md, title
     assert "| ppl | 50 [48, 52] | 50.1 [48, 52] |" in md
     assert "| wiki-vital/mean | 0.5 ± 0.05 | 0.5 ± 0.05 |" in md
@@ -52,15 +78,29 @@ def test_write_report_all_sections(tiny_ftp_run, tiny_gpt_run, tmp_path):
     for png in re.findall(r"\]\((plots/[^)]+\.png)\)", md):
         assert (tmp_path / "r" / png).is_file()
     assert {p.name for p in (tmp_path / "r" / "plots").iterdir()} == {
-        "training.png", "smoothness.png", "coherence.png", "classify.png", "coding.png", "ftp_offsets.png"}
+        "training.png",
+        "smoothness.png",
+        "coherence.png",
+        "classify.png",
+        "coding.png",
+        "ftp_offsets.png",
+    }
     page = _check_html(paths["html"])
     assert "prompt 0 &lt;b&gt;|x" in page and "cont 2 0.1" in page
 
 
 def test_report_command_from_eval_json_and_runs(tiny_ftp_run, tiny_gpt_run, tmp_path, capsys):
     ev = tmp_path / "e.json"
-    ev.write_text(json.dumps({"runs": {"ftp": {"run": str(tiny_ftp_run), "suites": _evals()},
-                                       "gpt": {"run": str(tiny_gpt_run), "suites": _evals(0.2)}}}))
+    ev.write_text(
+        json.dumps(
+            {
+                "runs": {
+                    "ftp": {"run": str(tiny_ftp_run), "suites": _evals()},
+                    "gpt": {"run": str(tiny_gpt_run), "suites": _evals(0.2)},
+                }
+            }
+        )
+    )
     assert main(["report", str(ev), "--out", str(tmp_path / "a")]) == 0
     md = (tmp_path / "a" / "report.md").read_text()
     assert "Training curves" in md and "| metric | ftp | gpt |" in md

@@ -45,13 +45,26 @@ def weights(run: Path) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------
 def test_train_config_file_flags_win_and_the_resolved_config_trains_the_same_model(capsys, tmp_path, tiny_data):
     config = tmp_path / "train.yaml"
-    config.write_text(yaml.safe_dump({
-        "model": "gpt", "preset": "tiny", "data": str(tiny_data), "max_steps": 50, "n_layer": 3, "n_embd": 32,
-        "eval_interval": 3, "log_interval": 1, "dtype": "fp32", "seed": 7,
-    }))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "model": "gpt",
+                "preset": "tiny",
+                "data": str(tiny_data),
+                "max_steps": 50,
+                "n_layer": 3,
+                "n_embd": 32,
+                "eval_interval": 3,
+                "log_interval": 1,
+                "dtype": "fp32",
+                "seed": 7,
+            }
+        )
+    )
     run = tmp_path / "run"
-    code, _, err = cli(capsys, "train", "--config", config, "--out", run, "--max-steps", "4", "--set", "n_layer=1",
-                         "--no-progress")
+    code, _, err = cli(
+        capsys, "train", "--config", config, "--out", run, "--max-steps", "4", "--set", "n_layer=1", "--no-progress"
+    )
     assert code == 0, err
     resolved = yaml.safe_load((run / "run_config.yaml").read_text())
     # the file's values, except where a flag or --set said otherwise
@@ -73,28 +86,46 @@ def test_json_config_and_resume_without_data(capsys, tmp_path, tiny_data):
     config.write_text(json.dumps({"preset": "tiny", "data": str(tiny_data), "max_steps": 2, "logger": ["csv"]}))
     run = tmp_path / "run"
     assert cli(capsys, "train", "--config", config, "--out", run, "--no-progress")[0] == 0
-    code, _, err = cli(capsys, "train", "--out", run, "--resume", "--max-steps", "3", "--no-progress")  # data from the run
+    code, _, err = cli(
+        capsys, "train", "--out", run, "--resume", "--max-steps", "3", "--no-progress"
+    )  # data from the run
     assert code == 0, err
     assert json.loads((run / "trainer_state.json").read_text())["step"] == 3
     assert yaml.safe_load((run / "run_config.yaml").read_text())["max_steps"] == 3
 
 
-@pytest.mark.parametrize(("content", "suffix", "pattern"), [
-    ("colour: blue\n", ".yaml", r"unknown key 'colour'"),
-    ("max_steps: ten\n", ".yaml", r"max_steps must be an integer"),
-    ("preset: huge\n", ".yaml", r"preset must be one of"),
-    ("n_layer: 2.5\n", ".yaml", r"n_layer must be an integer"),
-    ("bias: maybe\n", ".yaml", r"bias must be true or false"),
-    ("max_steps: [1\n", ".yaml", r"corrupt config file"),
-    ("[1, 2]\n", ".yaml", r"must hold a mapping"),
-    ('{"max_steps": }', ".json", r"corrupt config file"),
-    ("max_steps: 1\n", ".toml", r"must end in .yaml"),
-])
+@pytest.mark.parametrize(
+    ("content", "suffix", "pattern"),
+    [
+        ("colour: blue\n", ".yaml", r"unknown key 'colour'"),
+        ("max_steps: ten\n", ".yaml", r"max_steps must be an integer"),
+        ("preset: huge\n", ".yaml", r"preset must be one of"),
+        ("n_layer: 2.5\n", ".yaml", r"n_layer must be an integer"),
+        ("bias: maybe\n", ".yaml", r"bias must be true or false"),
+        ("max_steps: [1\n", ".yaml", r"corrupt config file"),
+        ("[1, 2]\n", ".yaml", r"must hold a mapping"),
+        ('{"max_steps": }', ".json", r"corrupt config file"),
+        ("max_steps: 1\n", ".toml", r"must end in .yaml"),
+    ],
+)
 def test_bad_config_files_are_one_line_errors(capsys, tmp_path, tiny_data, content, suffix, pattern):
     config = tmp_path / f"bad{suffix}"
     config.write_text(content)
-    one_line_error(capsys, pattern, "train", "--config", config, "--data", tiny_data, "--out", tmp_path / "run",
-                   "--preset", "tiny", "--max-steps", "1")
+    one_line_error(
+        capsys,
+        pattern,
+        "train",
+        "--config",
+        config,
+        "--data",
+        tiny_data,
+        "--out",
+        tmp_path / "run",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "1",
+    )
     assert not (tmp_path / "run").exists()
 
 
@@ -110,7 +141,14 @@ def test_eval_config_file(capsys, tmp_path, tiny_gpt_run):
     code, _, err = cli(capsys, "eval", tiny_gpt_run, "--config", config, "--json", out, "--set", "ppl_batches=2")
     assert code == 0, err
     result = json.loads(out.read_text())
-    assert result["config"] == {"suite": "ppl", "against": None, "quick": True, "seed": 3, "data": None, "ppl_batches": 2}
+    assert result["config"] == {
+        "suite": "ppl",
+        "against": None,
+        "quick": True,
+        "seed": 3,
+        "data": None,
+        "ppl_batches": 2,
+    }
     (label,) = result["runs"]
     assert result["runs"][label]["suites"]["ppl"]["n"] == 2 * 8 * 64  # 2 batches of 8 windows of the context
     config.write_text("ppl_batchez: 1\n")
@@ -124,11 +162,33 @@ def test_experiment_config_file_routes_eval_and_training_fields(capsys, tmp_path
     seen = {}
     monkeypatch.setattr(ftplm.cli, "paper_experiment", lambda *args, **kwargs: seen.update(args=args, **kwargs))
     config = tmp_path / "exp.yaml"
-    config.write_text(yaml.safe_dump({"preset": "tiny", "seeds": 2, "coherence_prompts": 5, "save_interval": 10,
-                                      "ppl_batches": 3, "decoder_inputs": "masked", "corpus": "shakespeare"}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "preset": "tiny",
+                "seeds": 2,
+                "coherence_prompts": 5,
+                "save_interval": 10,
+                "ppl_batches": 3,
+                "decoder_inputs": "masked",
+                "corpus": "shakespeare",
+            }
+        )
+    )
     out = tmp_path / "exp"
-    code, _, err = cli(capsys, "experiment", "paper", "--config", config, "--out", out, "--seeds", "1",
-                       "--train-set", "save_interval=20")
+    code, _, err = cli(
+        capsys,
+        "experiment",
+        "paper",
+        "--config",
+        config,
+        "--out",
+        out,
+        "--seeds",
+        "1",
+        "--train-set",
+        "save_interval=20",
+    )
     assert code == 0, err
     spec = seen["args"][1]
     assert (spec.preset, spec.seeds) == ("tiny", 1)  # preset from the file, --seeds from the command line
@@ -158,10 +218,38 @@ def test_every_logger_gets_the_same_records_and_resume_drops_what_came_after_the
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     run = tmp_path / "run"
-    common = ["--data", tiny_data, "--out", run, "--model", "ftp", "--preset", "tiny", "--no-progress",
-              "--logger", "csv", "--logger", "tensorboard", "--logger", "wandb"]
-    code, _, err = cli(capsys, "train", *common, "--max-steps", "6", "--set", "log_interval=1",
-                       "--set", "eval_interval=2", "--set", "save_interval=4", "--set", "keep_checkpoints=-1")
+    common = [
+        "--data",
+        tiny_data,
+        "--out",
+        run,
+        "--model",
+        "ftp",
+        "--preset",
+        "tiny",
+        "--no-progress",
+        "--logger",
+        "csv",
+        "--logger",
+        "tensorboard",
+        "--logger",
+        "wandb",
+    ]
+    code, _, err = cli(
+        capsys,
+        "train",
+        *common,
+        "--max-steps",
+        "6",
+        "--set",
+        "log_interval=1",
+        "--set",
+        "eval_interval=2",
+        "--set",
+        "save_interval=4",
+        "--set",
+        "keep_checkpoints=-1",
+    )
     assert code == 0, err
     # as if killed after step 6 was logged but before it was saved: continue from step 4
     os.unlink(run / "latest")
@@ -197,23 +285,42 @@ def test_every_logger_gets_the_same_records_and_resume_drops_what_came_after_the
 
 
 def test_unknown_logger(capsys, tmp_path, tiny_data):
-    one_line_error(capsys, "unknown logger 'mlflow'", "train", "--data", tiny_data, "--out", tmp_path / "r",
-                   "--preset", "tiny", "--max-steps", "1", "--logger", "mlflow")
+    one_line_error(
+        capsys,
+        "unknown logger 'mlflow'",
+        "train",
+        "--data",
+        tiny_data,
+        "--out",
+        tmp_path / "r",
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "1",
+        "--logger",
+        "mlflow",
+    )
     assert not (tmp_path / "r").exists()
 
 
 def test_flatten_names_metrics_by_where_they_come_from():
     record = {"step": 3, "loss": 2.5, "tokens": 96, "val": {"ppl": 12.0, "offset_acc": [0.1, 0.2]}, "grad_norm": None}
-    assert flatten(record) == {"train/loss": 2.5, "tokens": 96, "val/ppl": 12.0, "val/offset_acc/1": 0.1,
-                               "val/offset_acc/2": 0.2}
+    assert flatten(record) == {
+        "train/loss": 2.5,
+        "tokens": 96,
+        "val/ppl": 12.0,
+        "val/offset_acc/1": 0.1,
+        "val/offset_acc/2": 0.2,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
 # --init-from and prepare --tokenizer RUN
 # ------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("source", ["tiny_gpt_run", "tiny_ftp_run"])
-def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(capsys, tmp_path, tiny_data, tiny_corpus, source,
-                                                                    request):
+def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(
+    capsys, tmp_path, tiny_data, tiny_corpus, source, request
+):
     from ftplm.checkpoint import load_pretrained
     from ftplm.data import TokenData
 
@@ -222,8 +329,25 @@ def test_init_from_starts_from_the_weights_with_a_fresh_optimizer(capsys, tmp_pa
     assert cli(capsys, "prepare", "--corpus", tiny_corpus, "--out", data, "--tokenizer", src, "--seed", "5")[0] == 0
     assert json.loads((data / "tokenizer.json").read_text()) == json.loads((src / "tokenizer.json").read_text())
     run = tmp_path / "run"
-    code, out, err = cli(capsys, "train", "--init-from", src, "--data", data, "--out", run, "--preset", "tiny",
-                         "--max-steps", "3", "--dtype", "fp32", "--seed", "11", "--no-progress")
+    code, out, err = cli(
+        capsys,
+        "train",
+        "--init-from",
+        src,
+        "--data",
+        data,
+        "--out",
+        run,
+        "--preset",
+        "tiny",
+        "--max-steps",
+        "3",
+        "--dtype",
+        "fp32",
+        "--seed",
+        "11",
+        "--no-progress",
+    )
     assert code == 0, err
     model, _ = load_pretrained(src)
     assert f"trained {model.cfg.model_type}" in out  # the type comes from the source run
@@ -246,8 +370,28 @@ def test_init_from_refuses_what_cannot_fit(capsys, tmp_path, tiny_data, tiny_gpt
     other = tmp_path / "other"
     assert cli(capsys, "prepare", "--corpus", tiny_corpus, "--out", other, "--vocab-size", "300")[0] == 0
     one_line_error(capsys, "another tokenizer", *common, "--data", other)
-    one_line_error(capsys, "no such run", "train", "--init-from", tmp_path / "none", "--out", r, "--data", tiny_data,
-                   "--max-steps", "1")
+    one_line_error(
+        capsys,
+        "no such run",
+        "train",
+        "--init-from",
+        tmp_path / "none",
+        "--out",
+        r,
+        "--data",
+        tiny_data,
+        "--max-steps",
+        "1",
+    )
     assert not r.exists()
-    one_line_error(capsys, "unknown tokenizer", "prepare", "--corpus", tiny_corpus, "--out", tmp_path / "d",
-                   "--tokenizer", tmp_path / "none")
+    one_line_error(
+        capsys,
+        "unknown tokenizer",
+        "prepare",
+        "--corpus",
+        tiny_corpus,
+        "--out",
+        tmp_path / "d",
+        "--tokenizer",
+        tmp_path / "none",
+    )

@@ -118,8 +118,11 @@ def test_completion_shape_and_greedy_equals_generate(ftp_server, gpt_server):
             assert choice["text"] == expected
             ids = tm.generate_ids(prompt, n, temperature=0)
             assert choice["finish_reason"] == ("stop" if tm.eos_id in ids else "length")
-            assert data["usage"] == {"prompt_tokens": len(tm.encode(prompt)), "completion_tokens": len(ids),
-                                     "total_tokens": len(tm.encode(prompt)) + len(ids)}
+            assert data["usage"] == {
+                "prompt_tokens": len(tm.encode(prompt)),
+                "completion_tokens": len(ids),
+                "total_tokens": len(tm.encode(prompt)) + len(ids),
+            }
             streamed, finish, _ = _stream_text(c, {"prompt": [prompt], "max_tokens": n, "temperature": 0})
             assert streamed == expected and finish == choice["finish_reason"]
 
@@ -127,8 +130,21 @@ def test_completion_shape_and_greedy_equals_generate(ftp_server, gpt_server):
 def test_greedy_equals_cli_generate(ftp_server, tiny_ftp_run, capsys):
     url, _, _ = ftp_server
     capsys.readouterr()
-    assert main(["generate", str(tiny_ftp_run), "--prompt", "The history of", "--max-new-tokens", "24",
-                 "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tiny_ftp_run),
+                "--prompt",
+                "The history of",
+                "--max-new-tokens",
+                "24",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     cli_text = capsys.readouterr().out[:-1]  # print() adds one newline
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "The history of", "max_tokens": 24, "temperature": 0})
     assert r.json()["choices"][0]["text"] == cli_text
@@ -169,8 +185,9 @@ def test_stop_strings(ftp_server):
 def test_stream_usage_and_chunks(ftp_server):
     url, _, _ = ftp_server
     c = httpx.Client(base_url=url, timeout=60)
-    _, _, payloads = _stream_text(c, {"prompt": "Rome", "max_tokens": 30, "temperature": 0,
-                                          "stream_options": {"include_usage": True}})
+    _, _, payloads = _stream_text(
+        c, {"prompt": "Rome", "max_tokens": 30, "temperature": 0, "stream_options": {"include_usage": True}}
+    )
     events = [json.loads(p) for p in payloads[:-1]]
     assert all(e["object"] == "text_completion" and e["id"] == events[0]["id"] for e in events)
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] >= 1
@@ -200,8 +217,9 @@ def test_openai_client(ftp_server):
     expected = tm.generate("The history of", 12, temperature=0)
     out = client.completions.create(model="tiny-ftp", prompt="The history of", max_tokens=12, temperature=0)
     assert out.choices[0].text == expected and out.usage.prompt_tokens == len(tm.encode("The history of"))
-    stream = client.completions.create(model="tiny-ftp", prompt="The history of", max_tokens=12, temperature=0,
-                                       stream=True)
+    stream = client.completions.create(
+        model="tiny-ftp", prompt="The history of", max_tokens=12, temperature=0, stream=True
+    )
     assert "".join(chunk.choices[0].text for chunk in stream if chunk.choices) == expected
     emb = client.embeddings.create(model="tiny-ftp", input=["a cat", "a dog"])  # the client asks for base64
     np.testing.assert_allclose(np.array([d.embedding for d in emb.data]), tm.embed(["a cat", "a dog"]), atol=1e-6)
@@ -320,8 +338,10 @@ def test_slow_client_does_not_block_others(ftp_server):
 
 def _complete(worker, prompt, **options):
     """A completion through the worker, as the server submits it: its chunks, once it has finished."""
+
     async def go():
         return [chunk async for chunk in worker.complete(prompt, GenerationConfig(**options))]
+
     return asyncio.run(go())
 
 
@@ -363,7 +383,9 @@ def test_worker_batches_completions_continuously(tiny_ftp_run):
         worker.stop()
     assert max(widths) == 3  # the short ones joined the long one's steps
     assert len(long_chunks) == 40 and all(len(c.tokens) == 1 for c in long_chunks)  # plain decoding: a token a step
-    assert [t for c in long_chunks for t in c.tokens] == tm.generate_ids(prompts[0], 40, temperature=0, stop_at_eos=False)
+    assert [t for c in long_chunks for t in c.tokens] == tm.generate_ids(
+        prompts[0], 40, temperature=0, stop_at_eos=False
+    )
     for p, chunks in zip(prompts[1:], short_chunks):
         assert [t for c in chunks for t in c.tokens] == tm.generate_ids(p, 3, temperature=0, stop_at_eos=False)
     assert worker.pending == 0
@@ -438,8 +460,24 @@ def _cached_model(path):
 # ------------------------------------------------------------------------------------------------------
 def test_cli_bench_serve(tiny_gpt_run, tmp_path, capsys):
     out = tmp_path / "serve.json"
-    assert main(["bench", "serve", str(tiny_gpt_run), "--clients", "4", "--requests", "12", "--max-tokens", "2",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "serve",
+                str(tiny_gpt_run),
+                "--clients",
+                "4",
+                "--requests",
+                "12",
+                "--max-tokens",
+                "2",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     figures = json.loads(out.read_text())
     assert figures["ok"] == 12 and figures["errors_5xx"] == 0 and figures["incomplete"] == 0
     assert figures["latency_ms_p99"] >= figures["latency_ms_p50"] > 0 and figures["requests_per_s"] > 0
@@ -461,8 +499,10 @@ def test_cli_serve_bad_input(tiny_gpt_run, tmp_path, capsys):
     assert main(["serve", str(tiny_gpt_run), "--port", "-1"]) == 2
     assert main(["bench", "serve", str(tiny_gpt_run), "--clients", "0"]) == 2
     capsys.readouterr()
-    for bad, says in ((["--speculative", "ftp"], "needs an FTP model"), (["--speculative", "none", "--adaptive"],
-                                                                           "adaptive draft length needs")):
+    for bad, says in (
+        (["--speculative", "ftp"], "needs an FTP model"),
+        (["--speculative", "none", "--adaptive"], "adaptive draft length needs"),
+    ):
         assert main(["serve", str(tiny_gpt_run), *bad]) == 2  # refused before binding a port
         err = capsys.readouterr().err.strip()
         assert says in err and "\n" not in err
@@ -475,13 +515,14 @@ def test_adaptive_speculative_server_equals_plain_greedy(tiny_gpt_run):
         health = httpx.get(f"{url}/health").json()
         assert health["speculative"] == {"greedy": "recycling", "sampled": "recycling"} and health["adaptive"]
         for prompt in ("The history of", "Rome was"):
-            r = httpx.post(f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 20, "temperature": 0},
-                           timeout=60)
+            r = httpx.post(
+                f"{url}/v1/completions", json={"prompt": prompt, "max_tokens": 20, "temperature": 0}, timeout=60
+            )
             assert r.json()["choices"][0]["text"] == tm.generate(prompt, 20, temperature=0)
 
 
 def test_auto_serves_gpt_greedy_requests_with_lookup_and_sampled_ones_plainly(tiny_gpt_run, monkeypatch):
-    """"auto" picks the drafter per request from its temperature (GPT: copies help only greedy decoding)."""
+    """ "auto" picks the drafter per request from its temperature (GPT: copies help only greedy decoding)."""
     import ftplm.serve as serve_module
 
     tm = _cached_model(tiny_gpt_run)
@@ -545,8 +586,10 @@ def test_logprobs_and_echo_score_a_text(gpt_server):
 @pytest.mark.parametrize("server", ["ftp_server", "gpt_server"])  # the model on a thread / in its own process
 def test_client_that_disconnects_mid_stream_stalls_nobody(server, request):
     url = request.getfixturevalue(server)[0]
-    with httpx.Client(base_url=url, timeout=60) as c, c.stream(
-            "POST", "/v1/completions", json={"prompt": "Rome", "max_tokens": 30, "stream": True}) as r:
+    with (
+        httpx.Client(base_url=url, timeout=60) as c,
+        c.stream("POST", "/v1/completions", json={"prompt": "Rome", "max_tokens": 30, "stream": True}) as r,
+    ):
         next(r.iter_lines())  # one event, then the connection goes away
     for _ in range(3):
         assert httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=30).status_code == 200
@@ -563,13 +606,16 @@ def test_engine_runs_in_its_own_process_for_a_saved_model(tiny_gpt_run):
     app = create_app(tiny_gpt_run)
     with running_server(app) as url:
         body = {"prompt": "Rome", "max_tokens": 8, "temperature": 0}
-        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == \
-            tm.generate("Rome", 8, temperature=0)
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == tm.generate(
+            "Rome", 8, temperature=0
+        )
         engine = app.state.served.worker._process
         assert engine is not None and engine.is_alive() and engine.pid != os.getpid()
         os.kill(engine.pid, signal.SIGSTOP)  # the request is open, and unanswered, when the process dies
-        with httpx.Client(base_url=url, timeout=60) as c, c.stream(
-                "POST", "/v1/completions", json={**body, "max_tokens": 30, "stream": True}) as r:
+        with (
+            httpx.Client(base_url=url, timeout=60) as c,
+            c.stream("POST", "/v1/completions", json={**body, "max_tokens": 30, "stream": True}) as r,
+        ):
             engine.kill()
             rest = "\n".join(r.iter_lines()).strip()
         assert "the model process has exited" in rest and rest.endswith("data: [DONE]")

@@ -41,8 +41,11 @@ def random_model(model_type: str, vocab: int = VOCAB, block: int = BLOCK, scale:
     return model
 
 
-MODELS = {"ftp": random_model("ftp"), "gpt": random_model("gpt"),
-          "ftp-masked": random_model("ftp", decoder_inputs="masked")}  # the variant whose decoder sees no tokens
+MODELS = {
+    "ftp": random_model("ftp"),
+    "gpt": random_model("gpt"),
+    "ftp-masked": random_model("ftp", decoder_inputs="masked"),
+}  # the variant whose decoder sees no tokens
 FLOAT32_FTP = random_model("ftp").float()  # the packed path is float32 only
 DRAFTERS_FOR = {"ftp": ("ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
 DRAFTERS_FOR["ftp-masked"] = DRAFTERS_FOR["ftp"]
@@ -60,8 +63,12 @@ def test_greedy_lossless(model_type, data):
     batch = data.draw(st.integers(1, 3), label="batch")
     length = data.draw(st.one_of(st.integers(1, 12), st.integers(BLOCK - 6, BLOCK - 1)), label="prompt length")
     alphabet = data.draw(st.integers(2, VOCAB), label="alphabet")
-    prompt = data.draw(st.lists(st.lists(st.integers(0, alphabet - 1), min_size=length, max_size=length),
-                                min_size=batch, max_size=batch), label="prompt")
+    prompt = data.draw(
+        st.lists(
+            st.lists(st.integers(0, alphabet - 1), min_size=length, max_size=length), min_size=batch, max_size=batch
+        ),
+        label="prompt",
+    )
     max_new = data.draw(st.integers(0, 12), label="max_new_tokens")
     eos = data.draw(st.one_of(st.none(), st.integers(0, VOCAB - 1)), label="eos")
     tree = data.draw(st.booleans(), label="tree")
@@ -71,8 +78,18 @@ def test_greedy_lossless(model_type, data):
     plain = generate(model, idx, max_new, Sampling(0), eos_id=eos).tolist()
     for drafter in DRAFTERS_FOR[model_type]:
         stats = SpecStats()
-        fast = generate(model, idx, max_new, Sampling(0), eos_id=eos, speculative=drafter, draft_len=draft_len,
-                        tree=tree, stats=stats, adaptive=adaptive)
+        fast = generate(
+            model,
+            idx,
+            max_new,
+            Sampling(0),
+            eos_id=eos,
+            speculative=drafter,
+            draft_len=draft_len,
+            tree=tree,
+            stats=stats,
+            adaptive=adaptive,
+        )
         assert fast.tolist() == plain, drafter
         assert stats.target_forwards <= max(stats.new_tokens, batch)
 
@@ -84,7 +101,9 @@ def test_masked_inputs_draft_every_token_in_one_decoder_pass(monkeypatch):
 
     calls = []
     decode = DraftDecoder.decode
-    monkeypatch.setattr(DraftDecoder, "decode", lambda self, tokens, *a: calls.append(tokens.shape) or decode(self, tokens, *a))
+    monkeypatch.setattr(
+        DraftDecoder, "decode", lambda self, tokens, *a: calls.append(tokens.shape) or decode(self, tokens, *a)
+    )
     idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
     for name in ("ftp-masked", "ftp"):
         model, stats = MODELS[name], SpecStats()
@@ -101,8 +120,14 @@ def test_drafts_are_accepted_and_trees_are_exercised():
     """The lossless test above is only meaningful if drafts get accepted, also deep inside trees."""
     model = MODELS["ftp"]
     idx = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2]])
-    for drafter, tree in [("ftp", False), ("ftp", True), ("ftp-recycling", None), ("ftp-lookup", False),
-                          ("recycling", True), ("lookup", True)]:
+    for drafter, tree in [
+        ("ftp", False),
+        ("ftp", True),
+        ("ftp-recycling", None),
+        ("ftp-lookup", False),
+        ("recycling", True),
+        ("lookup", True),
+    ]:
         stats = SpecStats()
         out = generate(model, idx, 20, Sampling(0), speculative=drafter, tree=tree, stats=stats)
         assert out.tolist() == generate(model, idx, 20, Sampling(0)).tolist()
@@ -118,23 +143,32 @@ def test_ragged_batches_equal_row_by_row_generation(model_type, data):
     from ftplm.generate import generate_batch
 
     model = MODELS[model_type]
-    lengths = data.draw(st.lists(st.one_of(st.integers(1, 10), st.integers(BLOCK - 6, BLOCK - 1)), min_size=2,
-                                 max_size=4), label="prompt lengths")
+    lengths = data.draw(
+        st.lists(st.one_of(st.integers(1, 10), st.integers(BLOCK - 6, BLOCK - 1)), min_size=2, max_size=4),
+        label="prompt lengths",
+    )
     alphabet = data.draw(st.integers(2, VOCAB), label="alphabet")
-    prompts = [data.draw(st.lists(st.integers(0, alphabet - 1), min_size=n, max_size=n), label="prompt") for n in lengths]
+    prompts = [
+        data.draw(st.lists(st.integers(0, alphabet - 1), min_size=n, max_size=n), label="prompt") for n in lengths
+    ]
     max_new = data.draw(st.integers(0, 10), label="max_new_tokens")
     eos = data.draw(st.one_of(st.none(), st.integers(0, VOCAB - 1)), label="eos")
     expected = []
     for p in prompts:  # each row up to max_new within its own room in the context
-        row = generate(model, torch.tensor([p]), min(max_new, BLOCK - len(p)), Sampling(0), eos_id=eos)[0, len(p):].tolist()
+        row = generate(model, torch.tensor([p]), min(max_new, BLOCK - len(p)), Sampling(0), eos_id=eos)[
+            0, len(p) :
+        ].tolist()
         expected.append(row[: row.index(eos) + 1] if eos in row else row)
     for drafter in (None, *DRAFTERS_FOR[model_type]):
         tree = data.draw(st.booleans(), label="tree")
-        assert generate_batch(model, prompts, max_new, Sampling(0), eos_id=eos, speculative=drafter, tree=tree) == expected
+        assert (
+            generate_batch(model, prompts, max_new, Sampling(0), eos_id=eos, speculative=drafter, tree=tree) == expected
+        )
 
 
-@pytest.mark.parametrize("drafter, variant", [(None, {}), ("ftp", {}), ("lookup", {}),
-                                              ("ftp", {"decoder_inputs": "masked"})])
+@pytest.mark.parametrize(
+    "drafter, variant", [(None, {}), ("ftp", {}), ("lookup", {}), ("ftp", {"decoder_inputs": "masked"})]
+)
 def test_ragged_batch_sampling_chi_square(drafter, variant):
     """Two prompts of different lengths interleaved in one batch: each one's continuations follow its own exact
     distribution (the padding of the shorter one is invisible); also with the masked-inputs variant's drafts."""
@@ -159,8 +193,12 @@ def test_generate_batch_bad_input():
     from ftplm.generate import generate_batch
 
     model = MODELS["gpt"]
-    for prompts, message in (([], "non-empty list"), ([[1], []], "a prompt is empty"), ([[1], [2] * BLOCK], "no room"),
-                             ("12", "non-empty list")):
+    for prompts, message in (
+        ([], "non-empty list"),
+        ([[1], []], "a prompt is empty"),
+        ([[1], [2] * BLOCK], "no room"),
+        ("12", "non-empty list"),
+    ):
         with pytest.raises(FtplmError, match=message):
             generate_batch(model, prompts, 4)  # type: ignore[arg-type]
     with pytest.raises(FtplmError, match="needs an FTP model"):
@@ -191,8 +229,10 @@ def test_batched_verification_compacts_its_cache_and_drops_finished_rows(monkeyp
     assert any(len(set(e)) == 3 for e in ends)  # rows that end at different times leave the batch one by one
     # 40 slots, 4 + 24 + ... written by the 23-node trees: full before 28 tokens are generated
     short = idx[:, :4]
-    assert generate(model, short, 28, Sampling(0), speculative="recycling").tolist() == generate(
-        model, short, 28, Sampling(0)).tolist()
+    assert (
+        generate(model, short, 28, Sampling(0), speculative="recycling").tolist()
+        == generate(model, short, 28, Sampling(0)).tolist()
+    )
     assert compactions
 
 
@@ -217,8 +257,10 @@ def test_ftp_batch_drafts_equal_row_by_row_drafts():
     x = torch.tensor([[2, 7, 1, 8, 2, 8], [3, 1, 4, 1, 5, 9]])
     h = model.state_vectors(x)
     _, start = model.first_decoder_step(h, x)
-    ctxs = [DraftContext(x[r].tolist(), h[r, -2], depth, 50, Sampling(0), torch.Generator(), start.row(r * 6 + 4))
-            for r, depth in ((0, 3), (1, 1))]  # different depths in one batch
+    ctxs = [
+        DraftContext(x[r].tolist(), h[r, -2], depth, 50, Sampling(0), torch.Generator(), start.row(r * 6 + 4))
+        for r, depth in ((0, 3), (1, 1))
+    ]  # different depths in one batch
     batched = drafter.propose_batch(ctxs)
     one_by_one = [drafter.propose(c) for c in ctxs]
     assert [(d.tokens, d.parents) for d in batched] == [(d.tokens, d.parents) for d in one_by_one]
@@ -231,8 +273,12 @@ def test_custom_tree_template_and_draft_longer_than_budget():
     plain = generate(model, idx, 9, Sampling(0))
     for template in ([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)], [(3,), (3, 3)], [(0, 0)]):
         assert generate(model, idx, 9, Sampling(0), speculative="ftp", tree=template).tolist() == plain.tolist()
-    assert generate(model, idx, 9, Sampling(0), speculative="recycling", tree=[(0,), (0, 0), (0, 0, 0)] * 3,
-                    draft_len=8).tolist() == plain.tolist()
+    assert (
+        generate(
+            model, idx, 9, Sampling(0), speculative="recycling", tree=[(0,), (0, 0), (0, 0, 0)] * 3, draft_len=8
+        ).tolist()
+        == plain.tolist()
+    )
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -273,24 +319,39 @@ def exact_sequence_probs(model, prompt: list[int], n: int, sampling: Sampling) -
     return probs
 
 
-@pytest.mark.parametrize("drafter, tree, draft_len, n, adaptive", [
-    ("ftp", False, None, 3, False), ("ftp", True, None, 3, False), ("recycling", True, None, 3, False),
-    ("lookup", False, None, 3, False),
-    ("ftp-recycling", None, 1, 4, False),  # one FTP token, then recycled ones: both kinds of node in one draft
-    ("ftp-lookup", False, None, 3, False),  # sampled FTP drafts and copied ones, chosen from row to row
-    ("recycling", True, None, 3, True),  # the draft depth changes from row to row with the acceptances so far
-])
+@pytest.mark.parametrize(
+    "drafter, tree, draft_len, n, adaptive",
+    [
+        ("ftp", False, None, 3, False),
+        ("ftp", True, None, 3, False),
+        ("recycling", True, None, 3, False),
+        ("lookup", False, None, 3, False),
+        ("ftp-recycling", None, 1, 4, False),  # one FTP token, then recycled ones: both kinds of node in one draft
+        ("ftp-lookup", False, None, 3, False),  # sampled FTP drafts and copied ones, chosen from row to row
+        ("recycling", True, None, 3, True),  # the draft depth changes from row to row with the acceptances so far
+    ],
+)
 def test_sampling_lossless_chi_square(drafter, tree, draft_len, n, adaptive):
     model = random_model("ftp", vocab=6, scale=5.0, seed=3)
     prompt, runs = [1, 2, 1, 2, 1], 1000
     sampling = Sampling(temperature=1.0)
     exact = exact_sequence_probs(model, prompt, n, sampling)
     stats = SpecStats()
-    out = generate(model, torch.tensor([prompt] * runs), n, sampling, seed=0, speculative=drafter, tree=tree,
-                   draft_len=draft_len, stats=stats, adaptive=adaptive)
+    out = generate(
+        model,
+        torch.tensor([prompt] * runs),
+        n,
+        sampling,
+        seed=0,
+        speculative=drafter,
+        tree=tree,
+        draft_len=draft_len,
+        stats=stats,
+        adaptive=adaptive,
+    )
     assert stats.accepted_tokens > 0  # the acceptance rule was exercised, not only the bonus token
     counts: dict[tuple[int, ...], int] = {}
-    for row in out[:, len(prompt):].tolist():
+    for row in out[:, len(prompt) :].tolist():
         counts[tuple(row)] = counts.get(tuple(row), 0) + 1
     # cells expected >= 5 times on their own; the rest pooled
     big = sorted(s for s, pr in exact.items() if pr * runs >= 5)
@@ -454,8 +515,15 @@ def test_adaptive_draft_length_skips_hopeless_drafts():
     model = CountingModel()
     fixed, adaptive = SpecStats(), SpecStats()
     out = generate(model, torch.tensor([[3]]), 60, Sampling(0), speculative=KnownDrafter(model, 4, 0), stats=fixed)
-    again = generate(model, torch.tensor([[3]]), 60, Sampling(0), speculative=KnownDrafter(model, 4, 0),
-                     stats=adaptive, adaptive=True)
+    again = generate(
+        model,
+        torch.tensor([[3]]),
+        60,
+        Sampling(0),
+        speculative=KnownDrafter(model, 4, 0),
+        stats=adaptive,
+        adaptive=True,
+    )
     assert torch.equal(out, again)
     assert fixed.draft_tokens >= 4 * (fixed.target_forwards - 4)  # 4 a round (less near the end), none accepted
     assert adaptive.draft_tokens < fixed.draft_tokens / 2 and adaptive.accepted_tokens == 0
@@ -472,16 +540,18 @@ def test_plain_generation_has_tau_one():
 # --------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "model_type, kwargs, message",
-    [("ftp", {"speculative": "ftp", "draft_len": 0}, "draft_len must be a positive integer"),
-     ("ftp", {"speculative": "lookup", "draft_len": -2}, "draft_len must be a positive integer"),
-     ("ftp", {"speculative": "medusa"}, "unknown speculative drafter 'medusa'"),
-     ("gpt", {"speculative": "ftp"}, "needs an FTP model"),
-     ("gpt", {"speculative": "ftp-recycling"}, "'ftp-recycling' needs an FTP model"),
-     ("ftp", {"speculative": "ftp-recycling", "draft_len": 9}, "at most n_future-1"),
-     ("ftp", {"speculative": "ftp", "draft_len": 9}, "at most n_future-1"),
-     ("ftp", {"speculative": "ftp", "tree": [()]}, "tree paths"),
-     ("ftp", {"speculative": "lookup", "tree": [(0,)]}, "lookup"),
-     ("gpt", {"adaptive": True}, "adaptive draft length needs a speculative drafter")],
+    [
+        ("ftp", {"speculative": "ftp", "draft_len": 0}, "draft_len must be a positive integer"),
+        ("ftp", {"speculative": "lookup", "draft_len": -2}, "draft_len must be a positive integer"),
+        ("ftp", {"speculative": "medusa"}, "unknown speculative drafter 'medusa'"),
+        ("gpt", {"speculative": "ftp"}, "needs an FTP model"),
+        ("gpt", {"speculative": "ftp-recycling"}, "'ftp-recycling' needs an FTP model"),
+        ("ftp", {"speculative": "ftp-recycling", "draft_len": 9}, "at most n_future-1"),
+        ("ftp", {"speculative": "ftp", "draft_len": 9}, "at most n_future-1"),
+        ("ftp", {"speculative": "ftp", "tree": [()]}, "tree paths"),
+        ("ftp", {"speculative": "lookup", "tree": [(0,)]}, "lookup"),
+        ("gpt", {"adaptive": True}, "adaptive draft length needs a speculative drafter"),
+    ],
 )
 def test_bad_input(model_type, kwargs, message):
     with pytest.raises(FtplmError, match=message) as e:
@@ -568,8 +638,10 @@ def test_get_drafter_registry():
 
 
 def test_api_speculative_matches_plain_fp32(tiny_ftp_run, tiny_gpt_run):
-    for run, drafters in ((tiny_ftp_run, ("ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup")),
-                          (tiny_gpt_run, ("recycling", "lookup"))):
+    for run, drafters in (
+        (tiny_ftp_run, ("ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup")),
+        (tiny_gpt_run, ("recycling", "lookup")),
+    ):
         m = ftplm.load(run)
         for prompt, drafter, tree in itertools.product(["The", "In 1990 the city of"], drafters, (False, True)):
             plain = m.generate_ids(prompt, max_new_tokens=24, temperature=0)
@@ -577,10 +649,12 @@ def test_api_speculative_matches_plain_fp32(tiny_ftp_run, tiny_gpt_run):
         assert isinstance(m.generate("The", max_new_tokens=8, temperature=1.0, seed=1, speculative=drafters[0]), str)
         # auto: ftp-lookup for FTP; lookup for greedy GPT, and plain sampling for GPT (the same draws as without)
         assert m.generate_ids("The", max_new_tokens=24, temperature=0, speculative="auto") == m.generate_ids(
-            "The", max_new_tokens=24, temperature=0)
+            "The", max_new_tokens=24, temperature=0
+        )
         if run == tiny_gpt_run:
             assert m.generate_ids("The", 12, temperature=1.0, seed=3, speculative="auto", adaptive=True) == (
-                m.generate_ids("The", 12, temperature=1.0, seed=3))
+                m.generate_ids("The", 12, temperature=1.0, seed=3)
+            )
     with pytest.raises(FtplmError, match="needs an FTP model"):
         ftplm.load(tiny_gpt_run).generate("The", speculative="ftp")
     # several prompts of different lengths at once: each as if generated alone
@@ -596,18 +670,41 @@ def test_cli_generate_speculative(tiny_ftp_run, tiny_gpt_run):
         return subprocess.run([sys.executable, "-m", "ftplm", "generate", *args], capture_output=True, text=True)
 
     plain = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16")
-    fast = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
-               "--speculative", "ftp", "--tree")
+    fast = run(
+        str(tiny_ftp_run),
+        "--prompt",
+        "The",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+        "--speculative",
+        "ftp",
+        "--tree",
+    )
     assert plain.returncode == fast.returncode == 0 and fast.stdout == plain.stdout
-    auto = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
-               "--speculative", "auto")
+    auto = run(
+        str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16", "--speculative", "auto"
+    )
     assert auto.returncode == 0 and auto.stdout == plain.stdout
-    fast = run(str(tiny_ftp_run), "--prompt", "The", "--temperature", "0", "--max-new-tokens", "16",
-               "--speculative", "ftp", "--adaptive")
+    fast = run(
+        str(tiny_ftp_run),
+        "--prompt",
+        "The",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "16",
+        "--speculative",
+        "ftp",
+        "--adaptive",
+    )
     assert fast.returncode == 0 and fast.stdout == plain.stdout
-    for args, message in [(("--speculative", "ftp", "--draft-len", "0"), "draft_len"),
-                          (("--speculative", "medusa"), "invalid choice"),
-                          (("--adaptive",), "adaptive draft length needs a speculative drafter")]:
+    for args, message in [
+        (("--speculative", "ftp", "--draft-len", "0"), "draft_len"),
+        (("--speculative", "medusa"), "invalid choice"),
+        (("--adaptive",), "adaptive draft length needs a speculative drafter"),
+    ]:
         bad = run(str(tiny_ftp_run), "--prompt", "The", *args)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr
     bad = run(str(tiny_gpt_run), "--prompt", "The", "--speculative", "ftp")
@@ -618,11 +715,23 @@ def test_bench_summary_speedup_and_tau():
     from ftplm.bench.decode import summarize
 
     def rec(method, prompt, seconds, tokens, forwards, out):
-        return {"mode": "greedy", "method": method, "prompt": prompt, "seconds": seconds, "new_tokens": tokens,
-                "target_forwards": forwards, "draft_time": seconds / 4, "tokens": out}
+        return {
+            "mode": "greedy",
+            "method": method,
+            "prompt": prompt,
+            "seconds": seconds,
+            "new_tokens": tokens,
+            "target_forwards": forwards,
+            "draft_time": seconds / 4,
+            "tokens": out,
+        }
 
-    records = [rec("plain", 0, 2.0, 10, 10, [1]), rec("ftp", 0, 0.5, 10, 4, [1]),
-               rec("plain", 1, 4.0, 10, 10, [2]), rec("ftp", 1, 1.5, 10, 2, [3])]
+    records = [
+        rec("plain", 0, 2.0, 10, 10, [1]),
+        rec("ftp", 0, 0.5, 10, 4, [1]),
+        rec("plain", 1, 4.0, 10, 10, [2]),
+        rec("ftp", 1, 1.5, 10, 2, [3]),
+    ]
     r = summarize(records)["greedy"]
     assert r["plain"]["speedup"] == 1.0 and r["plain"]["tau"] == 1.0
     assert r["ftp"]["speedup"] == pytest.approx(6.0 / 2.0) and r["ftp"]["tau"] == pytest.approx(20 / 6)
@@ -646,8 +755,26 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     from ftplm.cli import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "2", "--max-new-tokens", "8",
-                 "--prompt-tokens", "8", "--threads", "1", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "decode",
+                str(tiny_ftp_run),
+                "--prompts",
+                "2",
+                "--max-new-tokens",
+                "8",
+                "--prompt-tokens",
+                "8",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     import json
 
     result = json.loads(out.read_text())
@@ -655,8 +782,17 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     assert result["draft_products"] in ("bfloat16", "float32")  # bf16 where the CPU has it
     assert result["draft_greedy_vocab"] == 512  # the tiny run's 512 ids: below GREEDY_MIN_VOCAB, all of them
     for mode in ("greedy", "T=1"):
-        assert set(result["results"][mode]) == {"plain", "ftp", "ftp-adaptive", "ftp-tree", "ftp-recycling",
-                                                "ftp-lookup", "recycling", "recycling-adaptive", "lookup"}
+        assert set(result["results"][mode]) == {
+            "plain",
+            "ftp",
+            "ftp-adaptive",
+            "ftp-tree",
+            "ftp-recycling",
+            "ftp-lookup",
+            "recycling",
+            "recycling-adaptive",
+            "lookup",
+        }
     assert all(r["lossless"] == 1.0 for r in result["results"]["greedy"].values())
     assert all(0.0 <= r["repeated_4grams"] <= 1.0 for mode in result["results"].values() for r in mode.values())
     for r in result["results"]["greedy"].values():
@@ -667,15 +803,59 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     assert result["results"]["greedy"]["plain"]["profile_ms_per_forward"]["draft"] == 0
     assert main(["bench", "decode", str(tiny_ftp_run), "--method", "medusa"]) == 2
     assert main(["bench", "decode", str(tiny_ftp_run), "--temperature", "-1"]) == 2
-    assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "1", "--max-new-tokens", "4",
-                 "--prompt-tokens", "8", "--method", "ftp", "--temperature", "0.5", "--temperature", "0",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "decode",
+                str(tiny_ftp_run),
+                "--prompts",
+                "1",
+                "--max-new-tokens",
+                "4",
+                "--prompt-tokens",
+                "8",
+                "--method",
+                "ftp",
+                "--temperature",
+                "0.5",
+                "--temperature",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert list(result["results"]) == ["T=0.5", "greedy"] and set(result["results"]["T=0.5"]) == {"plain", "ftp"}
     # batches: 3 prompts in batches of 2 and 1, every method on the same batches
-    assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "3", "--batch-size", "2", "--max-new-tokens", "6",
-                 "--prompt-tokens", "8", "--method", "ftp", "--method", "ftp-lookup", "--temperature", "0",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "decode",
+                str(tiny_ftp_run),
+                "--prompts",
+                "3",
+                "--batch-size",
+                "2",
+                "--max-new-tokens",
+                "6",
+                "--prompt-tokens",
+                "8",
+                "--method",
+                "ftp",
+                "--method",
+                "ftp-lookup",
+                "--temperature",
+                "0",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert result["batch_size"] == 2
     for r in result["results"]["greedy"].values():
@@ -683,9 +863,32 @@ def test_bench_decode_runs_on_tiny(tiny_ftp_run, tmp_path):
     assert main(["bench", "decode", str(tiny_ftp_run), "--batch-size", "0"]) == 2
     # oracle-K, the ceiling: plain greedy decoding's own next K tokens, every one accepted, at greedy only
     for batch_size in ("1", "2"):
-        assert main(["bench", "decode", str(tiny_ftp_run), "--prompts", "2", "--batch-size", batch_size,
-                     "--max-new-tokens", "8", "--prompt-tokens", "8", "--method", "ftp", "--method", "oracle-3",
-                     "--method", "oracle-9", "--json", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "bench",
+                    "decode",
+                    str(tiny_ftp_run),
+                    "--prompts",
+                    "2",
+                    "--batch-size",
+                    batch_size,
+                    "--max-new-tokens",
+                    "8",
+                    "--prompt-tokens",
+                    "8",
+                    "--method",
+                    "ftp",
+                    "--method",
+                    "oracle-3",
+                    "--method",
+                    "oracle-9",
+                    "--json",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         result = json.loads(out.read_text())
         greedy = result["results"]["greedy"]
         assert set(result["results"]["T=1"]) == {"plain", "ftp"}
@@ -735,8 +938,9 @@ def test_ftp_recycling_hangs_the_recycled_tree_off_the_last_ftp_token():
     x = torch.tensor([[3, 1, 4, 1, 5]])
     cache = model.new_cache()
     h = model.state_vectors(x[:, :-1], cache)
-    ctx = DraftContext(x[0].tolist(), h[0, -1], max_depth=20, max_nodes=50, sampling=Sampling(0),
-                       generator=torch.Generator())
+    ctx = DraftContext(
+        x[0].tolist(), h[0, -1], max_depth=20, max_nodes=50, sampling=Sampling(0), generator=torch.Generator()
+    )
     chain = ftp.propose(ctx)
     for token in range(VOCAB):  # a known adjacency matrix: token t -> (t+1, t+2, ...) mod V
         hybrid.recycling.matrix[token][:] = [(token + r + 1) % VOCAB for r in range(hybrid.recycling.k)]
@@ -766,7 +970,9 @@ def test_first_decoder_step_equals_next_token_logits_and_rows_continue_exactly()
         row = start.row(i)
         nxt = torch.tensor([[7]])
         resumed = model.decode(nxt, row.memory_kv, row.cache)[:, -1]
-        scratch = model.decode(torch.tensor([[int(x[0, i]), 7]]), model.memory_kv(model.pseudo_sequence(h[:, i])))[:, -1]
+        scratch = model.decode(torch.tensor([[int(x[0, i]), 7]]), model.memory_kv(model.pseudo_sequence(h[:, i])))[
+            :, -1
+        ]
         torch.testing.assert_close(resumed, scratch, rtol=1e-10, atol=1e-10)
         assert row.cache.length == 2 and start.cache.length == 1  # the row is a copy: the start is untouched
 
@@ -784,8 +990,11 @@ def test_draft_decoder_equals_the_model_decoder(min_packed, monkeypatch):
         monkeypatch.setattr(Linear, "MIN_PACKED", min_packed)
     for model in (MODELS["ftp"], FLOAT32_FTP):  # float64: F.linear; float32 on CPU: packed, bf16 where supported
         decoder = DraftDecoder(model)
-        products = [decoder.head] + [p for b in decoder.dec_h for p in (b.attn.c_attn, b.attn.c_proj, b.cross.q,
-                                                                         b.cross.c_proj, b.mlp.c_fc, b.mlp.c_proj)]
+        products = [decoder.head] + [
+            p
+            for b in decoder.dec_h
+            for p in (b.attn.c_attn, b.attn.c_proj, b.cross.q, b.cross.c_proj, b.mlp.c_fc, b.mlp.c_proj)
+        ]
         packed = [p.packed for p in products]
         assert any(packed) == (model is FLOAT32_FTP and min_packed == 0 and ONEDNN_LINEAR) == all(packed)
         x = torch.tensor([[2, 7, 1, 8], [3, 1, 4, 1]])  # two rows, one token per step, N = 4 positions
@@ -875,7 +1084,9 @@ def test_ftp_tree_samples_its_children_under_sampling():
     assert len(greedy) == len(DEFAULT_TREE) and all(q is None for q in greedy.q)
     drafts = [drafter.propose(dataclasses.replace(ctx, sampling=Sampling(1.0))) for _ in range(20)]
     for draft in drafts:
-        assert (draft.parents, len(draft)) == (greedy.parents, len(DEFAULT_TREE)) and all(q is not None for q in draft.q)
+        assert (draft.parents, len(draft)) == (greedy.parents, len(DEFAULT_TREE)) and all(
+            q is not None for q in draft.q
+        )
         for i, j in itertools.combinations(range(len(draft)), 2):
             if draft.parents[i] == draft.parents[j]:
                 assert torch.equal(draft.q[i], draft.q[j])

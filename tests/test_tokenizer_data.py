@@ -161,7 +161,9 @@ def test_large_corpus_holds_out_a_bounded_number_of_documents(tmp_path):
     from ftplm.eval.base import heldout_documents
 
     path = tmp_path / "big.jsonl"
-    path.write_text("".join(json.dumps({"id": f"d{i}", "text": f"document {i} of a large corpus"}) + "\n" for i in range(3000)))
+    path.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"document {i} of a large corpus"}) + "\n" for i in range(3000))
+    )
     meta = prepare(str(path), tmp_path / "data", vocab_size=300, val_frac=0.1, test_frac=0.2, max_heldout_docs=60)
     assert meta["requested_fracs"] == [0.1, 0.2] and meta["val_frac"] == meta["test_frac"] == 60 / 3000
     held = TokenData(tmp_path / "data").heldout()

@@ -53,8 +53,14 @@ def test_run_layout(tiny_ftp_run):
 
 def test_interrupted_save_leaves_previous_checkpoint_loadable(tiny_data, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train(tiny_data, run, model_type="ftp", preset_name="tiny", progress=False,
-          train_overrides={"max_steps": 4, "save_interval": 2, "eval_interval": 100})
+    train(
+        tiny_data,
+        run,
+        model_type="ftp",
+        preset_name="tiny",
+        progress=False,
+        train_overrides={"max_steps": 4, "save_interval": 2, "eval_interval": 100},
+    )
     before = _logits(run)
     assert [p.name for p in checkpoints(run)] == ["step_0000004"]
 
@@ -63,8 +69,15 @@ def test_interrupted_save_leaves_previous_checkpoint_loadable(tiny_data, tmp_pat
 
     monkeypatch.setattr(checkpoint, "save_file", crash)  # dies after the model file, before the optimizer file
     with pytest.raises(KeyboardInterrupt):
-        train(tiny_data, run, model_type="ftp", preset_name="tiny", progress=False, resume=True,
-              train_overrides={"max_steps": 6})
+        train(
+            tiny_data,
+            run,
+            model_type="ftp",
+            preset_name="tiny",
+            progress=False,
+            resume=True,
+            train_overrides={"max_steps": 6},
+        )
     assert os.readlink(run / "latest") == "checkpoints/step_0000004"
     assert torch.equal(_logits(run), before)
     assert [p.name for p in checkpoints(run)] == ["step_0000004"]
@@ -87,7 +100,14 @@ def test_corrupt_checkpoint_is_a_clear_error(tiny_gpt_run, tmp_path):
 def test_refuses_to_overwrite_a_run(tiny_data, tiny_ftp_run):
     before = (tiny_ftp_run / "model.safetensors").read_bytes()
     with pytest.raises(FtplmError, match="already holds a run"):
-        train(tiny_data, tiny_ftp_run, model_type="ftp", preset_name="tiny", progress=False, train_overrides={"max_steps": 1})
+        train(
+            tiny_data,
+            tiny_ftp_run,
+            model_type="ftp",
+            preset_name="tiny",
+            progress=False,
+            train_overrides={"max_steps": 1},
+        )
     assert (tiny_ftp_run / "model.safetensors").read_bytes() == before
 
 
@@ -110,13 +130,21 @@ def test_snapshot_schedule_is_bounded_and_dense_late(planned, n):
 
 
 def test_snapshots_are_weights_only_and_loadable(tiny_data, tmp_path):
-    run = train(tiny_data, tmp_path / "run", model_type="gpt", preset_name="tiny", progress=False,
-                train_overrides={"max_steps": 12, "save_interval": 100, "eval_interval": 100, "snapshots": 4})
+    run = train(
+        tiny_data,
+        tmp_path / "run",
+        model_type="gpt",
+        preset_name="tiny",
+        progress=False,
+        train_overrides={"max_steps": 12, "save_interval": 100, "eval_interval": 100, "snapshots": 4},
+    )
     snaps = sorted((tmp_path / "run" / "snapshots").glob("step_*"))
     assert [int(p.name[5:]) for p in snaps] == sorted(snapshot_steps(12, 4)) and run.step == 12
     assert not any((p / "optimizer.safetensors").exists() for p in snaps)
     assert json.loads((snaps[0] / "trainer_state.json").read_text())["step"] == int(snaps[0].name[5:])
-    assert ftplm.load(snaps[-1]).generate("The", 4, temperature=0) == ftplm.load(tmp_path / "run").generate("The", 4, temperature=0)
+    assert ftplm.load(snaps[-1]).generate("The", 4, temperature=0) == ftplm.load(tmp_path / "run").generate(
+        "The", 4, temperature=0
+    )
     assert checkpoints(tmp_path / "run", snapshots=True)[-1] == snaps[-1]  # the snapshot stands for its step
 
 
@@ -129,13 +157,30 @@ def _losses(run: Path) -> dict[int, float]:
 
 
 def test_resume_after_sigkill_is_bit_exact(tiny_data, tmp_path):
-    common = ["--data", str(tiny_data), "--preset", "tiny", "--model", "ftp", "--max-steps", "60", "--no-progress",
-              "--set", "log_interval=1", "--set", "save_interval=5", "--set", "eval_interval=1000"]
+    common = [
+        "--data",
+        str(tiny_data),
+        "--preset",
+        "tiny",
+        "--model",
+        "ftp",
+        "--max-steps",
+        "60",
+        "--no-progress",
+        "--set",
+        "log_interval=1",
+        "--set",
+        "save_interval=5",
+        "--set",
+        "eval_interval=1000",
+    ]
     reference = tmp_path / "reference"
     subprocess.run(_cli("train", "--out", str(reference), *common), check=True, capture_output=True)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cli("train", "--out", str(killed), *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        _cli("train", "--out", str(killed), *common), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if any(p.name >= "step_0000025" for p in (killed / "checkpoints").glob("step_*")):
@@ -147,8 +192,11 @@ def test_resume_after_sigkill_is_bit_exact(tiny_data, tmp_path):
     resumed_from = json.loads((killed / "trainer_state.json").read_text())["step"]
     assert 25 <= resumed_from < 60
 
-    result = subprocess.run(_cli("train", "--out", str(killed), "--data", str(tiny_data), "--resume", "--no-progress"),
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        _cli("train", "--out", str(killed), "--data", str(tiny_data), "--resume", "--no-progress"),
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     ref, got = _losses(reference), _losses(killed)
     assert sorted(got) == list(range(1, 61))

@@ -65,7 +65,9 @@ def heldout_prompts(run: str | Path, encode, n: int, prompt_tokens: int) -> list
     """The first prompt_tokens tokens of the first n validation documents long enough to have them."""
     data_dir = run_data_dir(run)
     if data_dir is None:
-        raise FtplmError(f"{run}: its training data directory is unknown or gone; bench decode needs its held-out documents")
+        raise FtplmError(
+            f"{run}: its training data directory is unknown or gone; bench decode needs its held-out documents"
+        )
     prompts = []
     for doc in TokenData(data_dir).heldout("val"):
         ids = encode(doc.text)
@@ -85,8 +87,13 @@ def profile(records: list[dict[str, Any]], seconds: float, forwards: int) -> dic
         return {}
     parts = {name: sum(r.get(f"{name}_time", 0.0) for r in records) for name in ("trunk", "target", "draft")}
     ms = {name: 1e3 * t / forwards for name, t in parts.items()}
-    return {"total": 1e3 * seconds / forwards, "trunk": ms["trunk"], "targets": ms["target"], "draft": ms["draft"],
-            "other": 1e3 * (seconds - sum(parts.values())) / forwards}
+    return {
+        "total": 1e3 * seconds / forwards,
+        "trunk": ms["trunk"],
+        "targets": ms["target"],
+        "draft": ms["draft"],
+        "other": 1e3 * (seconds - sum(parts.values())) / forwards,
+    }
 
 
 def repeated_share(prompt: list[int], new: list[int], n: int = 4) -> float:
@@ -129,7 +136,9 @@ def summarize(
             tokens = sum(r["new_tokens"] for r in mine)
             forwards = sum(r["target_forwards"] for r in mine)
             entry = {
-                "prompts": sum(len(_rows(r)[0]) for r in mine), "new_tokens": tokens, "seconds": seconds,
+                "prompts": sum(len(_rows(r)[0]) for r in mine),
+                "new_tokens": tokens,
+                "seconds": seconds,
                 "tokens_per_s": tokens / seconds if seconds else 0.0,
                 "speedup": plain_seconds / seconds if seconds and plain else None,
                 "tau": tokens / forwards if forwards else 0.0,
@@ -151,8 +160,10 @@ def checked_methods(methods: list[str] | None, available: dict[str, Any], model_
     methods = methods or list(available)
     unknown = [m for m in methods if m not in available and not ORACLE.fullmatch(m)]
     if unknown:
-        raise FtplmError(f"unknown method(s) for a {model_type} model: {', '.join(unknown)}; choose from "
-                         f"{', '.join(available)}, oracle-K (K >= 1)")
+        raise FtplmError(
+            f"unknown method(s) for a {model_type} model: {', '.join(unknown)}; choose from "
+            f"{', '.join(available)}, oracle-K (K >= 1)"
+        )
     return methods if "plain" in methods else ["plain", *methods]
 
 
@@ -172,19 +183,28 @@ def fit_context(block_size: int, prompt_tokens: int | None, max_new_tokens: int 
 
 def print_results(results: dict[str, dict[str, Any]]) -> None:
     """The speed table, then where each method's time goes."""
-    print(f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9} {'repeats':>8}")
+    print(
+        f"{'mode':8} {'method':18} {'tok/s':>8} {'speedup':>8} {'tau':>6} {'draft%':>7} {'lossless':>9} {'repeats':>8}"
+    )
     for mode, per_method in results.items():
         for method, r in per_method.items():
             lossless = f"{r['lossless']:.0%}" if "lossless" in r else "-"
-            print(f"{mode:8} {method:18} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
-                  f"{r['draft_share']:7.1%} {lossless:>9} {r['repeated_4grams']:8.0%}")
-    print("where the time goes, ms per target forward (trunk = verification forwards, targets = next-token logits, "
-          "other = acceptance, cache, Python):")
+            print(
+                f"{mode:8} {method:18} {r['tokens_per_s']:8.1f} {r['speedup']:7.2f}x {r['tau']:6.2f} "
+                f"{r['draft_share']:7.1%} {lossless:>9} {r['repeated_4grams']:8.0%}"
+            )
+    print(
+        "where the time goes, ms per target forward (trunk = verification forwards, targets = next-token logits, "
+        "other = acceptance, cache, Python):"
+    )
     print(f"{'mode':8} {'method':18} {'total':>7} {'trunk':>7} {'targets':>7} {'draft':>7} {'other':>7}")
     for mode, per_method in results.items():
         for method, r in per_method.items():
             p = r["profile_ms_per_forward"]
-            print(f"{mode:8} {method:18} " + " ".join(f"{p[k]:7.2f}" for k in ("total", "trunk", "targets", "draft", "other")))
+            print(
+                f"{mode:8} {method:18} "
+                + " ".join(f"{p[k]:7.2f}" for k in ("total", "trunk", "targets", "draft", "other"))
+            )
 
 
 def bench_decode(
@@ -226,16 +246,26 @@ def bench_decode(
         adaptive = method in available and available[method][2]
         out = generate(model, idx, n, sampling, seed=seed, speculative=drafters[method], adaptive=adaptive, stats=stats)
         seconds = time.perf_counter() - t0
-        return {"seconds": seconds, "new_tokens": stats.new_tokens, "target_forwards": stats.target_forwards,
-                "draft_time": stats.draft_time, "trunk_time": stats.trunk_time, "target_time": stats.target_time,
-                "rows": rows, "tokens": out[:, idx.size(1):].tolist()}
+        return {
+            "seconds": seconds,
+            "new_tokens": stats.new_tokens,
+            "target_forwards": stats.target_forwards,
+            "draft_time": stats.draft_time,
+            "trunk_time": stats.trunk_time,
+            "target_time": stats.target_time,
+            "rows": rows,
+            "tokens": out[:, idx.size(1) :].tolist(),
+        }
 
     batches = [list(range(i, min(i + batch_size, len(texts)))) for i in range(0, len(texts), batch_size)]
     oracles = [m for m in methods if m not in available]
     with torch.inference_mode():
         if oracles:
-            answers = {tuple(texts[i]): tokens for rows in batches
-                       for i, tokens in zip(rows, one("plain", rows, max_new_tokens, Sampling(0), seed)["tokens"])}
+            answers = {
+                tuple(texts[i]): tokens
+                for rows in batches
+                for i, tokens in zip(rows, one("plain", rows, max_new_tokens, Sampling(0), seed)["tokens"])
+            }
             for method in oracles:
                 drafters[method] = Oracle(model, int(ORACLE.fullmatch(method).group(1)), answers)  # type: ignore[union-attr]  # oracles are the methods ORACLE matched
         for method in methods:  # warm-up
@@ -245,7 +275,7 @@ def bench_decode(
             mode = "greedy" if temperature == 0 else f"T={temperature:g}"
             active = [m for m in methods if mode == "greedy" or m not in oracles]  # an oracle knows greedy answers only
             for i, rows in enumerate(batches):
-                order = active[i % len(active):] + active[: i % len(active)]
+                order = active[i % len(active) :] + active[: i % len(active)]
                 for method in order:
                     rec = one(method, rows, max_new_tokens, sampling, seed + i)
                     records.append({"mode": mode, "method": method, "prompt": i, **rec})
@@ -259,14 +289,24 @@ def bench_decode(
         decoder = draft_decoder(model)
         draft_products, draft_greedy_vocab = str(decoder.product_dtype).removeprefix("torch."), decoder.greedy_vocab
         drafts = f", FTP drafts with {draft_products} products, greedy ones among the first {draft_greedy_vocab} ids"
-    print(f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
-          f"{max_new_tokens} new tokens, batch {batch_size}, fp32 ({products} products{drafts}), "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"bench decode {run}: {model.cfg.model_type} model, {len(texts)} held-out prompts x {prompt_tokens} tokens, "
+        f"{max_new_tokens} new tokens, batch {batch_size}, fp32 ({products} products{drafts}), "
+        f"{torch.get_num_threads()} threads"
+    )
     print_results(results)
     return {
-        "run": str(run), "model_type": model.cfg.model_type, "prompts": len(texts), "prompt_tokens": prompt_tokens,
-        "max_new_tokens": max_new_tokens, "batch_size": batch_size, "dtype": "fp32", "products": products,
-        "draft_products": draft_products, "draft_greedy_vocab": draft_greedy_vocab,
+        "run": str(run),
+        "model_type": model.cfg.model_type,
+        "prompts": len(texts),
+        "prompt_tokens": prompt_tokens,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "dtype": "fp32",
+        "products": products,
+        "draft_products": draft_products,
+        "draft_greedy_vocab": draft_greedy_vocab,
         "threads": torch.get_num_threads(),
-        **provenance(), "results": results,
+        **provenance(),
+        "results": results,
     }

@@ -21,15 +21,28 @@ import numpy as np
 from ftplm.machine import provenance
 
 PROMPTS = [
-    "The history of", "In mathematics, a", "The city is", "Music is", "The river flows",
-    "A scientist", "During the war", "The language", "Water is", "The first",
+    "The history of",
+    "In mathematics, a",
+    "The city is",
+    "Music is",
+    "The river flows",
+    "A scientist",
+    "During the war",
+    "The language",
+    "Water is",
+    "The first",
 ]
 
 
 async def _one(session: Any, url: str, i: int, max_tokens: int) -> dict[str, Any]:
     stream = i % 2 == 1
-    body: dict[str, Any] = {"prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens,
-                            "temperature": 0.0 if i % 4 < 2 else 0.8, "seed": i, "stream": stream}
+    body: dict[str, Any] = {
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "max_tokens": max_tokens,
+        "temperature": 0.0 if i % 4 < 2 else 0.8,
+        "seed": i,
+        "stream": stream,
+    }
     if stream:
         body["stream_options"] = {"include_usage": True}
     t0 = time.perf_counter()
@@ -68,8 +81,9 @@ async def _one(session: Any, url: str, i: int, max_tokens: int) -> dict[str, Any
     return rec
 
 
-async def run_load(url: str, clients: int = 50, requests: int = 500, max_tokens: int = 8,
-                   timeout: float = 120.0) -> dict[str, Any]:
+async def run_load(
+    url: str, clients: int = 50, requests: int = 500, max_tokens: int = 8, timeout: float = 120.0
+) -> dict[str, Any]:
     """`clients` concurrent clients sharing `requests` requests against a running server at `url`. The clients are
     aiohttp's: on 2 cores the load generator competes with the server for CPU, and httpx's took ~10x the CPU."""
     import aiohttp
@@ -82,24 +96,30 @@ async def run_load(url: str, clients: int = 50, requests: int = 500, max_tokens:
             records.append(await _one(session, url, i, max_tokens))
 
     t0 = time.perf_counter()
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
-                                     timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+    async with aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=clients), timeout=aiohttp.ClientTimeout(total=timeout)
+    ) as session:
         await asyncio.gather(*(client_loop(session) for _ in range(clients)))
     wall = time.perf_counter() - t0
     lat = np.array([r["latency"] for r in records]) * 1000
     ttft = np.array([r["ttft"] for r in records if r["ttft"] is not None]) * 1000
     status = [r["status"] for r in records]
     return {
-        "clients": clients, "requests": requests, "max_tokens": max_tokens, "completed": len(records),
+        "clients": clients,
+        "requests": requests,
+        "max_tokens": max_tokens,
+        "completed": len(records),
         "ok": sum(s == 200 for s in status),
         "errors_4xx": sum(s is not None and 400 <= s < 500 for s in status),
         "errors_5xx": sum(s is not None and s >= 500 for s in status),
         "transport_errors": sum("error" in r for r in records),
         "incomplete": sum(not r["complete"] for r in records),
         "streamed": sum(r["stream"] for r in records),
-        "latency_ms_p50": float(np.percentile(lat, 50)), "latency_ms_p99": float(np.percentile(lat, 99)),
+        "latency_ms_p50": float(np.percentile(lat, 50)),
+        "latency_ms_p99": float(np.percentile(lat, 99)),
         "ttft_ms_p50": float(np.percentile(ttft, 50)) if len(ttft) else None,
-        "wall_s": wall, "requests_per_s": len(records) / wall,
+        "wall_s": wall,
+        "requests_per_s": len(records) / wall,
         "completion_tokens_per_s": sum(r["tokens"] for r in records) / wall,
         "records": records,
     }
@@ -109,8 +129,14 @@ def _load(url: str, clients: int, requests: int, max_tokens: int) -> dict[str, A
     return asyncio.run(run_load(url, clients, requests, max_tokens))
 
 
-def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: int = 8,
-                speculative: str | None = "auto", threads: int | None = None) -> dict[str, Any]:
+def bench_serve(
+    run: str,
+    clients: int = 50,
+    requests: int = 500,
+    max_tokens: int = 8,
+    speculative: str | None = "auto",
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Start a server for `run` on loopback, warm it up, put the load on it, print and return the figures."""
     import httpx
 
@@ -132,20 +158,29 @@ def bench_serve(run: str, clients: int = 50, requests: int = 500, max_tokens: in
     figures["greedy_checked"] = len(greedy)
     figures["greedy_mismatches"] = sum(text != expected[p] for p, text in greedy)
     figures.update(
-        run=str(run), model_type=tm.config.model_type, speculative=describe_drafters(app.state.served.drafters),
-        **provenance(), threads=threads,
+        run=str(run),
+        model_type=tm.config.model_type,
+        speculative=describe_drafters(app.state.served.drafters),
+        **provenance(),
+        threads=threads,
     )
     _print(figures)
     return figures
 
 
 def _print(f: dict[str, Any]) -> None:
-    print(f"bench serve: {f['run']} ({f['model_type']}, speculative {f['speculative']}), "
-          f"{f['clients']} clients, {f['requests']} requests ({f['streamed']} streamed), max_tokens {f['max_tokens']}")
+    print(
+        f"bench serve: {f['run']} ({f['model_type']}, speculative {f['speculative']}), "
+        f"{f['clients']} clients, {f['requests']} requests ({f['streamed']} streamed), max_tokens {f['max_tokens']}"
+    )
     ttft = f"{f['ttft_ms_p50']:.0f}" if f["ttft_ms_p50"] is not None else "-"
     print(f"latency p50 {f['latency_ms_p50']:.0f} ms, p99 {f['latency_ms_p99']:.0f} ms; stream TTFT p50 {ttft} ms")
-    print(f"throughput {f['requests_per_s']:.1f} req/s, {f['completion_tokens_per_s']:.0f} completion tokens/s "
-          f"({f['wall_s']:.1f} s)")
-    print(f"ok {f['ok']}/{f['requests']}; 4xx {f['errors_4xx']}, 5xx {f['errors_5xx']}, transport errors "
-          f"{f['transport_errors']}, incomplete {f['incomplete']}; greedy completions unlike generate(): "
-          f"{f['greedy_mismatches']} of {f['greedy_checked']}")
+    print(
+        f"throughput {f['requests_per_s']:.1f} req/s, {f['completion_tokens_per_s']:.0f} completion tokens/s "
+        f"({f['wall_s']:.1f} s)"
+    )
+    print(
+        f"ok {f['ok']}/{f['requests']}; 4xx {f['errors_4xx']}, 5xx {f['errors_5xx']}, transport errors "
+        f"{f['transport_errors']}, incomplete {f['incomplete']}; greedy completions unlike generate(): "
+        f"{f['greedy_mismatches']} of {f['greedy_checked']}"
+    )

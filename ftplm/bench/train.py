@@ -33,8 +33,15 @@ from ftplm.model import build_model, flops_per_token
 from ftplm.train import autocast, make_optimizer, resolve_dtype
 
 
-def _timed_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                device: torch.device, dtype: str, grad_clip: float) -> float:
+def _timed_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    dtype: str,
+    grad_clip: float,
+) -> float:
     """One full optimizer step (forward, backward, clip, AdamW) as the trainer does it; returns seconds."""
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -130,8 +137,15 @@ def largest_batch(fits: Callable[[int], bool], cap: int = 1024) -> int:
     return low
 
 
-def _fits_on_cuda(model: torch.nn.Module, optimizer: torch.optim.Optimizer, vocab: int, T: int,
-                  device: torch.device, dtype: str, grad_clip: float) -> Callable[[int], bool]:
+def _fits_on_cuda(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    vocab: int,
+    T: int,
+    device: torch.device,
+    dtype: str,
+    grad_clip: float,
+) -> Callable[[int], bool]:
     def fits(batch: int) -> bool:
         x = torch.randint(0, vocab, (batch, T), device=device)
         try:
@@ -165,9 +179,18 @@ def bench_train(
     """
     dev = pick_device(device)
     torch.manual_seed(seed)
-    figures: dict[str, Any] = {**provenance(), "preset": preset, "device": str(dev), "steps": steps, "warmup": warmup, "models": {}}
+    figures: dict[str, Any] = {
+        **provenance(),
+        "preset": preset,
+        "device": str(dev),
+        "steps": steps,
+        "warmup": warmup,
+        "models": {},
+    }
     figures["threads"] = torch.get_num_threads() if dev.type == "cpu" else None
-    figures["peak_flops"] = {name: matmul_peak(dev, dt) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))}
+    figures["peak_flops"] = {
+        name: matmul_peak(dev, dt) for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32))
+    }
     setups = {}
     for model_type in ("gpt", "ftp"):
         chosen = get_preset(preset, model_type)
@@ -178,8 +201,15 @@ def bench_train(
     _, _, cfg, tcfg = setups["ftp"]
     B, T = batch_size or tcfg.batch_size, cfg.block_size
     run_dtype = resolve_dtype(dtype or tcfg.dtype, dev)
-    figures.update(batch_size=B, block_size=T, dtype=run_dtype, n_future=cfg.n_future, n_pseudo=cfg.n_pseudo,
-                   dec_n_layer=cfg.dec_n_layer, dec_n_embd=cfg.dec_n_embd)
+    figures.update(
+        batch_size=B,
+        block_size=T,
+        dtype=run_dtype,
+        n_future=cfg.n_future,
+        n_pseudo=cfg.n_pseudo,
+        dec_n_layer=cfg.dec_n_layer,
+        dec_n_embd=cfg.dec_n_embd,
+    )
     generator = torch.Generator().manual_seed(seed)
     times: dict[str, list[float]] = {"gpt": [], "ftp": []}
     for i in range(warmup + steps):
@@ -204,25 +234,36 @@ def bench_train(
             "flops_per_token": fpt,
             "model_flops_per_s": fpt * B * T / median,
             "mfu": fpt * B * T / median / peak,
-            "memory": step_memory(functools.partial(_timed_step, model, optimizer, x, x, dev, run_dtype, tc.grad_clip), dev),
+            "memory": step_memory(
+                functools.partial(_timed_step, model, optimizer, x, x, dev, run_dtype, tc.grad_clip), dev
+            ),
         }
         if max_batch or (max_batch is None and dev.type == "cuda"):
             figures["models"][model_type]["max_batch_size"] = largest_batch(
-                _fits_on_cuda(model, optimizer, mcfg.vocab_size, T, dev, run_dtype, tc.grad_clip))
+                _fits_on_cuda(model, optimizer, mcfg.vocab_size, T, dev, run_dtype, tc.grad_clip)
+            )
     figures["ftp_over_gpt"] = figures["models"]["ftp"]["tokens_per_s"] / figures["models"]["gpt"]["tokens_per_s"]
     _print(figures)
     return figures
 
 
 def _print(f: dict[str, Any]) -> None:
-    print(f"bench train: preset {f['preset']}, {f['device']}, {f['dtype']}, batch {f['batch_size']}x{f['block_size']}, "
-          f"{f['steps']} timed steps each after {f['warmup']} warm-up (interleaved)")
+    print(
+        f"bench train: preset {f['preset']}, {f['device']}, {f['dtype']}, batch {f['batch_size']}x{f['block_size']}, "
+        f"{f['steps']} timed steps each after {f['warmup']} warm-up (interleaved)"
+    )
     peaks = ", ".join(f"{k} {v['flops'] / 1e9:,.1f} GFLOP/s ({v['n']}²)" for k, v in f["peak_flops"].items())
     print(f"measured matmul peak: {peaks}; MFU is against the {f['dtype']} peak")
-    print(f"{'model':<6}{'params':>12}{'step (s)':>11}{'tokens/s':>11}{'GFLOP/token':>13}{'GFLOP/s':>10}{'MFU':>7}{'step MB':>9}{'peak MB':>9}")
+    print(
+        f"{'model':<6}{'params':>12}{'step (s)':>11}{'tokens/s':>11}{'GFLOP/token':>13}{'GFLOP/s':>10}{'MFU':>7}{'step MB':>9}{'peak MB':>9}"
+    )
     for name, m in f["models"].items():
-        print(f"{name:<6}{m['params']:>12,}{m['step_s_median']:>11.3f}{m['tokens_per_s']:>11,.0f}{m['flops_per_token'] / 1e9:>13.4f}"
-              f"{m['model_flops_per_s'] / 1e9:>10.1f}{m['mfu']:>7.1%}{m['memory']['step_mb']:>9.0f}{m['memory']['peak_mb']:>9.0f}"
-              + (f"  max batch {m['max_batch_size']}" if "max_batch_size" in m else ""))
-    print(f"FTP / GPT throughput: {f['ftp_over_gpt']:.2f} (N={f['n_future']}, P={f['n_pseudo']}, "
-          f"decoder {f['dec_n_layer']}x{f['dec_n_embd']})")
+        print(
+            f"{name:<6}{m['params']:>12,}{m['step_s_median']:>11.3f}{m['tokens_per_s']:>11,.0f}{m['flops_per_token'] / 1e9:>13.4f}"
+            f"{m['model_flops_per_s'] / 1e9:>10.1f}{m['mfu']:>7.1%}{m['memory']['step_mb']:>9.0f}{m['memory']['peak_mb']:>9.0f}"
+            + (f"  max batch {m['max_batch_size']}" if "max_batch_size" in m else "")
+        )
+    print(
+        f"FTP / GPT throughput: {f['ftp_over_gpt']:.2f} (N={f['n_future']}, P={f['n_pseudo']}, "
+        f"decoder {f['dec_n_layer']}x{f['dec_n_embd']})"
+    )

@@ -207,7 +207,9 @@ def check_template(tree: object) -> Template:
 def get_drafter(name: str, model, draft_len: int | None = None, tree: bool | Template | None = None) -> Drafter:
     """A drafter by name for this model; bad names and arguments raise FtplmError with one clear line."""
     if name not in DRAFTERS:
-        raise FtplmError(f"unknown speculative drafter {name!r}; choose one of: {', '.join(sorted(DRAFTERS))} (or None)")
+        raise FtplmError(
+            f"unknown speculative drafter {name!r}; choose one of: {', '.join(sorted(DRAFTERS))} (or None)"
+        )
     if draft_len is not None and (isinstance(draft_len, bool) or not isinstance(draft_len, int) or draft_len <= 0):
         raise FtplmError(f"draft_len must be a positive integer, got {draft_len!r}")
     return DRAFTERS[name](model, draft_len, tree)

@@ -29,8 +29,10 @@ DEFAULT_TREE: Template = [(0,), (1,), (0, 0), (1, 0), (0, 0, 0)]
 
 def require_ftp(model, name: str) -> None:
     if getattr(model, "cfg", None) is None or model.cfg.model_type != "ftp":
-        raise FtplmError(f"speculative={name!r} needs an FTP model (its decoder is the drafter); this is a GPT "
-                         "model: use 'recycling' or 'lookup'")
+        raise FtplmError(
+            f"speculative={name!r} needs an FTP model (its decoder is the drafter); this is a GPT "
+            "model: use 'recycling' or 'lookup'"
+        )
 
 
 class _Product:
@@ -104,8 +106,13 @@ class DraftDecoder(_Lean):
                 return _Product(module, self.product_dtype, packed)
             if isinstance(module, torch.nn.LayerNorm):
                 bias = None if module.bias is None else module.bias.detach()
-                return functools.partial(F.layer_norm, normalized_shape=module.normalized_shape,
-                                         weight=module.weight.detach(), bias=bias, eps=module.eps)
+                return functools.partial(
+                    F.layer_norm,
+                    normalized_shape=module.normalized_shape,
+                    weight=module.weight.detach(),
+                    bias=bias,
+                    eps=module.eps,
+                )
             if isinstance(module, torch.nn.Dropout):
                 return _identity
             if isinstance(module, torch.nn.ModuleList):
@@ -116,7 +123,11 @@ class DraftDecoder(_Lean):
         self.head = _Product(model.lm_head, self.product_dtype, packed)
         vocab = model.lm_head.out_features
         self.greedy_vocab = vocab // self.GREEDY_VOCAB_SHARE if vocab >= self.GREEDY_MIN_VOCAB else vocab
-        self.greedy_head = _Product(model.lm_head, self.product_dtype, packed, self.greedy_vocab) if self.greedy_vocab < vocab else self.head
+        self.greedy_head = (
+            _Product(model.lm_head, self.product_dtype, packed, self.greedy_vocab)
+            if self.greedy_vocab < vocab
+            else self.head
+        )
 
     def start(self, memory_kv: list[tuple[torch.Tensor, torch.Tensor]], cache: KVCache | None = None) -> DecoderStart:
         """A draft state from the model's pseudo-sequence keys/values and, if any, its decoder cache (copied: drafting
@@ -138,8 +149,13 @@ _DRAFT_DECODERS: weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, DraftDe
 
 def draft_decoder(model) -> DraftDecoder:
     """This model's draft copy (packing the LM head takes ~5 ms: not something to redo per generation)."""
-    params = [model.dec_wte.weight, model.dec_wpe.weight, *model.dec_h.parameters(), *model.dec_ln_f.parameters(),
-              *([] if model.dec_mask is None else [model.dec_mask])]
+    params = [
+        model.dec_wte.weight,
+        model.dec_wpe.weight,
+        *model.dec_h.parameters(),
+        *model.dec_ln_f.parameters(),
+        *([] if model.dec_mask is None else [model.dec_mask]),
+    ]
     key = tuple(weight_key(p) for p in params)
     cached = _DRAFT_DECODERS.get(model)
     if cached is None or cached[0] != key:
@@ -159,8 +175,10 @@ class FTPDrafter(Drafter):
         self.default_draft_len = n - 1
         super().__init__(model, draft_len, tree)
         if self.draft_len > n - 1:
-            raise FtplmError(f"draft_len for 'ftp' is at most n_future-1 = {n - 1} (the decoder predicts {n} tokens, "
-                             f"the first being the target's own), got {self.draft_len}")
+            raise FtplmError(
+                f"draft_len for 'ftp' is at most n_future-1 = {n - 1} (the decoder predicts {n} tokens, "
+                f"the first being the target's own), got {self.draft_len}"
+            )
         self.template = None if not tree else DEFAULT_TREE if tree is True else check_template(tree)
         # taken now, not per round (a drafter lives for one generation); were the weights changed later, stale
         # drafts would still be verified: only speed would suffer
@@ -203,7 +221,9 @@ class FTPDrafter(Drafter):
             drafts[i] = chain
         return drafts
 
-    def _chains(self, state: DecoderStart, logits: torch.Tensor, depths: list[int], ctxs: list[DraftContext]) -> list[Draft]:
+    def _chains(
+        self, state: DecoderStart, logits: torch.Tensor, depths: list[int], ctxs: list[DraftContext]
+    ) -> list[Draft]:
         """Chains for the M rows of `state` (logits (M, V): q of each row's first draft), one decoder step per depth
         for all rows; row j takes depths[j] tokens. Greedy (all rows or none): argmax; sampling: a draw from each
         row's q (its own sampling and generator), recorded with it."""
@@ -211,8 +231,11 @@ class FTPDrafter(Drafter):
         deepest = max(depths)
         greedy = ctxs[0].sampling.greedy
         # masked inputs: the drafts do not feed the decoder, so every level's logits come from one pass (Medusa-like)
-        ahead = self.decoder.step(state, logits.new_zeros(len(depths), deepest - 1, dtype=torch.long), greedy) \
-            if self.model.masked_inputs and deepest > 1 else None
+        ahead = (
+            self.decoder.step(state, logits.new_zeros(len(depths), deepest - 1, dtype=torch.long), greedy)
+            if self.model.masked_inputs and deepest > 1
+            else None
+        )
         for level in range(deepest):
             if greedy:
                 tokens, q = logits.argmax(-1), None
@@ -226,7 +249,9 @@ class FTPDrafter(Drafter):
                 logits = self.decoder.step(state, tokens, greedy) if ahead is None else ahead[:, level]
         return drafts
 
-    def _tree(self, template: Template, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor) -> Draft:
+    def _tree(
+        self, template: Template, ctx: DraftContext, depth: int, state: DecoderStart, logits: torch.Tensor
+    ) -> Draft:
         """Greedy: the children of a node are the top-k of its q (deterministic: q is left out, one-hot acceptance).
         Sampling: they are k independent draws from q, recorded with it, as in SpecInfer's multi-draft speculative
         sampling: the verifier tests them in turn, each against the residual left by the rejected ones before it,

@@ -65,8 +65,10 @@ class FTPLookupDrafter(Drafter):
                 pending.append(entry)
                 continue
             generated = tokens[at:]
-            shared = [next((i for i, (a, b) in enumerate(zip(c, generated)) if a != b), min(len(c), len(generated)))
-                      for c in copies]
+            shared = [
+                next((i for i, (a, b) in enumerate(zip(c, generated)) if a != b), min(len(c), len(generated)))
+                for c in copies
+            ]
             if all(n < len(generated) or n == len(c) for n, c in zip(shared, copies)):
                 self._score(self.lookup, min(max(shared), nodes), nodes)
             else:

@@ -47,8 +47,9 @@ class FTPRecyclingDrafter(Drafter):
         room_depth, room_nodes = ctx.max_depth - len(draft), ctx.max_nodes - len(draft)
         if not draft.tokens or room_depth <= 0 or room_nodes <= 0:
             return draft
-        more = self.recycling.propose(dataclasses.replace(
-            ctx, tokens=ctx.tokens + draft.tokens, max_depth=room_depth, max_nodes=room_nodes))
+        more = self.recycling.propose(
+            dataclasses.replace(ctx, tokens=ctx.tokens + draft.tokens, max_depth=room_depth, max_nodes=room_nodes)
+        )
         last = len(draft) - 1  # the recycled subtree's root is the last FTP token
         for token, parent in zip(more.tokens, more.parents):
             draft.add(token, last if parent < 0 else last + 1 + parent)

@@ -26,6 +26,7 @@ DEFAULT_TREE: Template = [
     (0, 0, 0, 0, 0, 0),
 ]  # fmt: skip
 
+
 @drafter("recycling")
 class RecyclingDrafter(Drafter):
     default_draft_len = 6
@@ -33,8 +34,10 @@ class RecyclingDrafter(Drafter):
     def __init__(self, model, draft_len: int | None = None, tree: bool | Template | None = None) -> None:
         super().__init__(model, draft_len, tree)
         # tree=False: the chain of best candidates; default (None/True): the template tree
-        self.template = [(0,) * d for d in range(1, self.draft_len + 1)] if tree is False else (
-            DEFAULT_TREE if tree in (None, True) else check_template(tree)
+        self.template = (
+            [(0,) * d for d in range(1, self.draft_len + 1)]
+            if tree is False
+            else (DEFAULT_TREE if tree in (None, True) else check_template(tree))
         )
         self.k = max(TOP_K, max(max(p) for p in self.template) + 1)
         # before any evidence: arbitrary distinct tokens

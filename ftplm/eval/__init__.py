@@ -19,23 +19,26 @@ from ftplm.errors import FtplmError
 
 # the suites register themselves on import: SUITES is the one list of them (CLI choices, reports, docs)
 from ftplm.eval import classify, coding, coherence, ppl, retrieval, smoothness  # noqa: F401 - imported to register
-from ftplm.eval.base import (
-    OPTIONS,
-    PAPER_SUITES,
-    SUITES,
-    EvalContext,
-    SuiteFn,
-    heldout_documents,
-    provenance,
-    suite,
-)
+from ftplm.eval.base import OPTIONS, PAPER_SUITES, SUITES, EvalContext, SuiteFn, heldout_documents, provenance, suite
 from ftplm.eval.coherence import require_judge
 from ftplm.eval.stats import paired_diff
 from ftplm.machine import describe_machine
 from ftplm.tokenizer import load_tokenizer, same_tokenizer
 
-__all__ = ["OPTIONS", "PAPER_SUITES", "SUITES", "EvalContext", "SuiteFn", "headline", "heldout_documents", "load_suites",
-           "provenance", "run_suites", "suite", "suite_names"]
+__all__ = [
+    "OPTIONS",
+    "PAPER_SUITES",
+    "SUITES",
+    "EvalContext",
+    "SuiteFn",
+    "headline",
+    "heldout_documents",
+    "load_suites",
+    "provenance",
+    "run_suites",
+    "suite",
+    "suite_names",
+]
 
 
 def load_suites() -> dict[str, SuiteFn]:
@@ -96,10 +99,15 @@ def run_suites(
     paths = [Path(run)] + ([Path(against)] if against is not None else [])
     models = [load(p) for p in paths]  # errors (no checkpoint, corrupt files) come out as one line
     if against is not None and not same_tokenizer(models[0].tokenizer, models[1].tokenizer):
-        raise FtplmError(f"{paths[0]} and {paths[1]} use different tokenizers: they cannot be evaluated on identical data")
+        raise FtplmError(
+            f"{paths[0]} and {paths[1]} use different tokenizers: they cannot be evaluated on identical data"
+        )
     data = Path(data_dir) if data_dir is not None else run_data_dir(paths[0])
-    if data is not None and (data / "tokenizer.json").is_file() and not same_tokenizer(
-            load_tokenizer(data / "tokenizer.json"), models[0].tokenizer):
+    if (
+        data is not None
+        and (data / "tokenizer.json").is_file()
+        and not same_tokenizer(load_tokenizer(data / "tokenizer.json"), models[0].tokenizer)
+    ):
         raise FtplmError(f"the data in {data} was tokenized with another tokenizer than {paths[0]}'s")
     out: dict[str, Any] = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -62,7 +62,9 @@ def suite(name: str) -> Callable[[SuiteFn], SuiteFn]:
     return register
 
 
-def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...] = ("val", "test")) -> tuple[list[Document], str]:
+def heldout_documents(
+    data_dir: Path | None, corpus: str, splits: tuple[str, ...] = ("val", "test")
+) -> tuple[list[Document], str]:
     """Held-out documents of a corpus (never trained on): from the data directory's heldout.jsonl when the run's
     data holds that corpus, else read from the corpus package and split exactly as `ftplm prepare` would."""
     fracs = (0.05, 0.10, 0)
@@ -72,7 +74,10 @@ def heldout_documents(data_dir: Path | None, corpus: str, splits: tuple[str, ...
         if wanted:
             return wanted, f"{data_dir}/heldout.jsonl ({'+'.join(splits)})"
         # the data never held this corpus: split it as asked for (a large corpus's held-out fractions are scaled down)
-        requested = data.meta.get("requested_fracs") or (data.meta.get("val_frac", 0.05), data.meta.get("test_frac", 0.10))
+        requested = data.meta.get("requested_fracs") or (
+            data.meta.get("val_frac", 0.05),
+            data.meta.get("test_frac", 0.10),
+        )
         fracs = (*requested, data.meta.get("split_seed", 0))
     docs = [d for d in _corpus_documents(corpus) if split_of(d.doc_id, *fracs) in splits]
     return docs, f"{corpus} {'+'.join(splits)} split (val_frac={fracs[0]}, test_frac={fracs[1]}, seed={fracs[2]})"
@@ -94,5 +99,3 @@ def provenance(run: Path) -> dict[str, Any]:
         s = json.loads(state.read_text())
         info.update(step=s.get("step"), tokens=s.get("tokens"))
     return info
-
-

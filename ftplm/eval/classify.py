@@ -52,7 +52,9 @@ def cross_validate(features: Any, labels: np.ndarray, seed: int, kind: str = "de
 def labelled_docs(ctx: EvalContext, corpus: str, n_max: int) -> tuple[list[tuple[str, str]], str, list[str]]:
     """(text, label) of held-out documents, classes with fewer than FOLDS documents dropped (returned too)."""
     docs, source = heldout_documents(ctx.data_dir, corpus)
-    docs = [d for d in pick_documents(docs, len(docs), ctx.seed) if d.label not in DROP_LABELS and d.text.strip()][:n_max]
+    docs = [d for d in pick_documents(docs, len(docs), ctx.seed) if d.label not in DROP_LABELS and d.text.strip()][
+        :n_max
+    ]
     counts = Counter(d.label for d in docs)
     dropped = sorted(label for label, c in counts.items() if label is not None and c < FOLDS)
     return [(d.text, d.label) for d in docs if d.label is not None and counts[d.label] >= FOLDS], source, dropped
@@ -71,22 +73,45 @@ def classify(ctx: EvalContext) -> dict[str, Any]:
         pairs, source, dropped = labelled_docs(ctx, corpus, n_max)
         labels = np.array([label for _, label in pairs])
         if len(set(labels)) < 2:
-            raise FtplmError(f"classify needs held-out {corpus} documents of at least 2 classes with {FOLDS}+ documents each, found {len(pairs)} docs in {source}")
+            raise FtplmError(
+                f"classify needs held-out {corpus} documents of at least 2 classes with {FOLDS}+ documents each, found {len(pairs)} docs in {source}"
+            )
         ids = [tm.encode(text)[: tm.config.block_size] or [tm.eos_id or 0] for text, _ in pairs]
         pooled = token_states(tm, ids, batch_size=64, reduce=lambda h: (h.mean(0), h[-1]), layer=layer)
         features = {"mean": np.stack([m for m, _ in pooled]), "last": np.stack([x for _, x in pooled])}
         texts = [tm.decode(x) for x in ids]  # the reference sees exactly the tokens the model saw
-        for name, feats, kind in (("mean", features["mean"], "dense"), ("last", features["last"], "dense"), ("tfidf", texts, "tfidf")):
+        for name, feats, kind in (
+            ("mean", features["mean"], "dense"),
+            ("last", features["last"], "dense"),
+            ("tfidf", texts, "tfidf"),
+        ):
             accs, correct = cross_validate(feats, labels, ctx.seed, kind)
-            metrics[f"{corpus}/{name}"] = {"value": float(np.mean(accs)), "std": float(np.std(accs)), "folds": accs, "n": len(labels)}
+            metrics[f"{corpus}/{name}"] = {
+                "value": float(np.mean(accs)),
+                "std": float(np.std(accs)),
+                "folds": accs,
+                "n": len(labels),
+            }
             items[f"{corpus}/{name}"] = correct.astype(float).tolist()
         counts = Counter(labels.tolist())
         metrics[f"{corpus}/majority"] = {"value": max(counts.values()) / len(labels), "n": len(labels)}
-        info[corpus] = {"role": role, "docs": source, "n": len(labels), "classes": dict(sorted(counts.items())), "dropped_classes": dropped}
+        info[corpus] = {
+            "role": role,
+            "docs": source,
+            "n": len(labels),
+            "classes": dict(sorted(counts.items())),
+            "dropped_classes": dropped,
+        }
     return {
-        "suite": "classify", **provenance(ctx.run), "model_type": tm.config.model_type,
-        "n": sum(v["n"] for v in info.values()), "folds": FOLDS, "layer": layer, "corpora": info,
+        "suite": "classify",
+        **provenance(ctx.run),
+        "model_type": tm.config.model_type,
+        "n": sum(v["n"] for v in info.values()),
+        "folds": FOLDS,
+        "layer": layer,
+        "corpora": info,
         "classifier": "StandardScaler + LogisticRegression(max_iter=2000); TF-IDF(sublinear, min_df=2) + LogisticRegression",
-        "metrics": metrics, "headline": ["wiki-vital/mean", "wiki-vital/last", "wiki-vital/tfidf", "bbc-news/mean"],
+        "metrics": metrics,
+        "headline": ["wiki-vital/mean", "wiki-vital/last", "wiki-vital/tfidf", "bbc-news/mean"],
         "_items": items,
     }

@@ -59,11 +59,24 @@ def coding(ctx: EvalContext) -> dict[str, Any]:
         if not ok:
             reason = why.split(":")[0]
             failures[reason] = failures.get(reason, 0) + 1
-    examples = [{"prompt": p.prompt, "completion": c, "verdict": why} for p, c, (_, why) in list(zip(probs, completions, verdicts))[:3]]
+    examples = [
+        {"prompt": p.prompt, "completion": c, "verdict": why}
+        for p, c, (_, why) in list(zip(probs, completions, verdicts))[:3]
+    ]
     return {
-        "suite": "coding", **provenance(ctx.run), "model_type": tm.config.model_type, "n": len(probs),
-        "max_new_tokens": max_new, "decoding": "greedy", "failures": dict(sorted(failures.items())),
-        "metrics": metrics, "examples": examples, "headline": ["pass@1", *(f"pass@1/L{level}" for level in LEVELS)],
-        "_items": {"pass@1": passed.tolist(), "declared_correct": declared.tolist(),
-                   **{f"pass@1/L{level}": passed[[p.level == level for p in probs]].tolist() for level in LEVELS}},
+        "suite": "coding",
+        **provenance(ctx.run),
+        "model_type": tm.config.model_type,
+        "n": len(probs),
+        "max_new_tokens": max_new,
+        "decoding": "greedy",
+        "failures": dict(sorted(failures.items())),
+        "metrics": metrics,
+        "examples": examples,
+        "headline": ["pass@1", *(f"pass@1/L{level}" for level in LEVELS)],
+        "_items": {
+            "pass@1": passed.tolist(),
+            "declared_correct": declared.tolist(),
+            **{f"pass@1/L{level}": passed[[p.level == level for p in probs]].tolist() for level in LEVELS},
+        },
     }

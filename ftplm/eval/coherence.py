@@ -74,7 +74,13 @@ def repeated_ngram_rate(words: list[str], n: int = 4) -> float:
 
 
 def sample_continuations(
-    model, prompts: list[list[int]], samples: int, max_new_tokens: int, seed: int, sampling: Sampling = SAMPLING, batch_size: int = 128
+    model,
+    prompts: list[list[int]],
+    samples: int,
+    max_new_tokens: int,
+    seed: int,
+    sampling: Sampling = SAMPLING,
+    batch_size: int = 128,
 ) -> list[list[list[int]]]:
     """`samples` continuations (token ids, cut at EOS) per prompt; prompts of equal length run as one batch."""
     rows = [(p, s) for p in range(len(prompts)) for s in range(samples)]
@@ -87,7 +93,9 @@ def sample_continuations(
         for start in range(0, len(group), batch_size):
             chunk = group[start : start + batch_size]
             idx = torch.tensor([prompts[p] for p, _ in chunk], dtype=torch.long, device=model.device)
-            new = generate(model.model, idx, max_new_tokens, sampling, seed=seed * 1_000_003 + chunk_no, eos_id=model.eos_id)[:, length:]
+            new = generate(
+                model.model, idx, max_new_tokens, sampling, seed=seed * 1_000_003 + chunk_no, eos_id=model.eos_id
+            )[:, length:]
             chunk_no += 1
             for (p, s), ids in zip(chunk, new.tolist()):
                 out[p][s] = ids[: ids.index(model.eos_id)] if model.eos_id in ids else ids
@@ -115,7 +123,9 @@ def coherence(ctx: EvalContext) -> dict[str, Any]:
         if len(prompts) == n_prompts:
             break
     if len(prompts) < 2:
-        raise FtplmError(f"coherence needs at least 2 held-out wiki-vital articles of {2 * PROMPT_TOKENS}+ tokens, found {len(prompts)} in {source}")
+        raise FtplmError(
+            f"coherence needs at least 2 held-out wiki-vital articles of {2 * PROMPT_TOKENS}+ tokens, found {len(prompts)} in {source}"
+        )
     max_new = min(ctx.size("coherence_new_tokens", 128, 64), tm.config.block_size - PROMPT_TOKENS)
     conts = sample_continuations(tm, prompts, samples, max_new, ctx.seed)
 
@@ -138,10 +148,18 @@ def coherence(ctx: EvalContext) -> dict[str, Any]:
     metrics = {k: {**mean_ci(v, ctx.seed), "samples": len(flat)} for k, v in per_prompt.items()}
     examples = [{"prompt": prompt_texts[p], "continuation": tm.decode(conts[p][0])} for p in range(min(3, n_p))]
     return {
-        "suite": "coherence", **provenance(ctx.run), "model_type": tm.config.model_type,
-        "n": n_p, "samples_per_prompt": samples, "max_new_tokens": max_new, "prompt_tokens": PROMPT_TOKENS,
-        "sampling": {"temperature": SAMPLING.temperature, "top_k": SAMPLING.top_k}, "docs": source,
-        "judge": f"all-MiniLM-L6-v2 ({JUDGE_PACKAGE})", "metrics": metrics, "examples": examples,
+        "suite": "coherence",
+        **provenance(ctx.run),
+        "model_type": tm.config.model_type,
+        "n": n_p,
+        "samples_per_prompt": samples,
+        "max_new_tokens": max_new,
+        "prompt_tokens": PROMPT_TOKENS,
+        "sampling": {"temperature": SAMPLING.temperature, "top_k": SAMPLING.top_k},
+        "docs": source,
+        "judge": f"all-MiniLM-L6-v2 ({JUDGE_PACKAGE})",
+        "metrics": metrics,
+        "examples": examples,
         "headline": ["prompt_continuation_cos", "half_half_cos", "distinct_2", "repeated_4gram_rate"],
         "_items": {k: v.tolist() for k, v in per_prompt.items()},
     }

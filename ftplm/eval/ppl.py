@@ -73,7 +73,13 @@ def ppl(ctx: EvalContext) -> dict[str, Any]:
         if k in mean:
             metrics[name] = {"value": mean[k], "n": n_tokens, "offsets": list(range(1, len(mean[k]) + 1))}
     return {
-        "suite": "ppl", **provenance(ctx.run), "model_type": ctx.model.config.model_type,
-        "n": n_tokens, "split": split, "data_dir": str(ctx.data_dir), "metrics": metrics, "headline": ["ppl"],
+        "suite": "ppl",
+        **provenance(ctx.run),
+        "model_type": ctx.model.config.model_type,
+        "n": n_tokens,
+        "split": split,
+        "data_dir": str(ctx.data_dir),
+        "metrics": metrics,
+        "headline": ["ppl"],
         "_items": {"next_token_ce": per_batch},
     }

@@ -98,8 +98,14 @@ def retrieval(ctx: EvalContext) -> dict[str, Any]:
     judge_summary, _ = summarise(retrieval_scores(judge_embed(queries), judge_embed(targets)), ctx.seed)
     metrics.update({f"judge_{k}": v for k, v in judge_summary.items()})
     return {
-        "suite": "retrieval", **provenance(ctx.run), "model_type": ctx.model.config.model_type,
-        "n": len(pairs), "docs": source, "chance_recall@1": 1 / len(pairs),
-        "judge": f"all-MiniLM-L6-v2 ({JUDGE_PACKAGE})", "metrics": metrics,
-        "headline": ["recall@1", "recall@10", "judge_recall@1"], "_items": items,
+        "suite": "retrieval",
+        **provenance(ctx.run),
+        "model_type": ctx.model.config.model_type,
+        "n": len(pairs),
+        "docs": source,
+        "chance_recall@1": 1 / len(pairs),
+        "judge": f"all-MiniLM-L6-v2 ({JUDGE_PACKAGE})",
+        "metrics": metrics,
+        "headline": ["recall@1", "recall@10", "judge_recall@1"],
+        "_items": items,
     }

@@ -41,7 +41,10 @@ def offset_cosines(h: np.ndarray, max_offset: int = MAX_OFFSET, skip: int = SKIP
 
 @torch.no_grad()
 def token_states(
-    model, texts_ids: list[list[int]], batch_size: int = 16, reduce: Callable[[np.ndarray], Any] | None = None,
+    model,
+    texts_ids: list[list[int]],
+    batch_size: int = 16,
+    reduce: Callable[[np.ndarray], Any] | None = None,
     layer: int | None = None,
 ) -> list[Any]:
     """Per-token top-layer vectors (T, C) of each token sequence (or those after `layer` trunk blocks), or reduce()
@@ -93,7 +96,9 @@ def smoothness(ctx: EvalContext) -> dict[str, Any]:
     encoded = [ctx.model.encode(d.text)[:block] for d in pick_documents(docs, len(docs), ctx.seed)]
     ids = [x for x in encoded if len(x) > SKIP + 1][:n_docs]
     if len(ids) < 2:
-        raise FtplmError(f"smoothness needs at least 2 held-out documents longer than {SKIP + 1} tokens, found {len(ids)} in {source}")
+        raise FtplmError(
+            f"smoothness needs at least 2 held-out documents longer than {SKIP + 1} tokens, found {len(ids)} in {source}"
+        )
     layer = state_layer(ctx)
     states = token_states(ctx.model, ids, layer=layer)
     mean_vec = np.concatenate([h[SKIP:] for h in states]).mean(0)
@@ -108,15 +113,28 @@ def smoothness(ctx: EvalContext) -> dict[str, Any]:
         curve = sums.sum(0) / np.maximum(counts.sum(0), 1)
         doc_adj = sums[:, 0] / np.maximum(counts[:, 0], 1)
         metrics[f"adjacent_cosine{suffix}"] = {
-            "value": float(curve[0]), "ci95": list(bootstrap_ci(doc_adj, ctx.seed, weights=counts[:, 0])),
-            "n": int(counts[:, 0].sum()), "docs": len(states),
+            "value": float(curve[0]),
+            "ci95": list(bootstrap_ci(doc_adj, ctx.seed, weights=counts[:, 0])),
+            "n": int(counts[:, 0].sum()),
+            "docs": len(states),
         }
-        metrics[f"offset_curve{suffix}"] = {"value": curve.tolist(), "offsets": list(range(1, MAX_OFFSET + 1)), "n": counts.sum(0).astype(int).tolist()}
+        metrics[f"offset_curve{suffix}"] = {
+            "value": curve.tolist(),
+            "offsets": list(range(1, MAX_OFFSET + 1)),
+            "n": counts.sum(0).astype(int).tolist(),
+        }
         items[f"adjacent_cosine{suffix}"] = doc_adj.tolist()
         weights[f"adjacent_cosine{suffix}"] = counts[:, 0].astype(int).tolist()
     return {
-        "suite": "smoothness", **provenance(ctx.run), "model_type": ctx.model.config.model_type,
-        "n": len(states), "docs": source, "skip_positions": SKIP, "layer": layer, "metrics": metrics,
-        "headline": ["adjacent_cosine", "adjacent_cosine_centered"], "_items": items,
+        "suite": "smoothness",
+        **provenance(ctx.run),
+        "model_type": ctx.model.config.model_type,
+        "n": len(states),
+        "docs": source,
+        "skip_positions": SKIP,
+        "layer": layer,
+        "metrics": metrics,
+        "headline": ["adjacent_cosine", "adjacent_cosine_centered"],
+        "_items": items,
         "_item_weights": weights,
     }

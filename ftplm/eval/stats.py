@@ -36,7 +36,11 @@ def bootstrap_ci(
 def mean_ci(values: Any, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
     """{"value": mean, "ci95": [lo, hi], "n": items} for a list of per-item scores."""
     values = np.asarray(values, dtype=np.float64)
-    return {"value": float(values.mean()) if len(values) else float("nan"), "ci95": list(bootstrap_ci(values, seed, n_boot)), "n": len(values)}
+    return {
+        "value": float(values.mean()) if len(values) else float("nan"),
+        "ci95": list(bootstrap_ci(values, seed, n_boot)),
+        "n": len(values),
+    }
 
 
 def paired_diff(a: Any, b: Any, seed: int = 0, n_boot: int = 1000) -> dict[str, Any]:
@@ -68,7 +72,10 @@ def hierarchical_ci(
     and widens with the spread between seeds, which item-level resampling of pooled seeds ignores."""
     rng = np.random.default_rng(seed)
     arrays = [np.asarray(g, dtype=np.float64) for g in groups]
-    ws = [np.ones_like(a) if weights is None else np.asarray(w, dtype=np.float64) for a, w in zip(arrays, weights or arrays)]
+    ws = [
+        np.ones_like(a) if weights is None else np.asarray(w, dtype=np.float64)
+        for a, w in zip(arrays, weights or arrays)
+    ]
     if not arrays or any(len(a) == 0 for a in arrays):
         return float("nan"), float("nan")
     S = len(arrays)
@@ -84,7 +91,9 @@ def hierarchical_ci(
     return float(np.quantile(stat, alpha)), float(np.quantile(stat, 1 - alpha))
 
 
-def seeds_summary(values: list[float], items: list[Any] | None = None, seed: int = 0, weights: list[Any] | None = None) -> dict[str, Any]:
+def seeds_summary(
+    values: list[float], items: list[Any] | None = None, seed: int = 0, weights: list[Any] | None = None
+) -> dict[str, Any]:
     """A metric over seeds: mean ± std of the per-seed values, with the hierarchical CI where per-item scores
     exist and the t interval where they do not."""
     out = mean_std(values)

@@ -89,10 +89,20 @@ def gpt2_model(model: LanguageModel, eos: int) -> PreTrainedModel:
 
     cfg = model.cfg
     config = GPT2Config(
-        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd, n_layer=cfg.n_layer,
-        n_head=cfg.n_head, n_inner=4 * cfg.n_embd, activation_function="gelu_new", layer_norm_epsilon=1e-5,
-        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, tie_word_embeddings=True,
-        bos_token_id=eos, eos_token_id=eos,
+        vocab_size=cfg.vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        n_inner=4 * cfg.n_embd,
+        activation_function="gelu_new",
+        layer_norm_epsilon=1e-5,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        tie_word_embeddings=True,
+        bos_token_id=eos,
+        eos_token_id=eos,
     )
     hf_model = GPT2LMHeadModel(config)
     hf_model.load_state_dict(gpt2_state_dict(model.state_dict(), hf_model.state_dict()), strict=True)
@@ -112,8 +122,9 @@ def gpt2_state_dict(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tenso
         else:
             raise FtplmError(f"cannot export to GPT-2: no weight for {name}")
         if tensor.shape != target.shape:
-            raise FtplmError(f"cannot export to GPT-2: {source} has shape {tuple(tensor.shape)}, "
-                             f"GPT-2 expects {tuple(target.shape)}")
+            raise FtplmError(
+                f"cannot export to GPT-2: {source} has shape {tuple(tensor.shape)}, GPT-2 expects {tuple(target.shape)}"
+            )
         mapped[name] = tensor.contiguous()
     if unused := sorted(set(ours) - used):
         raise FtplmError(f"cannot export to GPT-2: no place for {unused[:3]}")
@@ -127,13 +138,30 @@ def ftp_model(model: LanguageModel, eos: int) -> PreTrainedModel:
 
     cfg = model.cfg
     if model.masked_inputs:
-        raise FtplmError("the exported FTP modeling code has no masked decoder inputs (decoder_inputs='masked'): "
-                         "serve or evaluate this run with ftplm")
-    fields = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "dropout", "bias", "n_future", "n_pseudo",
-              "dec_n_layer", "dec_n_head", "dec_n_embd", "pseudo_norm")
+        raise FtplmError(
+            "the exported FTP modeling code has no masked decoder inputs (decoder_inputs='masked'): "
+            "serve or evaluate this run with ftplm"
+        )
+    fields = (
+        "vocab_size",
+        "block_size",
+        "n_layer",
+        "n_head",
+        "n_embd",
+        "dropout",
+        "bias",
+        "n_future",
+        "n_pseudo",
+        "dec_n_layer",
+        "dec_n_head",
+        "dec_n_embd",
+        "pseudo_norm",
+    )
     config = FTPConfig(**{f: getattr(cfg, f) for f in fields}, bos_token_id=eos, eos_token_id=eos)
-    config.auto_map = {"AutoConfig": "configuration_ftp.FTPConfig",
-                       "AutoModelForCausalLM": "modeling_ftp.FTPForCausalLM"}
+    config.auto_map = {
+        "AutoConfig": "configuration_ftp.FTPConfig",
+        "AutoModelForCausalLM": "modeling_ftp.FTPForCausalLM",
+    }
     hf_model = FTPForCausalLM(config)
     # dec_mask (input_dropout runs) is a training-time input only: inference never feeds it
     hf_model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "dec_mask"}, strict=True)
@@ -162,8 +190,12 @@ def save_tokenizer(tokenizer: Tokenizer, directory: Path, block_size: int) -> No
     from transformers import PreTrainedTokenizerFast
 
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(tokenizer.to_str()), eos_token=EOS, bos_token=EOS, unk_token=EOS,
-        model_max_length=block_size, clean_up_tokenization_spaces=False,
+        tokenizer_object=Tokenizer.from_str(tokenizer.to_str()),
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        model_max_length=block_size,
+        clean_up_tokenization_spaces=False,
     )
     fast.save_pretrained(directory)
     # name the class every transformers version knows (5.x writes its own "TokenizersBackend")

@@ -65,8 +65,9 @@ class CrossAttention(nn.Module):
         M, T, C = x.shape
         heads = lambda t: t.view(M, -1, self.n_head, C // self.n_head).transpose(1, 2)  # noqa: E731 - a one-line local helper
         k, v = self.kv(memory).split(C, dim=2)
-        y = F.scaled_dot_product_attention(heads(self.q(x)), heads(k), heads(v),
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            heads(self.q(x)), heads(k), heads(v), dropout_p=self.dropout if self.training else 0.0
+        )
         return self.c_proj(y.transpose(1, 2).reshape(M, T, C))
 
 
@@ -84,8 +85,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm transformer block; with cross=True also attends to a memory (the FTP decoder block)."""
 
-    def __init__(self, n_embd: int, n_head: int, bias: bool, dropout: float, cross: bool = False,
-                 layer_idx: int = 0) -> None:
+    def __init__(
+        self, n_embd: int, n_head: int, bias: bool, dropout: float, cross: bool = False, layer_idx: int = 0
+    ) -> None:
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
         self.attn = SelfAttention(n_embd, n_head, bias, dropout, layer_idx)
@@ -95,8 +97,13 @@ class Block(nn.Module):
         self.mlp = MLP(n_embd, bias, dropout)
         self.resid_drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, mask: torch.Tensor | None = None,
-                memory: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cache: Cache | None = None,
+        mask: torch.Tensor | None = None,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.resid_drop(self.attn(self.ln_1(x), cache, mask))
         if self.cross is not None and self.ln_cross is not None:
             x = x + self.resid_drop(self.cross(self.ln_cross(x), memory))
@@ -112,12 +119,18 @@ class FTPTrunk(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config.n_embd, config.n_head, config.bias, config.dropout, layer_idx=i)
-                               for i in range(config.n_layer))
+        self.h = nn.ModuleList(
+            Block(config.n_embd, config.n_head, config.bias, config.dropout, layer_idx=i) for i in range(config.n_layer)
+        )
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, cache: Cache | None = None) -> list[torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+    ) -> list[torch.Tensor]:
         """The input of every block and the final h_t: n_layer + 1 tensors (B, T, n_embd), h_t last."""
         T = input_ids.size(1)
         past = cache.get_seq_length() if cache is not None else 0
@@ -140,8 +153,9 @@ class FTPTrunk(nn.Module):
         return hidden
 
     @staticmethod
-    def attention_mask(padding: torch.Tensor | None, T: int, past: int, dtype: torch.dtype,
-                       device: torch.device) -> torch.Tensor | None:
+    def attention_mask(
+        padding: torch.Tensor | None, T: int, past: int, dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor | None:
         """Additive (B|1, 1, T, past+T) mask, or None where SDPA needs none (no padding, and no past or one token).
 
         Query i (position past+i) sees keys 0..past+i that are not padding, and always itself, so that a padding row
@@ -179,8 +193,9 @@ class FTPForCausalLM(FTPPreTrainedModel, GenerationMixin):
         self.pseudo_pos = nn.Parameter(torch.zeros(config.n_pseudo, d_dec))
         self.dec_wte = nn.Embedding(config.vocab_size, d_dec)
         self.dec_wpe = nn.Embedding(config.n_future, d_dec)
-        self.dec_h = nn.ModuleList(Block(d_dec, config.dec_n_head, config.bias, config.dropout, cross=True)
-                                   for _ in range(config.dec_n_layer))
+        self.dec_h = nn.ModuleList(
+            Block(d_dec, config.dec_n_head, config.bias, config.dropout, cross=True) for _ in range(config.dec_n_layer)
+        )
         self.dec_ln_f = nn.LayerNorm(d_dec, bias=config.bias)
         self.lm_head = nn.Linear(d_dec, config.vocab_size, bias=False)
         self.lm_head.weight = self.dec_wte.weight
@@ -252,10 +267,14 @@ class FTPForCausalLM(FTPPreTrainedModel, GenerationMixin):
         logits = self.next_token_logits(h, ids)
         loss = None
         if labels is not None:
-            shifted = labels[:, -logits.size(1):][:, 1:].to(logits.device)
+            shifted = labels[:, -logits.size(1) :][:, 1:].to(logits.device)
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        out = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache if use_cache else None},  # type: ignore[arg-type]  # the field's name and type differ across transformers 4/5
-                                     hidden_states=tuple(hidden) if output_hidden_states else None)
+        out = CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            **{CACHE_FIELD: cache if use_cache else None},  # type: ignore[arg-type]  # the field's name and type differ across transformers 4/5
+            hidden_states=tuple(hidden) if output_hidden_states else None,
+        )
         return out if (return_dict if return_dict is not None else self.config.return_dict) else out.to_tuple()
