@@ -51,32 +51,15 @@ def _tests(out: Path) -> dict[str, Any]:
     return {"returncode": proc.returncode, "summary": counts[-1] if counts else proc.stderr.strip()[-500:]}
 
 
+def _ftplm(*args: object) -> list[str]:
+    """The command line `python -m ftplm ARGS`."""
+    return [sys.executable, "-m", "ftplm", *map(str, args)]
+
+
 def _train_cmd(data: Path, run: Path, model_type: str, preset: str, steps: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ftplm",
-        "train",
-        "--model",
-        model_type,
-        "--preset",
-        preset,
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-        "--max-steps",
-        str(steps),
-        "--no-progress",
-        "--set",
-        f"save_interval={max(1, steps // 4)}",
-        "--set",
-        f"eval_interval={steps}",
-        "--set",
-        "eval_iters=4",
-        "--set",
-        "warmup_steps=2",
-    ]
+    settings = f"save_interval={max(1, steps // 4)} eval_interval={steps} eval_iters=4 warmup_steps=2".split()
+    options = f"--model {model_type} --preset {preset} --max-steps {steps} --no-progress".split()
+    return _ftplm("train", "--data", data, "--out", run, *options, *(a for s in settings for a in ("--set", s)))
 
 
 def _killed_halfway(cmd: list[str], run: Path, steps: int, timeout: float = 600.0) -> int | None:
@@ -112,22 +95,8 @@ def _train_and_resume(data: Path, out: Path, model_type: str, preset: str, steps
         shutil.rmtree(run, ignore_errors=True)
     subprocess.run(_train_cmd(data, whole, model_type, preset, steps), check=True, capture_output=True)
     resumed_from = _killed_halfway(_train_cmd(data, killed, model_type, preset, steps), killed, steps)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ftplm",
-            "train",
-            "--data",
-            str(data),
-            "--out",
-            str(killed),
-            "--resume",
-            "--no-progress",
-        ],
-        check=True,
-        capture_output=True,
-    )
+    resume = _ftplm("train", "--data", data, "--out", killed, "--resume", "--no-progress")
+    subprocess.run(resume, check=True, capture_output=True)
     a, b = (load_file(str(run / "latest" / "model.safetensors")) for run in (whole, killed))
     max_diff = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     state = json.loads((whole / "trainer_state.json").read_text())
@@ -152,26 +121,8 @@ def _ddp(data: Path, out: Path, preset: str, steps: int) -> dict[str, Any]:
         return {"skipped": f"{gpus} GPU(s): DDP needs at least 2"}
     run = out / "ddp"
     shutil.rmtree(run, ignore_errors=True)
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={gpus}",
-        "-m",
-        "ftplm",
-        "train",
-        "--model",
-        "ftp",
-        "--preset",
-        preset,
-        "--data",
-        str(data),
-        "--out",
-        str(run),
-        "--max-steps",
-        str(steps),
-    ]
+    ftp = _ftplm("train", "--model", "ftp", "--preset", preset, "--data", data, "--out", run, "--max-steps", steps)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={gpus}", *ftp[1:]]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     (out / "ddp.log").write_text(proc.stdout + proc.stderr, encoding="utf-8")
