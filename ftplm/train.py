@@ -310,43 +310,72 @@ class Trainer:
             if loggers is not None:
                 loggers.close()
 
+    def _state(self, step: int, tokens: int, elapsed: float, planned: int | None) -> dict[str, Any]:
+        """trainer_state.json: where the run stands and what resuming it needs (batches depend on seed and step)."""
+        cfg, ctx = self.train_cfg, self.dist
+        return {
+            "tokens": tokens,
+            "elapsed": elapsed,
+            "planned_steps": planned,
+            "data_dir": str(self.data.root.resolve()),
+            "data_position": {
+                "step": step,
+                "note": "batches are a function of (seed, step, rank * grad_accum + micro)",
+            },
+            "train_config": dataclasses.asdict(cfg),  # grad_accum is per process: global = grad_accum * world_size
+            "world_size": ctx.world_size,
+            "strategy": self.strategy,
+            "init_from": self.init_from and {k: self.init_from[k] for k in ("path", "step")},
+        }
+
+    def _optimizer_step(
+        self, model: torch.nn.Module, parallel: Parallel, optimizer: torch.optim.Optimizer, step: int, lr: float
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over grad_accum micro-batches: (the summed micro-batch losses, the gradient norm)."""
+        cfg, device = self.train_cfg, self.device
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
+        for micro in range(cfg.grad_accum):
+            key = (cfg.seed, step, global_micro(self.dist, micro, cfg.grad_accum))  # this rank's slice of the batch
+            x, y = self.data.batch("train", cfg.batch_size, self.model_cfg.block_size, key=key)
+            x, y = to_device(x, device), to_device(y, device)
+            with parallel.gradient_sync(micro == cfg.grad_accum - 1):  # reduce on the last micro-batch only
+                with autocast(device, cfg.dtype):
+                    out = parallel.forward(x, y)
+                (out.loss / cfg.grad_accum).backward()
+            loss_sum += out.loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_sum, grad_norm
+
     def _loop(self, model, parallel, optimizer, step, tokens, elapsed, planned, loggers: Loggers | None) -> RunInfo:
         """The training loop proper, from `step` on; `loggers` on the main process only."""
-        cfg, device, ctx = self.train_cfg, self.device, self.dist
-        train_model = parallel.forward
+        cfg, ctx = self.train_cfg, self.dist
         saved_step = step  # a resumed run's checkpoint of this step already exists
         planned = self._planned_steps(None) if self.train_cfg.max_steps or self.train_cfg.max_tokens else planned
         model.train()
-
-        def state() -> dict[str, Any]:
-            return {
-                "tokens": tokens,
-                "elapsed": elapsed,
-                "planned_steps": planned,
-                "data_dir": str(self.data.root.resolve()),
-                "data_position": {
-                    "step": step,
-                    "note": "batches are a function of (seed, step, rank * grad_accum + micro)",
-                },
-                "train_config": dataclasses.asdict(cfg),  # grad_accum is per process: global = grad_accum * world_size
-                "world_size": ctx.world_size,
-                "strategy": self.strategy,
-                "init_from": self.init_from and {k: self.init_from[k] for k in ("path", "step")},
-            }
 
         def save() -> None:
             nonlocal saved_step
             full_model, full_optimizer = parallel.full_state(optimizer)  # a collective under FSDP
             if ctx.is_main:
                 save_checkpoint(
-                    self.out, step, full_model, self.tokenizer, full_optimizer, state(), keep=cfg.keep_checkpoints
+                    self.out,
+                    step,
+                    full_model,
+                    self.tokenizer,
+                    full_optimizer,
+                    self._state(step, tokens, elapsed, planned),
+                    keep=cfg.keep_checkpoints,
                 )
             saved_step = step
 
         def snapshot() -> None:
             full_model, _ = parallel.full_state(optimizer)  # a collective under FSDP
             if ctx.is_main:
-                save_snapshot(self.out, step, full_model, self.tokenizer, state())
+                save_snapshot(self.out, step, full_model, self.tokenizer, self._state(step, tokens, elapsed, planned))
 
         def log(record: dict[str, Any]) -> None:
             if loggers is not None:
@@ -371,25 +400,7 @@ class Trainer:
                 break
             t0 = time.perf_counter()
             lr = lr_at(step, cfg, planned or 10**9)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)  # summed on the device: no host sync per micro-batch
-            for micro in range(cfg.grad_accum):
-                key = (
-                    cfg.seed,
-                    step,
-                    global_micro(ctx, micro, cfg.grad_accum),
-                )  # this rank's slice of the global batch
-                x, y = self.data.batch("train", cfg.batch_size, self.model_cfg.block_size, key=key)
-                x, y = to_device(x, device), to_device(y, device)
-                with parallel.gradient_sync(micro == cfg.grad_accum - 1):  # reduce on the last micro-batch only
-                    with autocast(device, cfg.dtype):
-                        out = train_model(x, y)
-                    (out.loss / cfg.grad_accum).backward()
-                loss_sum += out.loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else None
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss_sum, grad_norm = self._optimizer_step(model, parallel, optimizer, step, lr)
             step += 1
             tokens += self.tokens_per_step
             step_time = time.perf_counter() - t0
