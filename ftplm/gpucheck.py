@@ -30,6 +30,7 @@ from ftplm.bench.train import bench_train
 from ftplm.checkpoint import write_json
 from ftplm.data import prepare
 from ftplm.errors import FtplmError
+from ftplm.experiment import run_state
 from ftplm.machine import provenance
 from ftplm.train import read_log
 
@@ -82,10 +83,8 @@ def _killed_halfway(cmd: list[str], run: Path, steps: int, timeout: float = 600.
 
 def _latest_step(run: Path) -> int:
     """The step of the run's latest checkpoint (0 before the first): `latest` moves only to a complete one."""
-    try:
-        return json.loads((run / "latest" / "trainer_state.json").read_text())["step"]
-    except (FileNotFoundError, NotADirectoryError):
-        return 0
+    state = run_state(run)
+    return state["step"] if state else 0
 
 
 def _train_and_resume(data: Path, out: Path, model_type: str, preset: str, steps: int) -> dict[str, Any]:
