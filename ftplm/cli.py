@@ -85,8 +85,10 @@ def prepare(
     seed: int = 0,
     max_heldout_docs: int = 10_000,
     tokenizer_docs: int | None = None,
+    workers: int = 1,
 ) -> None:
-    """Split a corpus into train/val/test documents, train the tokenizer, write token shards.
+    """Split a corpus into train/val/test documents, train the tokenizer, write token shards: one pass over the
+    corpus (a streamed dataset is downloaded once).
 
     Args:
         corpus: shakespeare, wiki-vital, bbc-news, python-code, a .txt/.jsonl file or folder, or an HF dataset
@@ -98,12 +100,12 @@ def prepare(
         val_frac: fraction of documents held out for validation
         test_frac: fraction of documents held out for testing (classification, coherence prompts)
         seed: seed of the document split
-        max_heldout_docs: at most about this many documents per held-out split (a large corpus holds out smaller
+        max_heldout_docs: at most this many documents per held-out split (a large corpus holds out smaller
             fractions: 5% of OpenWebText would be 400k documents)
-        tokenizer_docs: train the BPE on the first this many training documents only (default: all of them)
+        tokenizer_docs: train the BPE on the first this many training documents only (default: all of them, up to
+            1 GB of text)
+        workers: tokenizer processes (1: in this process, whose tokenizer already uses every core)
     """
-    if tokenizer_docs is not None and tokenizer_docs < 1:
-        raise FtplmError("--tokenizer-docs must be positive")
     meta = run_prepare(
         corpus,
         out,
@@ -114,6 +116,7 @@ def prepare(
         seed,
         tokenizer_docs=tokenizer_docs,
         max_heldout_docs=max_heldout_docs,
+        workers=workers,
     )
     splits = ", ".join(f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in meta["splits"].items())
     print(f"prepared {out}: vocab {meta['vocab_size']}; {splits}")

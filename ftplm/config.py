@@ -28,6 +28,9 @@ class ModelConfig:
 
     model_type: ModelType = "ftp"
     vocab_size: int = 8192
+    # embedding and LM-head rows rounded up to a multiple of this (tensor-core friendly products; the trainer uses
+    # 64 on CUDA, 1 elsewhere); the padding ids are never predicted: their logits are cut off, their loss masked
+    vocab_multiple: int = 1
     block_size: int = 256  # context length of the encoder trunk
     n_layer: int = 6
     n_head: int = 6
@@ -60,7 +63,7 @@ class ModelConfig:
                 raise FtplmError(f"invalid model config: {msg}")
 
         need(self.model_type in ("ftp", "gpt"), f"model_type must be 'ftp' or 'gpt', got {self.model_type!r}")
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "vocab_multiple", "block_size", "n_layer", "n_head", "n_embd"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0, f"{name} must be a positive integer")
         need(self.n_embd % self.n_head == 0, f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
@@ -83,6 +86,11 @@ class ModelConfig:
             need(0.0 <= self.input_dropout <= 1.0, f"input_dropout must be in [0, 1], got {self.input_dropout}")
             need(self.future_bow >= 0.0, f"future_bow must be >= 0, got {self.future_bow}")
         return self
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding and LM-head matrices: vocab_size rounded up to a multiple of vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
 
 
 @dataclass

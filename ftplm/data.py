@@ -1,8 +1,10 @@
 """Corpora, the document-level split, token shards on disk, and batch sampling.
 
-Order of work in `prepare` (the split comes first, so held-out documents never reach the tokenizer or the model):
+Order of work in `prepare`, one pass over the corpus (the split comes first, so held-out documents never reach the
+tokenizer or the model):
   documents ─► exact duplicates dropped (normalised text) ─► deterministic hash split (train / val / test)
-            ─► BPE trained on train docs only ─► token shards (numpy memmaps, uint16) per split + meta.json + heldout.jsonl (val/test docs with labels)
+            ─► BPE trained on the first train docs ─► token shards (numpy memmaps, uint16) per split + meta.json
+               + heldout.jsonl (val/test docs with labels, at most max_heldout_docs per split)
 
 Batches are random windows of block_size + 1 tokens. The window offsets of micro-batch `micro` at optimizer step
 `step` are a pure function of (seed, step, micro): resuming needs no data-loader state beyond the step, and a
@@ -11,15 +13,20 @@ k-process run draws exactly the micro-batches a 1-process run with k-times gradi
 
 from __future__ import annotations
 
+import collections
 import functools
 import hashlib
+import heapq
 import importlib.util
 import itertools
 import json
+import multiprocessing
+import os
 import re
 import shutil
 import sysconfig
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -244,10 +251,15 @@ def unique_documents(spec: str, dropped: list[int] | None = None) -> Iterator[Do
         yield doc
 
 
-def split_of(doc_id: str, val_frac: float, test_frac: float, seed: int) -> str:
-    """Deterministic split from a hash of the document id: independent of order and of the other documents."""
+def split_position(doc_id: str, seed: int) -> float:
+    """A document's place in [0, 1) from a hash of its id: independent of order and of the other documents."""
     digest = hashlib.sha256(f"{seed}:{doc_id}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def split_of(doc_id: str, val_frac: float, test_frac: float, seed: int) -> str:
+    """Deterministic split: test below test_frac, val up to test_frac + val_frac, train above."""
+    u = split_position(doc_id, seed)
     return "test" if u < test_frac else "val" if u < test_frac + val_frac else "train"
 
 
@@ -296,14 +308,22 @@ def prepare(
     shard_tokens: int = 50_000_000,
     tokenizer_docs: int | None = None,
     max_heldout_docs: int | None = 10_000,
+    workers: int = 1,
 ) -> dict:
-    """Build a data directory; everything is written to a temporary directory first, then renamed into place.
+    """Build a data directory in one pass over the corpus; everything is written to a temporary directory first,
+    then renamed into place.
 
-    max_heldout_docs: at most about this many documents per held-out split: a large corpus holds out fractions
-    scaled down to it (5% of OpenWebText would be 400k documents no evaluation reads), a small one the fractions."""
+    max_heldout_docs: at most this many documents per held-out split, those whose ids hash lowest: a large corpus
+    holds out that many (5% of OpenWebText would be 400k documents no evaluation reads), a small one the fractions.
+    tokenizer_docs: BPE is trained on at most this many of the first training documents (and at most
+    TOKENIZER_SAMPLE_CHARS of text). workers: tokenizer processes (see encoded_documents)."""
     out = Path(out)
     if max_heldout_docs is not None and max_heldout_docs < 1:
         raise FtplmError("max_heldout_docs must be positive")
+    if tokenizer_docs is not None and tokenizer_docs < 1:
+        raise FtplmError("tokenizer_docs must be positive")
+    if workers < 1:
+        raise FtplmError("workers must be positive")
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise FtplmError("val and test fractions must be in [0, 1) and leave room for training data")
     if out.exists() and any(out.iterdir()) and not (out / "meta.json").is_file():
@@ -324,6 +344,7 @@ def prepare(
             shard_tokens,
             tokenizer_docs,
             max_heldout_docs,
+            workers,
         )
         _replace_dir(tmp, out)
     except BaseException:
@@ -354,71 +375,184 @@ def _replace_dir(new: Path, target: Path) -> None:
         new.rename(target)
 
 
+TOKENIZER_SAMPLE_CHARS = 1_000_000_000  # BPE is trained on at most this much training text: the first documents
+ENCODE_BATCH = 256  # documents per tokenizer call (and per worker task)
+
+
+class HeldOut:
+    """The held-out documents of one pass over a corpus: at most `cap` per split, those with the lowest split
+    positions (the same documents in any corpus order); a candidate that no longer fits goes back to training.
+    Candidates wait on disk in a spill file (memory holds a position, an index and a file offset per kept one) and
+    come out in corpus order."""
+
+    def __init__(self, spill: Path, cap: int | None) -> None:
+        self.spill = open(spill, "w+", encoding="utf-8")  # noqa: SIM115 - closed by close(), in prepare's finally
+        self.cap = cap
+        self.kept: dict[str, list[tuple[float, int, int]]] = {"val": [], "test": []}  # heaps of (-position, ...)
+        self.capped = {"val": False, "test": False}
+
+    def add(self, split: str, position: float, index: int, doc: Document, ids: list[int]) -> list[int] | None:
+        """Hold `doc` out; returns the token ids of the candidate that made way for it (for training), if any."""
+        heap = self.kept[split]
+        full = self.cap is not None and len(heap) >= self.cap
+        if full and position >= -heap[0][0]:  # beyond every kept one: straight to training
+            self.capped[split] = True
+            return ids
+        self.spill.seek(0, 2)
+        offset = self.spill.tell()
+        self.spill.write(json.dumps({"split": split, "index": index, "doc": asdict(doc), "ids": ids}) + "\n")
+        if not full:
+            heapq.heappush(heap, (-position, index, offset))
+            return None
+        self.capped[split] = True
+        _, _, evicted = heapq.heapreplace(heap, (-position, index, offset))
+        self.spill.seek(evicted)
+        return json.loads(self.spill.readline())["ids"]
+
+    def documents(self) -> Iterator[tuple[str, Document, list[int]]]:
+        """(split, document, token ids) of every kept candidate, in corpus order."""
+        keep = {index for heap in self.kept.values() for _, index, _ in heap}
+        self.spill.seek(0)
+        for line in self.spill:
+            record = json.loads(line)
+            if record["index"] in keep:
+                yield record["split"], Document(**record["doc"]), record["ids"]
+
+    def count(self, split: str) -> int:
+        return len(self.kept[split])
+
+    def close(self) -> None:
+        self.spill.close()
+        Path(self.spill.name).unlink(missing_ok=True)
+
+
+def _sampled_tokenizer(
+    docs: Iterator[Document], vocab_size: int, is_train: Callable[[Document], bool], max_docs: int | None, spill: Path
+) -> tuple[Tokenizer, Iterator[Document]]:
+    """A BPE trained on the first training documents (at most max_docs of them and TOKENIZER_SAMPLE_CHARS of text),
+    and the document stream again from its start: the documents read for the tokenizer wait in a spill file, so
+    the corpus itself is read once (a streamed dataset is downloaded once)."""
+    n, chars = 0, 0
+    with open(spill, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps(asdict(doc), ensure_ascii=False) + "\n")
+            if is_train(doc):
+                n, chars = n + 1, chars + len(doc.text)
+                if (max_docs is not None and n >= max_docs) or chars >= TOKENIZER_SAMPLE_CHARS:
+                    break
+
+    def spilled() -> Iterator[Document]:
+        with open(spill, encoding="utf-8") as f:
+            yield from (Document(**json.loads(line)) for line in f)
+
+    tok = train_bpe((d.text for d in spilled() if is_train(d)), vocab_size)
+    return tok, itertools.chain(spilled(), docs)
+
+
+def _load_worker_tokenizer(path: str) -> None:
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER_TOKENIZER = load_tokenizer(Path(path))
+
+
+def _encode_in_worker(texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)]
+
+
+_WORKER_TOKENIZER: Tokenizer
+
+
+def encoded_documents(
+    tok: Tokenizer, tokenizer_path: Path, docs: Iterator[Document], workers: int = 1
+) -> Iterator[tuple[Document, list[int]]]:
+    """(document, token ids) in corpus order. workers = 1 encodes here (HF tokenizers already spreads a batch over
+    the cores); more hands batches to that many processes, at most 2 per process in flight (bounded memory)."""
+    batches = iter(lambda: list(itertools.islice(docs, ENCODE_BATCH)), [])
+    if workers <= 1:
+        for batch in batches:
+            yield from zip(batch, encode_batches(tok, (d.text for d in batch), ENCODE_BATCH))
+        return
+    context = multiprocessing.get_context("spawn")  # a forked tokenizer would be single-threaded and warn about it
+    with ProcessPoolExecutor(workers, context, _load_worker_tokenizer, (str(tokenizer_path),)) as pool:
+        pending: collections.deque = collections.deque()
+        for batch in batches:
+            pending.append((batch, pool.submit(_encode_in_worker, [d.text for d in batch])))
+            if len(pending) > 2 * workers:
+                done, future = pending.popleft()
+                yield from zip(done, future.result())
+        for done, future in pending:
+            yield from zip(done, future.result())
+
+
 def _prepare_into(
-    tmp, corpus_spec, vocab_size, tokenizer, val_frac, test_frac, seed, shard_tokens, tokenizer_docs, max_heldout_docs
+    tmp: Path,
+    corpus_spec: str,
+    vocab_size: int,
+    tokenizer: str,
+    val_frac: float,
+    test_frac: float,
+    seed: int,
+    shard_tokens: int,
+    tokenizer_docs: int | None,
+    max_heldout_docs: int | None,
+    workers: int,
 ) -> dict:
-    # 1. one pass to validate and count; the held-out fractions follow from the count
+    """One pass over the corpus: tokenizer (from a sample), then every document tokenised and routed to its split;
+    the held-out splits are bounded (HeldOut) and written at the end."""
     duplicates = [0]
-    total = sum(
-        1
-        for _ in tqdm(
-            unique_documents(corpus_spec, duplicates), desc="reading documents", unit=" docs", leave=False, delay=1
-        )
-    )
-    if total == 0:
-        raise FtplmError(f"corpus {corpus_spec!r} has no text")
-    requested = (val_frac, test_frac)
-    if max_heldout_docs is not None:
-        val_frac, test_frac = (min(frac, max_heldout_docs / total) for frac in requested)
+    docs = unique_documents(corpus_spec, duplicates)
+    heldout_frac = val_frac + test_frac
 
-    def docs_of(split: str) -> Iterator[Document]:
-        for doc in unique_documents(corpus_spec):
-            if split_of(doc.doc_id, val_frac, test_frac, seed) == split:
-                yield doc
+    def is_train(doc: Document) -> bool:  # training whatever the cap: the tokenizer may read it
+        return split_position(doc.doc_id, seed) >= heldout_frac
 
-    # 2. tokenizer from training documents only
-    if tokenizer == "gpt2":
-        tok = gpt2_tokenizer()
-    elif tokenizer == "bpe":
-        texts = (d.text for d in docs_of("train"))
-        if tokenizer_docs:
-            texts = (t for i, t in zip(range(tokenizer_docs), texts))
-        tok = train_bpe(texts, vocab_size)
+    if tokenizer == "bpe":
+        tok, docs = _sampled_tokenizer(docs, vocab_size, is_train, tokenizer_docs, tmp / ".tokenizer-sample.jsonl")
     else:
-        tok = existing_tokenizer(tokenizer)
+        tok = gpt2_tokenizer() if tokenizer == "gpt2" else existing_tokenizer(tokenizer)
     tok.save(str(tmp / "tokenizer.json"))
     eos = eos_id(tok)
     dtype = np.dtype(np.uint16 if tok.get_vocab_size() <= 2**16 else np.uint32)
 
-    # 3. token shards, one document after another, each followed by EOS: one streaming pass for all splits,
-    #    tokenised in batches; memory holds one encode batch plus at most one shard buffer per split
-    #    and the held-out documents (text and label) written for evaluation
+    # token shards, one document after another, each followed by EOS; memory holds one encode batch per worker,
+    # at most one shard buffer per split, and a few numbers per held-out document
     writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
-    counts = dict.fromkeys(SPLITS, 0)
-    labelled, documents = itertools.tee(
-        (split_of(d.doc_id, val_frac, test_frac, seed), d) for d in unique_documents(corpus_spec)
-    )
-    encoded = encode_batches(tok, (doc.text for _, doc in documents))
-    with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
-        for (split, doc), ids in tqdm(
-            zip(labelled, encoded), desc="tokenizing", total=total, unit=" docs", leave=False, delay=1
-        ):
-            writers[split].add(ids + [eos])
-            counts[split] += 1
-            if split != "train":
+    held = HeldOut(tmp / ".heldout-candidates.jsonl", max_heldout_docs)
+    total = 0
+    try:
+        encoded = encoded_documents(tok, tmp / "tokenizer.json", docs, workers)
+        for doc, ids in tqdm(encoded, desc="tokenizing", unit=" docs", leave=False, delay=1):
+            u = split_position(doc.doc_id, seed)
+            if u >= heldout_frac:
+                writers["train"].add(ids + [eos])
+            elif (back := held.add("test" if u < test_frac else "val", u, total, doc, ids)) is not None:
+                writers["train"].add(back + [eos])
+            total += 1
+        if total == 0:
+            raise FtplmError(f"corpus {corpus_spec!r} has no text")
+        with open(tmp / "heldout.jsonl", "w", encoding="utf-8") as heldout:
+            for split, doc, ids in held.documents():
+                writers[split].add(ids + [eos])
                 heldout.write(json.dumps({"split": split, **asdict(doc)}, ensure_ascii=False) + "\n")
+    finally:
+        held.close()
+        (tmp / ".tokenizer-sample.jsonl").unlink(missing_ok=True)
+    counts = {"val": held.count("val"), "test": held.count("test")}
+    counts["train"] = total - counts["val"] - counts["test"]
     if counts["train"] == 0:
         raise FtplmError("no training documents after the split")
     splits = {split: {**writer.close(), "documents": counts[split]} for split, writer in writers.items()}
+    requested = {"val": val_frac, "test": test_frac}
+    realised = {split: counts[split] / total if held.capped[split] else requested[split] for split in requested}
     meta = {
         "corpus": corpus_spec,
         "tokenizer": tokenizer,
         "vocab_size": tok.get_vocab_size(),
         "eos_id": eos,
         "dtype": dtype.name,
-        "val_frac": val_frac,  # as split: the requested fractions, or less for a large corpus
-        "test_frac": test_frac,
-        "requested_fracs": list(requested),
+        "val_frac": realised["val"],  # the requested fractions, or the share held out where max_heldout_docs capped it
+        "test_frac": realised["test"],
+        "requested_fracs": [val_frac, test_frac],
         "split_seed": seed,
         "duplicates_dropped": duplicates[0],
         "splits": splits,
@@ -459,17 +593,17 @@ class TokenData:
     def num_tokens(self, split: str) -> int:
         return sum(len(s) for s in self.shards.get(split, []))
 
-    def heldout(self, split: str | None = None) -> list[Document]:
-        """Held-out documents (never trained on) for evaluation; split='val' or 'test' or both."""
-        path = self.root / "heldout.jsonl"
-        docs = []
-        with open(path, encoding="utf-8") as f:
+    def heldout(self, split: str | None = None, limit: int | None = None) -> list[Document]:
+        """Held-out documents (never trained on) for evaluation; split='val' or 'test' or both; the first `limit`."""
+        return list(itertools.islice(self.iter_heldout(split), limit))
+
+    def iter_heldout(self, split: str | None = None) -> Iterator[Document]:
+        """Held-out documents read as they are used (heldout.jsonl is read no further than asked)."""
+        with open(self.root / "heldout.jsonl", encoding="utf-8") as f:
             for line in f:
-                rec = json.loads(line)
-                if split is None or rec.pop("split") == split:
-                    rec.pop("split", None)
-                    docs.append(Document(**rec))
-        return docs
+                record = json.loads(line)
+                if record.pop("split") == split or split is None:
+                    yield Document(**record)
 
     def batch(
         self, split: str, batch_size: int, block_size: int, key: tuple[int, ...]

@@ -148,7 +148,7 @@ def write_demo_report(out: Path, runs: dict[str, Path], summary: dict[str, Any])
 
 def speculative_check(model: TextModel, data: TokenData, n_prompts: int = 4, new_tokens: int = 64) -> dict[str, Any]:
     """Time plain and FTP self-speculative greedy decoding on held-out prompts; both must give the same tokens."""
-    prompts = [model.encode(d.text)[:32] for d in data.heldout("val")[:n_prompts]]
+    prompts = [model.encode(d.text)[:32] for d in data.heldout("val", limit=n_prompts)]
     model.generate_ids(prompts[0], 8, temperature=0, stop_at_eos=False, speculative="ftp")  # warm-up
     seconds = {"plain": 0.0, "ftp": 0.0}
     stats = SpecStats()

@@ -80,11 +80,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     loss = sum_i coef_i * CE(hidden_i @ weight.T, target_i). Gradients are computed during the forward pass, one
     chunk at a time (the "fused linear cross-entropy" trick), so the (rows x vocab) logits never exist at once and no
     fp32 log-softmax over them is kept for backward: this is where FTP's N-fold output cost goes, so keep it lean.
-    Rows with target -1 must have coef 0. Also returns the per-row CE (detached) for metrics.
+    Rows with target -1 must have coef 0. Also returns the per-row CE (detached) for metrics. Weight rows from
+    `classes` on (vocabulary padding) are no class: their logits are -inf, so they get no probability and no gradient.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, coef, want_argmax: bool = False, chunk_rows: int = 256):
+    def forward(ctx, hidden, weight, targets, coef, want_argmax: bool = False, chunk_rows: int = 256, classes=None):
         need_grad = hidden.requires_grad or weight.requires_grad
         compute_dtype = (
             torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
@@ -102,6 +103,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.size(0), chunk_rows):
             rows = slice(start, start + chunk_rows)
             logits = (h[rows] @ w.T).to(acc_dtype)
+            if classes is not None and classes < logits.size(1):
+                logits[:, classes:] = float("-inf")
             t = safe_targets[rows].unsqueeze(1)
             target_logit = logits.gather(1, t).squeeze(1)
             if argmax is not None:
@@ -131,7 +134,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         grad_hidden = (grad_h * grad_loss).to(ctx.input_dtypes[0]) if grad_h is not None else None
         grad_weight = (grad_w * grad_loss).to(ctx.input_dtypes[1]) if grad_w is not None else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 # rows of logits per chunk: few on a CPU (a chunk's logits stay in cache), many on a GPU (256-row chunks meant 256
@@ -140,9 +143,15 @@ CHUNK_ROWS = {"cpu": 256, "cuda": 8192}
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor, want_argmax: bool = False
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    coef: torch.Tensor,
+    want_argmax: bool = False,
+    classes: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Weighted LM-head cross-entropy: (sum_i coef_i * CE_i, per-row CE[, per-row argmax]). See LinearCrossEntropy."""
+    """Weighted LM-head cross-entropy: (sum_i coef_i * CE_i, per-row CE[, per-row argmax]) over the first `classes`
+    rows of weight (all by default). See LinearCrossEntropy."""
     return LinearCrossEntropy.apply(
         hidden,
         weight,
@@ -150,4 +159,5 @@ def linear_cross_entropy(
         coef.to(torch.promote_types(hidden.dtype, torch.float32)),
         want_argmax,
         CHUNK_ROWS.get(hidden.device.type, 256),
+        classes,
     )

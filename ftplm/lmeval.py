@@ -209,7 +209,7 @@ def write_tasks(
 
     if isinstance(docs, bool) or not isinstance(docs, int) or docs < 1:
         raise FtplmError(f"docs must be a positive integer, got {docs!r}")
-    held = TokenData(data_dir).heldout(split)[:docs]
+    held = TokenData(data_dir).heldout(split, limit=docs)
     if not held:
         raise FtplmError(f"{data_dir} holds no {split} documents: prepare it with a --{split}-frac above 0")
     out = Path(out).absolute()

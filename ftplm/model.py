@@ -207,7 +207,7 @@ class Trunk(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.block_size = cfg.block_size
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.h = nn.ModuleList(Block(cfg.n_embd, cfg.n_head, cfg.bias, cfg.dropout) for _ in range(cfg.n_layer))
@@ -278,6 +278,7 @@ class LanguageModel(nn.Module):
 
     cfg: ModelConfig
     trunk: Trunk
+    lm_head: Linear
 
     def _init_weights(self) -> None:
         """GPT-2's init: N(0, 0.02), residual projections scaled by 1/sqrt(2 x depth), zero biases. Drawn from
@@ -319,6 +320,11 @@ class LanguageModel(nn.Module):
         """Logits of p(x_{t+1} | x_<=t) (B, T, V) from the state vectors h_t and the tokens x_t."""
         raise NotImplementedError
 
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head's logits over the vocabulary: the padding rows (vocab_multiple) cut off, a view."""
+        logits = self.lm_head(hidden)
+        return logits if logits.size(-1) == self.cfg.vocab_size else logits[..., : self.cfg.vocab_size]
+
     @property
     def device(self) -> torch.device:
         return self.trunk.wte.weight.device
@@ -331,20 +337,24 @@ class GPT(LanguageModel):
         super().__init__()
         self.cfg = cfg.validate()
         self.trunk = Trunk(cfg)
-        self.lm_head = Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.n_embd, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.trunk.wte.weight  # tied
         self._init_weights()
 
     def next_token_logits(self, state_vectors: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(state_vectors)
+        return self.head_logits(state_vectors)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, with_metrics: bool = False) -> Output:
         h = self.trunk(idx)
         if targets is None:
-            return Output(logits=self.lm_head(h))
+            return Output(logits=self.head_logits(h))
         valid = (targets >= 0).flatten().float()
         loss, _ = linear_cross_entropy(
-            h.flatten(0, 1), self.lm_head.weight, targets.flatten(), valid / valid.sum().clamp(min=1)
+            h.flatten(0, 1),
+            self.lm_head.weight,
+            targets.flatten(),
+            valid / valid.sum().clamp(min=1),
+            classes=self.cfg.vocab_size,
         )
         return Output(loss=loss, next_token_ce=loss.detach())
 
@@ -362,7 +372,7 @@ class FTP(LanguageModel):
         # the expansive projection h_t -> P vectors of decoder width, plus a learned pseudo-position embedding
         self.to_pseudo = Linear(cfg.n_embd, cfg.n_pseudo * d_dec, bias=cfg.bias)
         self.pseudo_pos = nn.Parameter(torch.zeros(cfg.n_pseudo, d_dec))
-        self.dec_wte = nn.Embedding(cfg.vocab_size, d_dec)
+        self.dec_wte = nn.Embedding(cfg.padded_vocab_size, d_dec)
         self.dec_wpe = nn.Embedding(cfg.n_future, d_dec)
         self.dec_h = nn.ModuleList(
             Block(d_dec, cfg.dec_n_head, cfg.bias, cfg.dropout, cross=True) for _ in range(cfg.dec_n_layer)
@@ -371,7 +381,7 @@ class FTP(LanguageModel):
         # the learned embedding of a masked decoder input (token id MASK), for the variants that use one
         uses_mask = cfg.decoder_inputs == "masked" or cfg.input_dropout > 0
         self.dec_mask = nn.Parameter(torch.zeros(d_dec)) if uses_mask else None
-        self.lm_head = Linear(d_dec, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(d_dec, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.dec_wte.weight  # tied to the decoder's token embedding
         self._init_weights()
         weights = torch.tensor([cfg.gamma**k for k in range(cfg.n_future)])
@@ -433,7 +443,7 @@ class FTP(LanguageModel):
         memory = self.memory_kv(self.pseudo_sequence(state_vectors).flatten(0, 1))
         cache = self.new_decoder_cache() if keep else None
         hidden = self.decode(idx.reshape(B * T, 1), memory, cache)
-        logits = self.lm_head(hidden[:, 0]).view(B, T, -1)
+        logits = self.head_logits(hidden[:, 0]).unflatten(0, (B, T))
         return logits, DecoderStart(memory, cache) if cache is not None else None
 
     # --- training -------------------------------------------------------------------------------------
@@ -468,13 +478,22 @@ class FTP(LanguageModel):
         # L = sum_k w_k CE_k / sum_k w_k, with CE_k the mean over valid targets at offset k
         coef = valid * (weights / (weights.sum() * n_valid.clamp(min=1)))
         loss, ce, *argmax = linear_cross_entropy(
-            hidden.flatten(0, 1), self.lm_head.weight, future.flatten(), coef.flatten(), want_argmax=with_metrics
+            hidden.flatten(0, 1),
+            self.lm_head.weight,
+            future.flatten(),
+            coef.flatten(),
+            want_argmax=with_metrics,
+            classes=self.cfg.vocab_size,
         )
         offset_ce = (ce.view(B * T, N) * valid).sum(0) / n_valid.clamp(min=1)
         if self.cfg.future_bow > 0:  # the pseudo-sequence's mean predicts each of the next N tokens, unordered
             bag = pseudo.mean(1).repeat_interleave(N, 0)
             bow, _ = linear_cross_entropy(
-                bag, self.lm_head.weight, future.flatten(), valid.flatten() / valid.sum().clamp(min=1)
+                bag,
+                self.lm_head.weight,
+                future.flatten(),
+                valid.flatten() / valid.sum().clamp(min=1),
+                classes=self.cfg.vocab_size,
             )
             loss = loss + self.cfg.future_bow * bow
         out = Output(loss=loss, next_token_ce=offset_ce[0], offset_ce=offset_ce)
@@ -496,10 +515,12 @@ def flops_per_token(model: LanguageModel) -> float:
     count = lambda module: sum(p.numel() for p in module.parameters() if p.dim() >= 2)  # noqa: E731 - a one-line local helper
     trunk = 6 * count(model.trunk.h) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
     if cfg.model_type == "gpt":
-        return trunk + 6 * cfg.n_embd * cfg.vocab_size
+        return trunk + 6 * cfg.n_embd * cfg.padded_vocab_size
     N, P, d = cfg.n_future, cfg.n_pseudo, cfg.dec_n_embd
     kv = sum(count(cast(CrossAttention, block.cross).kv) for block in cast(nn.ModuleList, model.dec_h))
-    per_decoder_token = 6 * (count(model.dec_h) - kv) + 12 * cfg.dec_n_layer * d * (N + P) + 6 * d * cfg.vocab_size
+    per_decoder_token = (
+        6 * (count(model.dec_h) - kv) + 12 * cfg.dec_n_layer * d * (N + P) + 6 * d * cfg.padded_vocab_size
+    )
     return trunk + 6 * count(model.to_pseudo) + 6 * P * kv + N * per_decoder_token
 
 

@@ -54,6 +54,9 @@ ftplm train --config THIS_FILE --out NEW_RUN trains the same model again; flags 
 VAL_KEY = 982_451_653  # fixed seed of the validation batches: every model is scored on the same windows
 
 
+CUDA_VOCAB_MULTIPLE = 64  # a new CUDA run pads its vocabulary to this (tensor-core shapes; ModelConfig.vocab_multiple)
+
+
 @functools.cache
 def has_fast_bf16(device_type: str) -> bool:
     """Whether bf16 autocast pays off: CUDA with bf16, or a CPU with native bf16 matmul (AVX512-BF16 / AMX).
@@ -240,7 +243,10 @@ class Trainer:
                 )
         chosen = preset(preset_name, model_type or "ftp")  # type: ignore[arg-type]  # validated by preset()
         base_model = self.init_from["config"] if self.init_from else chosen.model
-        model_cfg = with_overrides(base_model, {"vocab_size": self.data.vocab_size, **model_overrides}).validate()
+        defaults: dict[str, Any] = {"vocab_size": self.data.vocab_size}
+        if self.device.type == "cuda" and not self.init_from:  # init_from's weights have their own shape
+            defaults["vocab_multiple"] = CUDA_VOCAB_MULTIPLE
+        model_cfg = with_overrides(base_model, {**defaults, **model_overrides}).validate()
         train_cfg = with_overrides(chosen.train, train_overrides).validate()
         if self.init_from:
             check_weights_fit(model_cfg, self.init_from["weights"], str(init_from))

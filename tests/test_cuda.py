@@ -17,7 +17,7 @@ from ftplm.config import TrainConfig, preset
 from ftplm.generate import Sampling, generate
 from ftplm.kernels import linear_cross_entropy
 from ftplm.model import build_model
-from ftplm.train import autocast, make_optimizer
+from ftplm.train import CUDA_VOCAB_MULTIPLE, Trainer, autocast, make_optimizer
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")]
 CUDA = torch.device("cuda")
@@ -82,3 +82,9 @@ def test_checkpoint_weights_round_trip_from_cuda(tmp_path):
     save_model(model, str(tmp_path / "model.safetensors"))  # tied embedding and head saved once, as checkpoints do
     load_model(copy, str(tmp_path / "model.safetensors"), device=str(CUDA))
     assert all(torch.equal(v, copy.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_a_new_cuda_run_pads_its_vocabulary(tiny_data, tmp_path):
+    trainer = Trainer(tiny_data, tmp_path / "run", preset_name="tiny", train_overrides={"max_steps": 1}, device="cuda")
+    assert trainer.model_cfg.vocab_multiple == CUDA_VOCAB_MULTIPLE
+    assert trainer.model_cfg.padded_vocab_size % 64 == 0

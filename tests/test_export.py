@@ -175,9 +175,11 @@ def test_hidden_states_end_in_the_state_vectors_and_loss_matches(pairs, prompts,
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_biases_and_pseudo_norm_export_too(tiny_ftp_run, tmp_path, kind):
-    """The tiny runs have bias=False; a model with (non-zero) biases and pseudo_norm exports exactly as well."""
+    """The tiny runs have bias=False; a model with (non-zero) biases, pseudo_norm and a padded vocabulary exports
+    exactly as well (without the padding rows)."""
     base, tokenizer = load_pretrained(tiny_ftp_run)
-    model = build_model(dataclasses.replace(base.cfg, model_type=kind, bias=True, pseudo_norm=True, dropout=0.1))
+    variant = {"model_type": kind, "bias": True, "pseudo_norm": True, "dropout": 0.1, "vocab_multiple": 64}
+    model = build_model(dataclasses.replace(base.cfg, **variant))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or name == "pseudo_pos":
@@ -187,6 +189,7 @@ def test_biases_and_pseudo_norm_export_too(tiny_ftp_run, tmp_path, kind):
     idx = torch.randint(model.cfg.vocab_size, (2, model.cfg.block_size), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert max_diff(theirs(idx).logits, model.eval()(idx).logits) < ATOL
+    assert theirs.get_output_embeddings().weight.shape[0] == model.cfg.vocab_size
 
 
 # ------------------------------------------------------------------------------------------------------

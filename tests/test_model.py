@@ -208,6 +208,44 @@ def test_linear_cross_entropy_matches_autograd():
     assert torch.allclose(gh, h.grad) and torch.allclose(gw, w.grad)
 
 
+@pytest.mark.parametrize("model_type", ["ftp", "gpt"])
+def test_padded_vocabulary_computes_the_unpadded_model(model_type):
+    """vocab_multiple pads the embedding / LM-head rows (97 -> 128) and changes nothing else: with the same real rows
+    the logits, loss and gradients are the unpadded model's, and the padding rows get no gradient."""
+    plain = build_model(tiny_cfg(model_type))
+    padded = build_model(tiny_cfg(model_type, vocab_multiple=64))
+    assert padded.lm_head.weight.shape[0] == padded.cfg.padded_vocab_size == 128
+    with torch.no_grad():
+        for p, q in zip(padded.parameters(), plain.parameters()):
+            if p.shape != q.shape:  # a vocabulary matrix: real rows copied, padding rows large (would dominate)
+                p.fill_(5.0)
+            p[: q.size(0)].copy_(q)
+    x, y = torch.randint(0, V, (2, 24)), torch.randint(0, V, (2, 24))
+    assert padded.eval()(x).logits.shape[-1] == V
+    assert torch.allclose(padded(x).logits, plain.eval()(x).logits, atol=1e-5)
+    out_p, out = padded.train()(x, y, with_metrics=True), plain.train()(x, y, with_metrics=True)
+    assert torch.allclose(out_p.loss, out.loss, atol=1e-5)
+    if model_type == "ftp":
+        assert torch.equal(out_p.offset_acc, out.offset_acc)
+    out_p.loss.backward()
+    out.loss.backward()
+    grad = padded.lm_head.weight.grad
+    assert torch.allclose(grad[:V], plain.lm_head.weight.grad, atol=1e-5)
+    assert not grad[V:].any()
+
+
+def test_linear_cross_entropy_ignores_padding_classes():
+    torch.manual_seed(0)
+    h = torch.randn(40, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(16, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (40,))
+    loss, ce, argmax = linear_cross_entropy(h, w, t, torch.ones(40, dtype=torch.float64), True, classes=11)
+    loss.backward()
+    ref = F.cross_entropy(h @ w[:11].T, t, reduction="none")
+    assert torch.allclose(ce, ref) and (argmax < 11).all()
+    assert not w.grad[11:].any()
+
+
 def test_kv_cache_matches_full_forward(model):
     x = torch.randint(0, V, (2, 20))
     with torch.no_grad():

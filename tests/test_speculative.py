@@ -46,6 +46,10 @@ MODELS = {
     "gpt": random_model("gpt"),
     "ftp-masked": random_model("ftp", decoder_inputs="masked"),
 }  # the variant whose decoder sees no tokens
+PADDED = {kind: random_model(kind, vocab_multiple=16) for kind in ("ftp", "gpt")}
+for _padded in PADDED.values():  # padding rows that would win every argmax and most samples, if they were reachable
+    with torch.no_grad():
+        _padded.lm_head.weight[VOCAB:] = _padded.lm_head.weight[:VOCAB].abs().max() * 4
 FLOAT32_FTP = random_model("ftp").float()  # the packed path is float32 only
 DRAFTERS_FOR = {"ftp": ("ftp", "ftp-recycling", "ftp-lookup", "recycling", "lookup"), "gpt": ("recycling", "lookup")}
 DRAFTERS_FOR["ftp-masked"] = DRAFTERS_FOR["ftp"]
@@ -92,6 +96,23 @@ def test_greedy_lossless(model_type, data):
         )
         assert fast.tolist() == plain, drafter
         assert stats.target_forwards <= max(stats.new_tokens, batch)
+
+
+@pytest.mark.parametrize("model_type", ["ftp", "gpt"])
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+@given(prompt=st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=12), temperature=st.sampled_from([0.0, 1.0]))
+def test_padded_vocabulary_never_generates_a_padding_id(model_type, prompt, temperature):
+    """vocab_multiple = 16 gives 4 padding rows, made to have the largest logits: no method generates them, and every
+    drafter still reproduces plain greedy decoding."""
+    model = PADDED[model_type]
+    idx = torch.tensor([prompt])
+    plain = generate(model, idx, 10, Sampling(temperature), seed=0).tolist()
+    assert max(plain[0]) < VOCAB
+    for drafter in DRAFTERS_FOR[model_type]:
+        fast = generate(model, idx, 10, Sampling(temperature), seed=0, speculative=drafter).tolist()
+        assert max(fast[0]) < VOCAB
+        if temperature == 0:
+            assert fast == plain, drafter
 
 
 def test_masked_inputs_draft_every_token_in_one_decoder_pass(monkeypatch):

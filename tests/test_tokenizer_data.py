@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ftplm.data import TokenData, documents, local_documents, prepare, split_of
+from ftplm.data import TokenData, documents, local_documents, prepare, split_of, split_position
 from ftplm.errors import FtplmError
 from ftplm.tokenizer import EOS, gpt2_tokenizer, load_tokenizer, train_bpe
 
@@ -167,10 +167,53 @@ def test_large_corpus_holds_out_a_bounded_number_of_documents(tmp_path):
     meta = prepare(str(path), tmp_path / "data", vocab_size=300, val_frac=0.1, test_frac=0.2, max_heldout_docs=60)
     assert meta["requested_fracs"] == [0.1, 0.2] and meta["val_frac"] == meta["test_frac"] == 60 / 3000
     held = TokenData(tmp_path / "data").heldout()
-    assert 30 <= meta["splits"]["val"]["documents"] <= 95 and 30 <= meta["splits"]["test"]["documents"] <= 95
-    assert len(held) == meta["splits"]["val"]["documents"] + meta["splits"]["test"]["documents"]
+    assert meta["splits"]["val"]["documents"] == meta["splits"]["test"]["documents"] == 60 == len(held) / 2
     assert sum(split["documents"] for split in meta["splits"].values()) == 3000
+    # the held-out documents of a split are those whose ids hash lowest in its range, in corpus order
+    ids = [f"d{i}" for i in range(3000)]
+    for split, low, high in (("test", 0.0, 0.2), ("val", 0.2, 0.3)):
+        ranked = sorted((i for i in ids if low <= split_position(i, 0) < high), key=lambda i: split_position(i, 0))
+        want = sorted(ranked[:60], key=lambda i: int(i[1:]))
+        assert [d.doc_id for d in TokenData(tmp_path / "data").heldout(split)] == want
+    # the others are trained on: every token of the corpus is in one split
+    assert sum(s["tokens"] for s in meta["splits"].values()) == sum(
+        s["tokens"]
+        for s in prepare(str(path), tmp_path / "all", vocab_size=300, val_frac=0.1, test_frac=0.2)["splits"].values()
+    )
     small = prepare(str(path), tmp_path / "small", vocab_size=300, val_frac=0.1, test_frac=0.2)  # under the cap
     assert (small["val_frac"], small["test_frac"]) == (0.1, 0.2)
     docs, source = heldout_documents(tmp_path / "data", "shakespeare", ("test",))
     assert docs and "test_frac=0.2" in source
+
+
+def test_prepare_reads_the_corpus_once_and_workers_change_nothing(tmp_path, monkeypatch):
+    """One pass over the source (a streamed dataset downloads once), whatever the tokenizer sample needs; worker
+    processes write exactly what one process writes; heldout() reads no further than asked."""
+    import ftplm.data
+
+    path = tmp_path / "c.jsonl"
+    path.write_text(
+        "".join(json.dumps({"id": f"d{i}", "text": f"text {i} on theme {i % 5} " * 3}) + "\n" for i in range(700))
+    )
+    reads = []
+    original = ftplm.data.documents
+    monkeypatch.setattr(ftplm.data, "documents", lambda spec: reads.append(spec) or original(spec))
+    meta = prepare(str(path), tmp_path / "one", vocab_size=300)
+    assert reads == [str(path)] and sum(s["documents"] for s in meta["splits"].values()) == 700
+    prepare(str(path), tmp_path / "two", vocab_size=300, workers=2)
+    digest = {d: sorted((p.name, p.read_bytes()) for p in (tmp_path / d).iterdir()) for d in ("one", "two")}
+    assert digest["one"] == digest["two"]
+    assert not [p for p in (tmp_path / "one").iterdir() if p.name.startswith(".")]  # no spill files left
+    assert len(TokenData(tmp_path / "one").heldout(limit=3)) == 3
+
+
+def test_tokenizer_is_trained_on_a_bounded_sample_of_training_documents(tmp_path):
+    path = tmp_path / "c.jsonl"
+    texts = [f"alpha{i} beta{i % 3} gamma{i % 11} delta" for i in range(400)]
+    path.write_text("".join(json.dumps({"id": f"d{i}", "text": t}) + "\n" for i, t in enumerate(texts)))
+    prepare(str(path), tmp_path / "data", vocab_size=300, tokenizer_docs=50)
+    train = [t for i, t in enumerate(texts) if split_of(f"d{i}", 0.05, 0.10, 0) == "train"]
+    want = train_bpe(train[:50], 300)
+    assert load_tokenizer(tmp_path / "data" / "tokenizer.json").get_vocab() == want.get_vocab()
+    with pytest.raises(FtplmError, match="tokenizer_docs must be positive"):
+        prepare(str(path), tmp_path / "bad", vocab_size=300, tokenizer_docs=0)

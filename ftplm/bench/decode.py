@@ -69,7 +69,7 @@ def heldout_prompts(run: str | Path, encode, n: int, prompt_tokens: int) -> list
             f"{run}: its training data directory is unknown or gone; bench decode needs its held-out documents"
         )
     prompts = []
-    for doc in TokenData(data_dir).heldout("val"):
+    for doc in TokenData(data_dir).iter_heldout("val"):
         ids = encode(doc.text)
         if len(ids) >= prompt_tokens:
             prompts.append(ids[:prompt_tokens])

@@ -120,8 +120,8 @@ class DraftDecoder(_Lean):
             return _Lean(module, leaf)
 
         super().__init__(model, leaf, children=("dec_wte", "dec_wpe", "dec_h", "dec_ln_f"))
-        self.head = _Product(model.lm_head, self.product_dtype, packed)
-        vocab = model.lm_head.out_features
+        vocab = model.cfg.vocab_size  # the LM head's rows past it are vocabulary padding
+        self.head = _Product(model.lm_head, self.product_dtype, packed, vocab)
         self.greedy_vocab = vocab // self.GREEDY_VOCAB_SHARE if vocab >= self.GREEDY_MIN_VOCAB else vocab
         self.greedy_head = (
             _Product(model.lm_head, self.product_dtype, packed, self.greedy_vocab)

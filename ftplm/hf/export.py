@@ -105,7 +105,7 @@ def gpt2_model(model: LanguageModel, eos: int) -> PreTrainedModel:
         eos_token_id=eos,
     )
     hf_model = GPT2LMHeadModel(config)
-    hf_model.load_state_dict(gpt2_state_dict(model.state_dict(), hf_model.state_dict()), strict=True)
+    hf_model.load_state_dict(gpt2_state_dict(vocabulary_state_dict(model), hf_model.state_dict()), strict=True)
     return _ready(hf_model, eos)
 
 
@@ -129,6 +129,17 @@ def gpt2_state_dict(ours: dict[str, torch.Tensor], theirs: dict[str, torch.Tenso
     if unused := sorted(set(ours) - used):
         raise FtplmError(f"cannot export to GPT-2: no place for {unused[:3]}")
     return mapped
+
+
+def vocabulary_state_dict(model: LanguageModel) -> dict[str, torch.Tensor]:
+    """The model's weights with the embedding and LM-head matrices cut to the vocabulary: the exported model has no
+    padding rows (vocab_multiple), which transformers' generate would otherwise be free to sample."""
+    cfg = model.cfg
+    vocab_matrices = ("wte.weight", "lm_head.weight")
+    return {
+        name: tensor[: cfg.vocab_size] if name.endswith(vocab_matrices) else tensor
+        for name, tensor in model.state_dict().items()
+    }
 
 
 def ftp_model(model: LanguageModel, eos: int) -> PreTrainedModel:
@@ -164,7 +175,7 @@ def ftp_model(model: LanguageModel, eos: int) -> PreTrainedModel:
     }
     hf_model = FTPForCausalLM(config)
     # dec_mask (input_dropout runs) is a training-time input only: inference never feeds it
-    hf_model.load_state_dict({k: v for k, v in model.state_dict().items() if k != "dec_mask"}, strict=True)
+    hf_model.load_state_dict({k: v for k, v in vocabulary_state_dict(model).items() if k != "dec_mask"}, strict=True)
     return _ready(hf_model, eos)
 
 
