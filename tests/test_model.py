@@ -246,6 +246,7 @@ def test_linear_cross_entropy_ignores_padding_classes():
     assert not w.grad[11:].any()
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own
 def test_linear_cross_entropy_compiles_into_one_graph():
     """On CUDA training runs under torch.compile by default: the chunked loss (several chunks, padding classes)
     compiles without a graph break and gives eager's loss and gradients (checked here on the CPU backend)."""
