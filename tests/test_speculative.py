@@ -964,7 +964,7 @@ def test_ftp_recycling_hangs_the_recycled_tree_off_the_last_ftp_token():
     )
     chain = ftp.propose(ctx)
     for token in range(VOCAB):  # a known adjacency matrix: token t -> (t+1, t+2, ...) mod V
-        hybrid.recycling.matrix[token][:] = [(token + r + 1) % VOCAB for r in range(hybrid.recycling.k)]
+        hybrid.recycling.matrix[token] = [(token + r + 1) % VOCAB for r in range(hybrid.recycling.k)]
     draft = hybrid.propose(ctx)
     n = len(chain)
     assert n == model.cfg.n_future - 1 and draft.tokens[:n] == chain.tokens and draft.parents[:n] == chain.parents
