@@ -239,12 +239,17 @@ class FTPDrafter(Drafter):
         for level in range(deepest):
             if greedy:
                 tokens, q = logits.argmax(-1), None
-            else:
-                q = torch.stack([c.sampling.probs(row) for c, row in zip(ctxs, logits)])
-                tokens = torch.cat([c.sampling.draw(qj, c.generator) for c, qj in zip(ctxs, q)])
-            for j, depth in enumerate(depths):
+            else:  # each row's own sampling (one softmax for all rows when they share it) and generator
+                shared = all(c.sampling == ctxs[0].sampling for c in ctxs)
+                q = (
+                    ctxs[0].sampling.probs(logits)
+                    if shared
+                    else torch.stack([c.sampling.probs(row) for c, row in zip(ctxs, logits)])
+                )
+                tokens = torch.cat([c.sampling.draw(q[j], c.generator) for j, c in enumerate(ctxs)])
+            for j, (depth, token) in enumerate(zip(depths, tokens.tolist())):
                 if level < depth:
-                    drafts[j].add(int(tokens[j]), level - 1, None if q is None else q[j])
+                    drafts[j].add(token, level - 1, None if q is None else q[j])
             if level + 1 < deepest:
                 logits = self.decoder.step(state, tokens, greedy) if ahead is None else ahead[:, level]
         return drafts
