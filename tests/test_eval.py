@@ -465,6 +465,9 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
         "FTP variants − GPT at matched perplexity (**masked**: decoder_inputs = masked)"
         in (out / "report" / "report.md").read_text()
     )
+    # FTP ÷ GPT training throughput from bench train (interleaved steps), cached per model setting
+    throughput = next(r for r in first["variant_rows"] if r[1] == "throughput")
+    assert all(float(v) > 0 for v in throughput[2:]) and (out / "evals" / "throughput-ftp-masked.json").is_file()
     evals = {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json")}
     steps = {
         r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"]
@@ -487,7 +490,7 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     assert first["corpus"] == "wiki-vital,shakespeare,bbc-news" and len(first["matched"][0]["gpt_checkpoints"]) == len(
         snapshots
     )
-    assert second["claims"] == first["claims"]
+    assert second["claims"] == first["claims"] and second["variant_rows"] == first["variant_rows"]
 
     def metrics(summary: dict) -> dict:
         return {
