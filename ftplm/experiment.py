@@ -9,7 +9,7 @@ Layout under OUT (every step reuses what is already there, so an interrupted exp
                                  also MATCH_SNAPSHOTS weights-only snapshots to match perplexity against)
     OUT/gpt-flops-s{seed}        GPT trained on FTP's training FLOPs (more tokens, its own schedule)
     OUT/coding-data              the planning-ahead coding corpus (training programs only)
-    OUT/coding-{ftp,gpt}-s0      models trained on it with the same budget
+    OUT/coding-{ftp,gpt}-s0      models trained on it with the same budget (and coding-ftp-{variant}-s0)
     OUT/evals/*.json             one file per evaluated model (+ matched-s{seed}.json, summary.json)
     OUT/report/                  report.md + report.html
 
@@ -79,6 +79,7 @@ CLAIMS = [
     ("(c) topic classification, wiki-vital, last-token", "classify", "wiki-vital/last"),
     ("(c) topic classification, bbc-news, mean-pooled", "classify", "bbc-news/mean"),
     ("(d) coding pass@1", "coding", "pass@1"),
+    ("(d) coding: the first statement declares the right number (the plan)", "coding", "declared_correct"),
     *((f"(d) coding pass@1, level {level}", "coding", f"pass@1/L{level}") for level in (1, 2, 3, 4)),
 ]
 
@@ -357,6 +358,12 @@ def model_rows(
     ]
 
 
+def match_cache(evals_dir: Path, ftp_label: str, seed: int, prefix: str = "") -> Path:
+    """Where an FTP model's perplexity match is cached (prefix "coding-" for the coding models)."""
+    name = "matched" if ftp_label == "ftp" else f"matched-{ftp_label}"
+    return evals_dir / f"{prefix}{name}-s{seed}.json"
+
+
 def matched_label(ftp_label: str) -> str:
     """The label of the GPT checkpoint matched to an FTP model: gpt-matched, or gpt-matched-{variant}."""
     return "gpt-matched" + ftp_label.removeprefix("ftp")
@@ -454,13 +461,14 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
         out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options
     )
     coding_by_label: dict[str, Any] = {}
-    coding_match = None
+    coding_matched: dict[str, dict[str, Any]] = {}
     if not spec.skip_coding:
-        coding_by_label, coding_match = coding_experiment(
+        coding_by_label, coding_matched = coding_experiment(
             out,
             spec.preset,
             spec.coding_max_tokens or spec.max_tokens,
             overrides,
+            ftp_models,
             spec.model_overrides,
             spec.ppl_batches,
             spec.quick,
@@ -499,13 +507,14 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
         "variants": spec.variants,
         "matched": [_public(m) for m in matched["ftp"]],
         "variant_matched": {label: [_public(m) for m in ms] for label, ms in matched.items() if label != "ftp"},
-        "coding_matched": None if coding_match is None else _public(coding_match),
+        "coding_matched": _public(coding_matched["ftp"]) if coding_matched else None,
+        "variant_coding_matched": {label: _public(m) for label, m in coding_matched.items() if label != "ftp"},
         "evals": evals,
         "claims": claim_rows(by_label, coding_by_label, 0),
         "variant_claims": {
             label: claim_rows(
                 by_label,
-                {},
+                coding_by_label,
                 0,
                 label,
                 {"gpt-matched": matched_label(label), "gpt-tokens": "gpt-tokens", "gpt-flops": "gpt-flops"},
@@ -539,7 +548,7 @@ def match_and_evaluate(
         paths = {"gpt-tokens": gpt / "latest", "gpt-flops": out / f"gpt-flops-s{seed}" / "latest"}
         for label in ftp_labels:
             log(f"seed {seed}: matching GPT checkpoints to {label}'s val perplexity")
-            cache = evals_dir / (f"matched-s{seed}.json" if label == "ftp" else f"matched-{label}-s{seed}.json")
+            cache = match_cache(evals_dir, label, seed)
             m = match_perplexity(out / f"{label}-s{seed}", gpt, data, ppl_batches, cache)
             matched[label].append(m)
             paths[label] = out / f"{label}-s{seed}" / "latest"
@@ -556,32 +565,33 @@ def coding_experiment(
     preset: str,
     budget: int,
     overrides: dict[str, Any],
+    ftp_models: dict[str, dict[str, Any]],
     model_overrides: dict[str, Any] | None,
     ppl_batches: int,
     quick: bool,
     options: dict[str, Any],
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
-    """FTP and GPT trained on the coding corpus (seed 0), matched, and scored on the coding suite."""
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
+    """Every FTP model (the design and each variant) and GPT trained on the coding corpus (seed 0), each FTP model
+    matched to the GPT checkpoint of its perplexity, all scored on the coding suite. Returns the results per label
+    and the matches per FTP label."""
     cdata = ensure_data(out / "coding-data", "coding", vocab_size=2048)
-    for model_type in ("ftp", "gpt"):
+    runs = {label: ("ftp", model_set) for label, model_set in ftp_models.items()} | {"gpt": ("gpt", model_overrides)}
+    for label, (model_type, model_set) in runs.items():
         ensure_trained(
-            out / f"coding-{model_type}-s0",
-            cdata,
-            model_type,
-            preset,
-            budget,
-            0,
-            overrides,
-            model_overrides=model_overrides,
+            out / f"coding-{label}-s0", cdata, model_type, preset, budget, 0, overrides, model_overrides=model_set
         )
-    cftp, cgpt = out / "coding-ftp-s0", out / "coding-gpt-s0"
-    match = match_perplexity(cftp, cgpt, cdata, ppl_batches, out / "evals" / "coding-matched-s0.json")
-    paths = {"ftp": cftp / "latest", "gpt-matched": Path(match["matched"]["checkpoint"]), "gpt-tokens": cgpt / "latest"}
+    cgpt = out / "coding-gpt-s0"
+    paths, matches = {"gpt-tokens": cgpt / "latest"}, {}
+    for label in ftp_models:
+        cache = match_cache(out / "evals", label, 0, "coding-")
+        matches[label] = match_perplexity(out / f"coding-{label}-s0", cgpt, cdata, ppl_batches, cache)
+        paths[label] = out / f"coding-{label}-s0" / "latest"
+        paths[matched_label(label)] = Path(matches[label]["matched"]["checkpoint"])
     results = {
         label: [evaluate_cached(path, ["coding"], cdata, out / "evals" / f"coding-{label}-s0.json", quick, options)]
         for label, path in paths.items()
     }
-    return results, match
+    return results, matches
 
 
 def experiment_report(
@@ -610,6 +620,8 @@ def experiment_report(
     ]
     if summary["coding_matched"]:
         match_rows.append(match_row("coding s0", summary["coding_matched"], "-"))
+    for label, m in summary.get("variant_coding_matched", {}).items():
+        match_rows.append(match_row(f"coding s0, {label_name(label)}", m, "-"))
     claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in BASELINES)] for r in summary["claims"]]
     runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, "gpt", "gpt-flops")}
     samples = {

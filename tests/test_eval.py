@@ -445,7 +445,7 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
         "seeds": 1,
         "max_tokens": 3000,
         "quick": True,
-        "skip_coding": True,
+        "coding_max_tokens": 3000,
         "ppl_batches": 1,
         "train_overrides": {"batch_size": 4, "eval_interval": 5},
         "variants": {"masked": {"decoder_inputs": "masked"}},
@@ -461,6 +461,13 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     rows = first["variant_claims"]["ftp-masked"]
     assert [r["metric"] for r in rows] == [r["metric"] for r in first["claims"]] and "gpt-matched" in rows[0]
     assert "GPT (matched to FTP masked)" in first["evals"] and "FTP masked" in first["evals"]
+    # the coding ladder too: every FTP model trained on the coding corpus and matched to a GPT checkpoint of its own
+    coding_rows = {r["metric"]: r for r in rows if r["suite"] == "coding"}
+    assert {"pass@1", "declared_correct", "pass@1/L1"} <= set(coding_rows)
+    assert all("gpt-matched" in r and "gpt-tokens" in r and "gpt-flops" not in r for r in coding_rows.values())
+    assert "ftp-masked" in first["variant_coding_matched"] and first["coding_matched"]["matched"]["checkpoint"]
+    assert json.loads((out / "coding-ftp-masked-s0" / "config.json").read_text())["decoder_inputs"] == "masked"
+    assert "coding s0, FTP masked" in (out / "report" / "report.md").read_text()
     assert (
         "FTP variants − GPT at matched perplexity (**masked**: decoder_inputs = masked)"
         in (out / "report" / "report.md").read_text()
@@ -471,7 +478,7 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     evals = {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json")}
     steps = {
         r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"]
-        for r in ("ftp-s0", "ftp-masked-s0", "gpt-s0", "gpt-flops-s0")
+        for r in ("ftp-s0", "ftp-masked-s0", "gpt-s0", "gpt-flops-s0", "coding-ftp-s0", "coding-ftp-masked-s0")
     }
     (out / "evals" / "gpt-flops-s0.json").unlink()
     capsys.readouterr()
