@@ -34,6 +34,7 @@ README_CLAIMS = [
     ("(c) wiki-vital, last token", "wiki-vital/last"),
     ("(c) bbc-news, mean", "bbc-news/mean"),
     ("(d) coding pass@1", "pass@1"),
+    ("(d) coding: plan right", "declared_correct"),
 ]
 
 
