@@ -429,6 +429,7 @@ def experiment_paper(
     seeds: int = 3,
     max_tokens: int = 200_000,
     coding_max_tokens: int | None = None,
+    coding_seeds: int | None = None,
     quick: bool = False,
     skip_coding: bool = False,
     ppl_batches: int = 20,
@@ -445,9 +446,10 @@ def experiment_paper(
     Args:
         out: experiment directory: data, ftp-s{seed}, gpt-s{seed}, coding-*, evals/, report/ (existing runs are reused)
         preset: model size of every run
-        seeds: training seeds 0..seeds-1 for the text models (the coding models use seed 0)
+        seeds: training seeds 0..seeds-1 of every model
         max_tokens: training tokens per text model
         coding_max_tokens: training tokens per coding model (default: --max-tokens)
+        coding_seeds: seeds of the coding models (default: --seeds)
         quick: small suite sizes (a smoke run of the whole pipeline)
         skip_coding: leave out the coding task (its corpus, models and suite)
         ppl_batches: 8-window batches for every val perplexity (FTP and each GPT checkpoint: same windows)
@@ -471,6 +473,7 @@ def experiment_paper(
         "seeds": seeds,
         "max_tokens": max_tokens,
         "coding_max_tokens": coding_max_tokens,
+        "coding_seeds": coding_seeds,
         "quick": quick,
         "skip_coding": skip_coding,
         "ppl_batches": ppl_batches,
@@ -482,19 +485,20 @@ def experiment_paper(
         "tokenizer": tokenizer,
     }
     spec = PaperExperiment(
-        preset,
-        seeds,
-        max_tokens,
-        coding_max_tokens,
-        quick,
-        skip_coding,
-        ppl_batches,
-        options,
-        train_overrides,
-        model_overrides,
-        variants,
-        corpus,
-        tokenizer,
+        preset=preset,
+        seeds=seeds,
+        max_tokens=max_tokens,
+        coding_max_tokens=coding_max_tokens,
+        coding_seeds=coding_seeds,
+        quick=quick,
+        skip_coding=skip_coding,
+        ppl_batches=ppl_batches,
+        options=options,
+        train_overrides=train_overrides,
+        model_overrides=model_overrides,
+        variants=variants,
+        corpus=corpus,
+        tokenizer=tokenizer,
     )  # checked before anything is written
     Path(out).mkdir(parents=True, exist_ok=True)
     write_config_file(

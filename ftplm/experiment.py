@@ -9,7 +9,7 @@ Layout under OUT (every step reuses what is already there, so an interrupted exp
                                  also MATCH_SNAPSHOTS weights-only snapshots to match perplexity against)
     OUT/gpt-flops-s{seed}        GPT trained on FTP's training FLOPs (more tokens, its own schedule)
     OUT/coding-data              the planning-ahead coding corpus (training programs only)
-    OUT/coding-{ftp,gpt}-s0      models trained on it with the same budget (and coding-ftp-{variant}-s0)
+    OUT/coding-{ftp,gpt}-s{seed} models trained on it with the same budget (and coding-ftp-{variant}-s{seed})
     OUT/evals/*.json             one file per evaluated model (+ matched-s{seed}.json, summary.json)
     OUT/report/                  report.md + report.html
 
@@ -386,6 +386,7 @@ class PaperExperiment:
     seeds: int = 3
     max_tokens: int = 200_000
     coding_max_tokens: int | None = None
+    coding_seeds: int | None = None
     quick: bool = False
     skip_coding: bool = False
     ppl_batches: int = 20
@@ -397,8 +398,8 @@ class PaperExperiment:
     tokenizer: str = "bpe"
 
     def __post_init__(self) -> None:
-        if self.seeds < 1:
-            raise FtplmError(f"--seeds must be at least 1, got {self.seeds}")
+        if self.seeds < 1 or (self.coding_seeds is not None and self.coding_seeds < 1):
+            raise FtplmError(f"--seeds and --coding-seeds must be at least 1, got {self.seeds}, {self.coding_seeds}")
         if (
             self.max_tokens < 1
             or (self.coding_max_tokens is not None and self.coding_max_tokens < 1)
@@ -461,12 +462,13 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
         out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options
     )
     coding_by_label: dict[str, Any] = {}
-    coding_matched: dict[str, dict[str, Any]] = {}
+    coding_matched: dict[str, list[dict[str, Any]]] = {}
     if not spec.skip_coding:
         coding_by_label, coding_matched = coding_experiment(
             out,
             spec.preset,
             spec.coding_max_tokens or spec.max_tokens,
+            spec.coding_seeds or spec.seeds,
             overrides,
             ftp_models,
             spec.model_overrides,
@@ -507,8 +509,11 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
         "variants": spec.variants,
         "matched": [_public(m) for m in matched["ftp"]],
         "variant_matched": {label: [_public(m) for m in ms] for label, ms in matched.items() if label != "ftp"},
-        "coding_matched": _public(coding_matched["ftp"]) if coding_matched else None,
-        "variant_coding_matched": {label: _public(m) for label, m in coding_matched.items() if label != "ftp"},
+        "coding_seeds": None if spec.skip_coding else (spec.coding_seeds or spec.seeds),
+        "coding_matched": [_public(m) for m in coding_matched.get("ftp", [])],
+        "variant_coding_matched": {
+            label: [_public(m) for m in ms] for label, ms in coding_matched.items() if label != "ftp"
+        },
         "evals": evals,
         "claims": claim_rows(by_label, coding_by_label, 0),
         "variant_claims": {
@@ -564,33 +569,36 @@ def coding_experiment(
     out: Path,
     preset: str,
     budget: int,
+    seeds: int,
     overrides: dict[str, Any],
     ftp_models: dict[str, dict[str, Any]],
     model_overrides: dict[str, Any] | None,
     ppl_batches: int,
     quick: bool,
     options: dict[str, Any],
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, dict[str, Any]]]:
-    """Every FTP model (the design and each variant) and GPT trained on the coding corpus (seed 0), each FTP model
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+    """Per seed, every FTP model (the design and each variant) and GPT trained on the coding corpus, each FTP model
     matched to the GPT checkpoint of its perplexity, all scored on the coding suite. Returns the results per label
-    and the matches per FTP label."""
+    and the matches per FTP label, seed by seed."""
     cdata = ensure_data(out / "coding-data", "coding", vocab_size=2048)
     runs = {label: ("ftp", model_set) for label, model_set in ftp_models.items()} | {"gpt": ("gpt", model_overrides)}
-    for label, (model_type, model_set) in runs.items():
-        ensure_trained(
-            out / f"coding-{label}-s0", cdata, model_type, preset, budget, 0, overrides, model_overrides=model_set
-        )
-    cgpt = out / "coding-gpt-s0"
-    paths, matches = {"gpt-tokens": cgpt / "latest"}, {}
-    for label in ftp_models:
-        cache = match_cache(out / "evals", label, 0, "coding-")
-        matches[label] = match_perplexity(out / f"coding-{label}-s0", cgpt, cdata, ppl_batches, cache)
-        paths[label] = out / f"coding-{label}-s0" / "latest"
-        paths[matched_label(label)] = Path(matches[label]["matched"]["checkpoint"])
-    results = {
-        label: [evaluate_cached(path, ["coding"], cdata, out / "evals" / f"coding-{label}-s0.json", quick, options)]
-        for label, path in paths.items()
-    }
+    results: dict[str, list[dict[str, Any]]] = {}
+    matches: dict[str, list[dict[str, Any]]] = {label: [] for label in ftp_models}
+    for seed in range(seeds):
+        for label, (model_type, model_set) in runs.items():
+            run = out / f"coding-{label}-s{seed}"
+            ensure_trained(run, cdata, model_type, preset, budget, seed, overrides, model_overrides=model_set)
+        cgpt = out / f"coding-gpt-s{seed}"
+        paths = {"gpt-tokens": cgpt / "latest"}
+        for label in ftp_models:
+            cache = match_cache(out / "evals", label, seed, "coding-")
+            match = match_perplexity(out / f"coding-{label}-s{seed}", cgpt, cdata, ppl_batches, cache)
+            matches[label].append(match)
+            paths[label] = out / f"coding-{label}-s{seed}" / "latest"
+            paths[matched_label(label)] = Path(match["matched"]["checkpoint"])
+        for label, path in paths.items():
+            cache = out / "evals" / f"coding-{label}-s{seed}.json"
+            results.setdefault(label, []).append(evaluate_cached(path, ["coding"], cdata, cache, quick, options))
     return results, matches
 
 
@@ -618,10 +626,10 @@ def experiment_report(
         match_row(f"s{s}", m, f"{by_label['gpt-flops'][s]['ppl']['metrics']['ppl']['value']:.3f}")
         for s, m in enumerate(matched["ftp"])
     ]
-    if summary["coding_matched"]:
-        match_rows.append(match_row("coding s0", summary["coding_matched"], "-"))
-    for label, m in summary.get("variant_coding_matched", {}).items():
-        match_rows.append(match_row(f"coding s0, {label_name(label)}", m, "-"))
+    coding_matched = {"ftp": summary["coding_matched"], **summary["variant_coding_matched"]}
+    for label, ms in coding_matched.items():
+        name = "" if label == "ftp" else f", {label_name(label)}"
+        match_rows += [match_row(f"coding s{seed}{name}", m, "-") for seed, m in enumerate(ms)]
     claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in BASELINES)] for r in summary["claims"]]
     runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, "gpt", "gpt-flops")}
     samples = {
@@ -633,7 +641,11 @@ def experiment_report(
     notes = [
         f"Preset `{summary['preset']}`, {seeds} seed(s), {summary['max_tokens']:,} training tokens per text model "
         f"({summary['equal_flops_tokens']:,} for GPT at equal FLOPs)"
-        + ("" if summary["coding_max_tokens"] is None else f", {summary['coding_max_tokens']:,} per coding model")
+        + (
+            ""
+            if summary["coding_max_tokens"] is None
+            else f", {summary['coding_max_tokens']:,} per coding model ({summary['coding_seeds']} seed(s))"
+        )
         + f"; {'quick' if summary['quick'] else 'full'} suite sizes"
         + "".join(f", {k} = {v}" for k, v in summary["model_overrides"].items())
         + ".",

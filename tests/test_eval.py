@@ -465,7 +465,8 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     coding_rows = {r["metric"]: r for r in rows if r["suite"] == "coding"}
     assert {"pass@1", "declared_correct", "pass@1/L1"} <= set(coding_rows)
     assert all("gpt-matched" in r and "gpt-tokens" in r and "gpt-flops" not in r for r in coding_rows.values())
-    assert "ftp-masked" in first["variant_coding_matched"] and first["coding_matched"]["matched"]["checkpoint"]
+    assert first["coding_seeds"] == 1 and len(first["variant_coding_matched"]["ftp-masked"]) == 1
+    assert first["coding_matched"][0]["matched"]["checkpoint"]
     assert json.loads((out / "coding-ftp-masked-s0" / "config.json").read_text())["decoder_inputs"] == "masked"
     assert "coding s0, FTP masked" in (out / "report" / "report.md").read_text()
     assert (

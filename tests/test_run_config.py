@@ -199,6 +199,9 @@ def test_experiment_config_file_routes_eval_and_training_fields(capsys, tmp_path
     assert saved["seeds"] == 1 and saved["save_interval"] == 20 and saved["coherence_prompts"] == 5
     config.write_text("n_layers: 3\n")  # not a setting of the experiment
     one_line_error(capsys, "unknown key 'n_layers'", "experiment", "paper", "--config", config, "--out", out)
+    one_line_error(
+        capsys, "--coding-seeds must be at least 1", "experiment", "paper", "--coding-seeds", "0", "--out", out
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
