@@ -78,6 +78,7 @@ CLAIMS = [
     ("(c) topic classification, wiki-vital, mean-pooled", "classify", "wiki-vital/mean"),
     ("(c) topic classification, wiki-vital, last-token", "classify", "wiki-vital/last"),
     ("(c) topic classification, bbc-news, mean-pooled", "classify", "bbc-news/mean"),
+    ("(c) topic classification, bbc-news, last-token", "classify", "bbc-news/last"),
     ("(d) coding pass@1", "coding", "pass@1"),
     ("(d) coding: the first statement declares the right number (the plan)", "coding", "declared_correct"),
     *((f"(d) coding pass@1, level {level}", "coding", f"pass@1/L{level}") for level in (1, 2, 3, 4)),

@@ -33,6 +33,7 @@ README_CLAIMS = [
     ("(b) prompt–continuation", "prompt_continuation_cos"),
     ("(c) wiki-vital, last token", "wiki-vital/last"),
     ("(c) bbc-news, mean", "bbc-news/mean"),
+    ("(c) bbc-news, last token", "bbc-news/last"),
     ("(d) coding pass@1", "pass@1"),
     ("(d) coding: plan right", "declared_correct"),
 ]
