@@ -80,7 +80,9 @@ class LinearCrossEntropy(torch.autograd.Function):
     loss = sum_i coef_i * CE(hidden_i @ weight.T, target_i). Gradients are computed during the forward pass, one
     chunk at a time (the "fused linear cross-entropy" trick), so the (rows x vocab) logits never exist at once and no
     fp32 log-softmax over them is kept for backward: this is where FTP's N-fold output cost goes, so keep it lean.
-    Rows with target -1 must have coef 0. Also returns the per-row CE (detached) for metrics. Weight rows from
+    targets and coef may be (rows, K): K targets scored under each row's one softmax (sum_ik coef_ik CE_ik), for a
+    loss where several tokens share a distribution (FTP's bag of future tokens). Targets of -1 must have coef 0.
+    Also returns the CE per target (detached) for metrics. Weight rows from
     `classes` on (vocabulary padding) are no class: their logits are -inf, so they get no probability and no gradient.
     """
 
@@ -96,7 +98,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         w = weight.detach().to(compute_dtype)
         safe_targets = targets.clamp(min=0)
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 in gradient checks
-        ce = torch.empty(h.size(0), device=h.device, dtype=acc_dtype)
+        ce = torch.empty(targets.shape, device=h.device, dtype=acc_dtype)
         grad_h = torch.empty_like(h) if need_grad else None
         grad_w = torch.zeros(weight.shape, device=h.device, dtype=acc_dtype) if need_grad else None
         argmax = torch.empty(h.size(0), device=h.device, dtype=torch.long) if want_argmax else None
@@ -105,18 +107,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             logits = (h[rows] @ w.T).to(acc_dtype)
             if classes is not None and classes < logits.size(1):
                 logits[:, classes:] = float("-inf")
-            t = safe_targets[rows].unsqueeze(1)
-            target_logit = logits.gather(1, t).squeeze(1)
+            t = safe_targets[rows].view(logits.size(0), -1)  # (rows, K)
+            target_logit = logits.gather(1, t)
             if argmax is not None:
                 argmax[rows] = logits.argmax(dim=1)
             # in place, to keep the chunk in cache: logits -> exp(logits - max) -> softmax
             row_max = logits.amax(dim=1, keepdim=True)
             probs = logits.sub_(row_max).exp_()
             row_sum = probs.sum(dim=1, keepdim=True)
-            ce[rows] = (row_max + row_sum.log()).squeeze(1) - target_logit
+            ce[rows] = (row_max + row_sum.log() - target_logit).view(ce[rows].shape)
             if grad_h is not None and grad_w is not None:
-                probs.mul_(coef[rows].unsqueeze(1) / row_sum)  # coef * softmax
-                probs.scatter_add_(1, t, -coef[rows].unsqueeze(1).to(probs.dtype))  # - coef * onehot
+                c = coef[rows].view(t.shape)
+                probs.mul_(c.sum(1, keepdim=True) / row_sum)  # coef * softmax
+                probs.scatter_add_(1, t, -c.to(probs.dtype))  # - coef * onehot
                 g = probs.to(compute_dtype)
                 grad_h[rows] = g @ w
                 grad_w += g.T @ h[rows]
@@ -150,8 +153,8 @@ def linear_cross_entropy(
     want_argmax: bool = False,
     classes: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Weighted LM-head cross-entropy: (sum_i coef_i * CE_i, per-row CE[, per-row argmax]) over the first `classes`
-    rows of weight (all by default). See LinearCrossEntropy."""
+    """Weighted LM-head cross-entropy: (sum_i coef_i * CE_i, CE per target[, per-row argmax]) over the first
+    `classes` rows of weight (all by default); targets (rows,) or (rows, K). See LinearCrossEntropy."""
     return LinearCrossEntropy.apply(
         hidden,
         weight,

@@ -487,12 +487,11 @@ class FTP(LanguageModel):
         )
         offset_ce = (ce.view(B * T, N) * valid).sum(0) / n_valid.clamp(min=1)
         if self.cfg.future_bow > 0:  # the pseudo-sequence's mean predicts each of the next N tokens, unordered
-            bag = pseudo.mean(1).repeat_interleave(N, 0)
-            bow, _ = linear_cross_entropy(
-                bag,
+            bow, _ = linear_cross_entropy(  # one softmax per position scores its N targets
+                pseudo.mean(1),
                 self.lm_head.weight,
-                future.flatten(),
-                valid.flatten() / valid.sum().clamp(min=1),
+                future,
+                valid / valid.sum().clamp(min=1),
                 classes=self.cfg.vocab_size,
             )
             loss = loss + self.cfg.future_bow * bow
@@ -508,8 +507,8 @@ def flops_per_token(model: LanguageModel) -> float:
 
     GPT: 6 x (block weights + LM head) + 12 L C T. FTP: the same trunk (no head) + the pseudo-sequence projection,
     then per position a decoder sequence of N tokens: its blocks (self-attention over N, cross-attention over the P
-    pseudo vectors, whose keys/values are projected once per position) and the LM head on all N outputs.
-    Embedding lookups and norms are not counted.
+    pseudo vectors, whose keys/values are projected once per position) and the LM head on all N outputs (and on the
+    pseudo-sequence's mean with future_bow). Embedding lookups and norms are not counted.
     """
     cfg = model.cfg
     count = lambda module: sum(p.numel() for p in module.parameters() if p.dim() >= 2)  # noqa: E731 - a one-line local helper
@@ -521,7 +520,8 @@ def flops_per_token(model: LanguageModel) -> float:
     per_decoder_token = (
         6 * (count(model.dec_h) - kv) + 12 * cfg.dec_n_layer * d * (N + P) + 6 * d * cfg.padded_vocab_size
     )
-    return trunk + 6 * count(model.to_pseudo) + 6 * P * kv + N * per_decoder_token
+    bag_of_future = 6 * d * cfg.padded_vocab_size if cfg.future_bow > 0 else 0  # one head product per position
+    return trunk + 6 * count(model.to_pseudo) + 6 * P * kv + N * per_decoder_token + bag_of_future
 
 
 def build_model(cfg: ModelConfig) -> LanguageModel:

@@ -32,11 +32,11 @@ def test_bench_train_cli_writes_json(tmp_path):
 # --- MFU, FLOPs, memory, max batch (issue 5) ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("model_type", ["gpt", "ftp"])
-def test_flops_per_token_matches_counted_matmuls(model_type):
+@pytest.mark.parametrize("model_type, fields", [("gpt", {}), ("ftp", {}), ("ftp", {"future_bow": 0.5})])
+def test_flops_per_token_matches_counted_matmuls(model_type, fields):
     """PyTorch's FLOP counter over a real forward+backward agrees with the formula (attention aside: the counter
     may or may not see SDPA's CPU kernel, so it must land between 'without attention' and 'with attention')."""
-    cfg = with_overrides(preset("tiny", model_type).model, {"vocab_size": 512})
+    cfg = with_overrides(preset("tiny", model_type).model, {"vocab_size": 512, **fields})
     model = build_model(cfg)
     B, T = 2, cfg.block_size
     x = torch.randint(0, cfg.vocab_size, (B, T))

@@ -208,6 +208,26 @@ def test_linear_cross_entropy_matches_autograd():
     assert torch.allclose(gh, h.grad) and torch.allclose(gw, w.grad)
 
 
+def test_linear_cross_entropy_scores_several_targets_under_one_softmax():
+    """(rows, K) targets: each scored under its row's one softmax, i.e. the rows repeated K times with one target
+    each (the bag-of-future loss), duplicates and ignored (-1) targets included."""
+    torch.manual_seed(0)
+    h = torch.randn(70, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 13, (70, 4))
+    t[:, 3] = t[:, 2]  # the same token twice in a row's bag
+    t[::5, 1] = -1
+    coef = torch.rand(70, 4, dtype=torch.float64) * (t >= 0)
+    loss, ce = linear_cross_entropy(h, w, t, coef, classes=12)
+    loss.backward()
+    grads = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref_loss, ref_ce = linear_cross_entropy(h.repeat_interleave(4, 0), w, t.flatten(), coef.flatten(), classes=12)
+    ref_loss.backward()
+    assert ce.shape == t.shape and torch.allclose(ce.flatten(), ref_ce) and torch.allclose(loss, ref_loss)
+    assert torch.allclose(grads[0], h.grad) and torch.allclose(grads[1], w.grad)
+
+
 @pytest.mark.parametrize("model_type", ["ftp", "gpt"])
 def test_padded_vocabulary_computes_the_unpadded_model(model_type):
     """vocab_multiple pads the embedding / LM-head rows (97 -> 128) and changes nothing else: with the same real rows
