@@ -359,10 +359,28 @@ def model_rows(
     ]
 
 
-def match_cache(evals_dir: Path, ftp_label: str, seed: int, prefix: str = "") -> Path:
-    """Where an FTP model's perplexity match is cached (prefix "coding-" for the coding models)."""
-    name = "matched" if ftp_label == "ftp" else f"matched-{ftp_label}"
-    return evals_dir / f"{prefix}{name}-s{seed}.json"
+def match_seed(
+    out: Path,
+    data: Path,
+    ftp_labels: list[str],
+    seed: int,
+    ppl_batches: int,
+    matched: dict[str, list[dict[str, Any]]],
+    prefix: str = "",
+) -> dict[str, Path]:
+    """Each FTP model of a seed matched to the GPT checkpoint closest to its val perplexity (cached; appended to
+    `matched`). Returns the FTP models' and their matched checkpoints' paths by label. prefix: "coding-" for the
+    coding models."""
+    paths: dict[str, Path] = {}
+    for label in ftp_labels:
+        log(f"seed {seed}: matching GPT checkpoints to {prefix}{label}'s val perplexity")
+        name = "matched" if label == "ftp" else f"matched-{label}"
+        cache = out / "evals" / f"{prefix}{name}-s{seed}.json"
+        m = match_perplexity(out / f"{prefix}{label}-s{seed}", out / f"{prefix}gpt-s{seed}", data, ppl_batches, cache)
+        matched[label].append(m)
+        paths[label] = out / f"{prefix}{label}-s{seed}" / "latest"
+        paths[matched_label(label)] = Path(m["matched"]["checkpoint"])
+    return paths
 
 
 def matched_label(ftp_label: str) -> str:
@@ -550,15 +568,8 @@ def match_and_evaluate(
     matched: dict[str, list[dict[str, Any]]] = {label: [] for label in ftp_labels}
     by_label: dict[str, list[dict[str, Any]]] = {}
     for seed in range(seeds):
-        gpt = out / f"gpt-s{seed}"
-        paths = {"gpt-tokens": gpt / "latest", "gpt-flops": out / f"gpt-flops-s{seed}" / "latest"}
-        for label in ftp_labels:
-            log(f"seed {seed}: matching GPT checkpoints to {label}'s val perplexity")
-            cache = match_cache(evals_dir, label, seed)
-            m = match_perplexity(out / f"{label}-s{seed}", gpt, data, ppl_batches, cache)
-            matched[label].append(m)
-            paths[label] = out / f"{label}-s{seed}" / "latest"
-            paths[matched_label(label)] = Path(m["matched"]["checkpoint"])
+        paths = {"gpt-tokens": out / f"gpt-s{seed}" / "latest", "gpt-flops": out / f"gpt-flops-s{seed}" / "latest"}
+        paths |= match_seed(out, data, ftp_labels, seed, ppl_batches, matched)
         for label, path in paths.items():
             by_label.setdefault(label, []).append(
                 evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options)
@@ -589,14 +600,8 @@ def coding_experiment(
         for label, (model_type, model_set) in runs.items():
             run = out / f"coding-{label}-s{seed}"
             ensure_trained(run, cdata, model_type, preset, budget, seed, overrides, model_overrides=model_set)
-        cgpt = out / f"coding-gpt-s{seed}"
-        paths = {"gpt-tokens": cgpt / "latest"}
-        for label in ftp_models:
-            cache = match_cache(out / "evals", label, seed, "coding-")
-            match = match_perplexity(out / f"coding-{label}-s{seed}", cgpt, cdata, ppl_batches, cache)
-            matches[label].append(match)
-            paths[label] = out / f"coding-{label}-s{seed}" / "latest"
-            paths[matched_label(label)] = Path(match["matched"]["checkpoint"])
+        paths = {"gpt-tokens": out / f"coding-gpt-s{seed}" / "latest"}
+        paths |= match_seed(out, cdata, list(ftp_models), seed, ppl_batches, matches, "coding-")
         for label, path in paths.items():
             cache = out / "evals" / f"coding-{label}-s{seed}.json"
             results.setdefault(label, []).append(evaluate_cached(path, ["coding"], cdata, cache, quick, options))
