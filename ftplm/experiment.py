@@ -388,6 +388,33 @@ def matched_label(ftp_label: str) -> str:
     return "gpt-matched" + ftp_label.removeprefix("ftp")
 
 
+def band_label(ftp_label: str) -> str:
+    """The label of the GPT checkpoints within MAX_GAP of an FTP model's perplexity: gpt-band, or gpt-band-{variant}."""
+    return "gpt-band" + ftp_label.removeprefix("ftp")
+
+
+def perplexity_band(match: dict[str, Any]) -> list[dict[str, Any]]:
+    """GPT checkpoints within MAX_GAP of FTP's val perplexity (the matched one among them). A probe's accuracy moves
+    by a few points from one checkpoint to the next, so FTP is also compared with their average."""
+    return [c for c in match["gpt_checkpoints"] if abs(c["ppl"] / match["ftp_ppl"] - 1) <= MAX_GAP]
+
+
+def mean_items(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Suite results of several checkpoints on the same items -> one result whose per-item scores are their means
+    (only what claim_rows reads: each suite's `_items`)."""
+    merged: dict[str, Any] = {}
+    for suite_name in results[0]:
+        items = [r[suite_name].get("_items", {}) for r in results]
+        merged[suite_name] = {
+            "_items": {
+                metric: np.mean([np.asarray(i[metric], dtype=np.float64) for i in items], axis=0).tolist()
+                for metric in items[0]
+                if all(metric in i and len(i[metric]) == len(items[0][metric]) for i in items)
+            }
+        }
+    return merged
+
+
 # ------------------------------------------------------------------------------------------------------
 # the experiment
 # ------------------------------------------------------------------------------------------------------
@@ -477,7 +504,7 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
             {**overrides, "snapshots": 0},
             model_overrides=spec.model_overrides,
         )
-    matched, by_label = match_and_evaluate(
+    matched, by_label, bands = match_and_evaluate(
         out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options
     )
     coding_by_label: dict[str, Any] = {}
@@ -534,14 +561,19 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
             label: [_public(m) for m in ms] for label, ms in coding_matched.items() if label != "ftp"
         },
         "evals": evals,
-        "claims": claim_rows(by_label, coding_by_label, 0),
+        "claims": claim_rows(by_label | bands, coding_by_label, 0),
         "variant_claims": {
             label: claim_rows(
-                by_label,
+                by_label | bands,
                 coding_by_label,
                 0,
                 label,
-                {"gpt-matched": matched_label(label), "gpt-tokens": "gpt-tokens", "gpt-flops": "gpt-flops"},
+                {
+                    "gpt-matched": matched_label(label),
+                    "gpt-band": band_label(label),
+                    "gpt-tokens": "gpt-tokens",
+                    "gpt-flops": "gpt-flops",
+                },
             )
             for label in ftp_models
             if label != "ftp"
@@ -561,12 +593,14 @@ def _public(match: dict[str, Any]) -> dict[str, Any]:
 
 def match_and_evaluate(
     out: Path, data: Path, seeds: int, ftp_labels: list[str], ppl_batches: int, quick: bool, options: dict[str, Any]
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
+) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     """Per seed: each FTP model matched to the GPT checkpoint closest to its perplexity; every suite of every model
-    (cached). Returns the matches per FTP label and the suite results per label, seed by seed."""
+    and of every GPT checkpoint within MAX_GAP of it (cached). Returns the matches per FTP label, the suite results per
+    label and each FTP model's band of GPT checkpoints (per-item scores averaged over the band), seed by seed."""
     evals_dir = out / "evals"
     matched: dict[str, list[dict[str, Any]]] = {label: [] for label in ftp_labels}
     by_label: dict[str, list[dict[str, Any]]] = {}
+    bands: dict[str, list[dict[str, Any]]] = {}
     for seed in range(seeds):
         paths = {"gpt-tokens": out / f"gpt-s{seed}" / "latest", "gpt-flops": out / f"gpt-flops-s{seed}" / "latest"}
         paths |= match_seed(out, data, ftp_labels, seed, ppl_batches, matched)
@@ -574,7 +608,23 @@ def match_and_evaluate(
             by_label.setdefault(label, []).append(
                 evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options)
             )
-    return matched, by_label
+        for label in ftp_labels:
+            band = [
+                by_label[matched_label(label)][-1]
+                if c["checkpoint"] == matched[label][-1]["matched"]["checkpoint"]
+                else evaluate_cached(
+                    Path(c["checkpoint"]),
+                    TEXT_SUITES,
+                    data,
+                    evals_dir / f"gpt-s{seed}-step{c['step']}.json",
+                    quick,
+                    options,
+                )
+                for c in perplexity_band(matched[label][-1])
+            ]
+            if band:
+                bands.setdefault(band_label(label), []).append(mean_items(band))
+    return matched, by_label, bands
 
 
 def coding_experiment(
@@ -676,7 +726,7 @@ def experiment_report(
             ),
             (
                 "The paper's claims: FTP − GPT",
-                ["claim", "metric", "vs GPT matched ppl", "vs GPT equal tokens", "vs GPT equal FLOPs"],
+                ["claim", "metric", *(f"vs {LABELS[k]}" for k in BASELINES)],
                 claim_table,
             ),
             *variant_tables(variants, summary["claims"], summary["variant_claims"], matched, summary["variant_rows"]),

@@ -19,6 +19,7 @@ from ftplm.report import render_markdown
 LABELS = {
     "ftp": "FTP",
     "gpt-matched": "GPT (matched ppl)",
+    "gpt-band": "GPT (checkpoints within 3% ppl, averaged)",
     "gpt-tokens": "GPT (equal tokens)",
     "gpt-flops": "GPT (equal FLOPs)",
 }
@@ -48,6 +49,8 @@ def label_name(label: str) -> str:
         return LABELS[label]
     if label.startswith("gpt-matched-"):
         return f"GPT (matched to FTP {label.removeprefix('gpt-matched-')})"
+    if label.startswith("gpt-band-"):
+        return f"GPT (within 3% of FTP {label.removeprefix('gpt-band-')}'s ppl, averaged)"
     return f"FTP {label.removeprefix('ftp-')}"
 
 

@@ -400,7 +400,7 @@ def test_reuse_finished_run_and_match_perplexity(tiny_data, tiny_ftp_run, tiny_g
 
 
 def test_aggregate_and_claims():
-    from ftplm.experiment import aggregate, claim_rows
+    from ftplm.experiment import aggregate, claim_rows, mean_items, perplexity_band
 
     def res(v, items):
         return {
@@ -433,6 +433,13 @@ def test_aggregate_and_claims():
     assert rows["adjacent_cosine"]["gpt-matched"]["verdict"] == "FTP higher"
     assert rows["adjacent_cosine"]["gpt-tokens"]["verdict"] == "no significant difference"
     assert "gpt-matched" not in rows["pass@1"]
+    # the band: GPT checkpoints within 3% of FTP's perplexity, their per-item scores averaged
+    match = {"ftp_ppl": 100.0, "gpt_checkpoints": [{"ppl": p} for p in (110.0, 102.9, 97.5, 96.9)]}
+    assert [c["ppl"] for c in perplexity_band(match)] == [102.9, 97.5]
+    band = mean_items([res(0.5, [0.5, 0.4, 0.5]), res(0.7, [0.7, 0.6, 0.3])])
+    assert band["smoothness"]["_items"]["adjacent_cosine"] == pytest.approx([0.6, 0.5, 0.4])
+    rows = {r["metric"]: r for r in claim_rows(by | {"gpt-band": [band]}, {}, 0)}
+    assert rows["adjacent_cosine"]["gpt-band"]["value"] == pytest.approx((0.3 + 0.3 + 0.5) / 3)
 
 
 def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
@@ -461,6 +468,9 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     rows = first["variant_claims"]["ftp-masked"]
     assert [r["metric"] for r in rows] == [r["metric"] for r in first["claims"]] and "gpt-matched" in rows[0]
     assert "GPT (matched to FTP masked)" in first["evals"] and "FTP masked" in first["evals"]
+    # beside the matched checkpoint, the band of GPT checkpoints within 3% of each FTP model's perplexity
+    assert ("gpt-band" in first["claims"][0]) == first["matched"][0]["gap_ok"]
+    assert ("gpt-band" in rows[0]) == first["variant_matched"]["ftp-masked"][0]["gap_ok"]
     # the coding ladder too: every FTP model trained on the coding corpus and matched to a GPT checkpoint of its own
     coding_rows = {r["metric"]: r for r in rows if r["suite"] == "coding"}
     assert {"pass@1", "declared_correct", "pass@1/L1"} <= set(coding_rows)
@@ -476,7 +486,7 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     # FTP ÷ GPT training throughput from bench train (interleaved steps), cached per model setting
     throughput = next(r for r in first["variant_rows"] if r[1] == "throughput")
     assert all(float(v) > 0 for v in throughput[2:]) and (out / "evals" / "throughput-ftp-masked.json").is_file()
-    evals = {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json")}
+    evals = {p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0*.json")}
     steps = {
         r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"]
         for r in ("ftp-s0", "ftp-masked-s0", "gpt-s0", "gpt-flops-s0", "coding-ftp-s0", "coding-ftp-masked-s0")
@@ -487,7 +497,7 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "training" not in log and "resuming" not in log and log.count("reusing") >= 6
     assert {
-        p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0.json") if p.name != "gpt-flops-s0.json"
+        p.name: p.stat().st_mtime_ns for p in (out / "evals").glob("*-s0*.json") if p.name != "gpt-flops-s0.json"
     } == {k: v for k, v in evals.items() if k != "gpt-flops-s0.json"}
     assert steps == {r: json.loads((out / r / "latest" / "trainer_state.json").read_text())["step"] for r in steps}
     # bounded disk: every run keeps one full checkpoint; the GPT run matched against also keeps weights-only snapshots
