@@ -608,11 +608,12 @@ def match_and_evaluate(
             by_label.setdefault(label, []).append(
                 evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options)
             )
+        # the matched checkpoints are evaluated already; one FTP model's may fall in another's band
+        known = {ms[-1]["matched"]["checkpoint"]: by_label[matched_label(label)][-1] for label, ms in matched.items()}
         for label in ftp_labels:
             band = [
-                by_label[matched_label(label)][-1]
-                if c["checkpoint"] == matched[label][-1]["matched"]["checkpoint"]
-                else evaluate_cached(
+                known.get(c["checkpoint"])
+                or evaluate_cached(
                     Path(c["checkpoint"]),
                     TEXT_SUITES,
                     data,
