@@ -608,8 +608,10 @@ def match_and_evaluate(
             by_label.setdefault(label, []).append(
                 evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options)
             )
-        # the matched checkpoints are evaluated already; one FTP model's may fall in another's band
-        known = {ms[-1]["matched"]["checkpoint"]: by_label[matched_label(label)][-1] for label, ms in matched.items()}
+        # evaluated already: the matched checkpoints (one FTP model's may fall in another's band) and GPT's final
+        # checkpoint (the weights of gpt-tokens)
+        known = {ms[-1]["final"]["checkpoint"]: by_label["gpt-tokens"][-1] for ms in matched.values()}
+        known |= {ms[-1]["matched"]["checkpoint"]: by_label[matched_label(label)][-1] for label, ms in matched.items()}
         for label in ftp_labels:
             band = [
                 known.get(c["checkpoint"])
