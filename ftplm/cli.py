@@ -432,6 +432,7 @@ def experiment_paper(
     coding_seeds: int | None = None,
     quick: bool = False,
     skip_coding: bool = False,
+    skip_equal_flops: bool = False,
     ppl_batches: int = 20,
     set: list[str] = [],  # noqa: A002 - the option is called --set
     train_set: list[str] = [],
@@ -452,6 +453,7 @@ def experiment_paper(
         coding_seeds: seeds of the coding models (default: --seeds)
         quick: small suite sizes (a smoke run of the whole pipeline)
         skip_coding: leave out the coding task (its corpus, models and suite)
+        skip_equal_flops: leave out GPT at equal FLOPs (the longest run of an experiment: ~1.7x GPT's tokens)
         ppl_batches: 8-window batches for every val perplexity (FTP and each GPT checkpoint: same windows)
         set: suite size, e.g. --set coherence_prompts=50 (see `ftplm eval --help`)
         train_set: training config for runs started here, e.g. --train-set save_interval=10
@@ -476,6 +478,7 @@ def experiment_paper(
         "coding_seeds": coding_seeds,
         "quick": quick,
         "skip_coding": skip_coding,
+        "skip_equal_flops": skip_equal_flops,
         "ppl_batches": ppl_batches,
         **options,
         **train_overrides,
@@ -492,6 +495,7 @@ def experiment_paper(
         coding_seeds=coding_seeds,
         quick=quick,
         skip_coding=skip_coding,
+        skip_equal_flops=skip_equal_flops,
         ppl_batches=ppl_batches,
         options=options,
         train_overrides=train_overrides,

@@ -7,7 +7,8 @@ Layout under OUT (every step reuses what is already there, so an interrupted exp
                                  packages when it holds neither)
     OUT/ftp-s{seed}, gpt-s{seed} training runs (same data, tokens, schedule; each keeps its latest checkpoint, GPT
                                  also MATCH_SNAPSHOTS weights-only snapshots to match perplexity against)
-    OUT/gpt-flops-s{seed}        GPT trained on FTP's training FLOPs (more tokens, its own schedule)
+    OUT/gpt-flops-s{seed}        GPT trained on FTP's training FLOPs (more tokens, its own schedule; left out with
+                                 skip_equal_flops, when it would be the longest run of a large budget)
     OUT/coding-data              the planning-ahead coding corpus (training programs only)
     OUT/coding-{ftp,gpt}-s{seed} models trained on it with the same budget (and coding-ftp-{variant}-s{seed})
     OUT/evals/*.json             one file per evaluated model (+ matched-s{seed}.json, summary.json)
@@ -435,6 +436,7 @@ class PaperExperiment:
     coding_seeds: int | None = None
     quick: bool = False
     skip_coding: bool = False
+    skip_equal_flops: bool = False
     ppl_batches: int = 20
     options: dict[str, Any] = field(default_factory=dict)
     train_overrides: dict[str, Any] = field(default_factory=dict)
@@ -467,7 +469,9 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
     overrides = dict(spec.train_overrides)
 
     data = ensure_data(out / "data", spec.corpus, tokenizer=spec.tokenizer)
-    flops_tokens = equal_flops_tokens(spec.preset, data, spec.max_tokens, spec.model_overrides)
+    flops_tokens = (
+        None if spec.skip_equal_flops else equal_flops_tokens(spec.preset, data, spec.max_tokens, spec.model_overrides)
+    )
     ftp_models = {"ftp": dict(spec.model_overrides)} | {
         f"ftp-{name}": {**spec.model_overrides, **v} for name, v in spec.variants.items()
     }
@@ -493,19 +497,19 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
             overrides,
             model_overrides=spec.model_overrides,
         )
-        # only its final checkpoint is evaluated: no snapshots
-        ensure_trained(
-            out / f"gpt-flops-s{seed}",
-            data,
-            "gpt",
-            spec.preset,
-            flops_tokens,
-            seed,
-            {**overrides, "snapshots": 0},
-            model_overrides=spec.model_overrides,
-        )
+        if flops_tokens is not None:  # only its final checkpoint is evaluated: no snapshots
+            ensure_trained(
+                out / f"gpt-flops-s{seed}",
+                data,
+                "gpt",
+                spec.preset,
+                flops_tokens,
+                seed,
+                {**overrides, "snapshots": 0},
+                model_overrides=spec.model_overrides,
+            )
     matched, by_label, bands = match_and_evaluate(
-        out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options
+        out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options, flops_tokens is not None
     )
     coding_by_label: dict[str, Any] = {}
     coding_matched: dict[str, list[dict[str, Any]]] = {}
@@ -592,7 +596,14 @@ def _public(match: dict[str, Any]) -> dict[str, Any]:
 
 
 def match_and_evaluate(
-    out: Path, data: Path, seeds: int, ftp_labels: list[str], ppl_batches: int, quick: bool, options: dict[str, Any]
+    out: Path,
+    data: Path,
+    seeds: int,
+    ftp_labels: list[str],
+    ppl_batches: int,
+    quick: bool,
+    options: dict[str, Any],
+    equal_flops: bool = True,
 ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
     """Per seed: each FTP model matched to the GPT checkpoint closest to its perplexity; every suite of every model
     and of every GPT checkpoint within MAX_GAP of it (cached). Returns the matches per FTP label, the suite results per
@@ -602,7 +613,9 @@ def match_and_evaluate(
     by_label: dict[str, list[dict[str, Any]]] = {}
     bands: dict[str, list[dict[str, Any]]] = {}
     for seed in range(seeds):
-        paths = {"gpt-tokens": out / f"gpt-s{seed}" / "latest", "gpt-flops": out / f"gpt-flops-s{seed}" / "latest"}
+        paths = {"gpt-tokens": out / f"gpt-s{seed}" / "latest"}
+        if equal_flops:
+            paths["gpt-flops"] = out / f"gpt-flops-s{seed}" / "latest"
         paths |= match_seed(out, data, ftp_labels, seed, ppl_batches, matched)
         for label, path in paths.items():
             by_label.setdefault(label, []).append(
@@ -681,8 +694,9 @@ def experiment_report(
         ]
 
     seeds, variants = summary["seeds"], summary["variants"]
+    flops = by_label.get("gpt-flops", [])
     match_rows = [
-        match_row(f"s{s}", m, f"{by_label['gpt-flops'][s]['ppl']['metrics']['ppl']['value']:.3f}")
+        match_row(f"s{s}", m, f"{flops[s]['ppl']['metrics']['ppl']['value']:.3f}" if flops else "-")
         for s, m in enumerate(matched["ftp"])
     ]
     coding_matched = {"ftp": summary["coding_matched"], **summary["variant_coding_matched"]}
@@ -690,7 +704,8 @@ def experiment_report(
         name = "" if label == "ftp" else f", {label_name(label)}"
         match_rows += [match_row(f"coding s{seed}{name}", m, "-") for seed, m in enumerate(ms)]
     claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in BASELINES)] for r in summary["claims"]]
-    runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, "gpt", "gpt-flops")}
+    gpts = ("gpt", "gpt-flops") if flops else ("gpt",)
+    runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, *gpts)}
     samples = {
         label_name(k): v[0]["coherence"]["examples"]
         for k, v in by_label.items()
@@ -699,7 +714,11 @@ def experiment_report(
     command = summary["command"]
     notes = [
         f"Preset `{summary['preset']}`, {seeds} seed(s), {summary['max_tokens']:,} training tokens per text model "
-        f"({summary['equal_flops_tokens']:,} for GPT at equal FLOPs)"
+        + (
+            f"({summary['equal_flops_tokens']:,} for GPT at equal FLOPs)"
+            if summary["equal_flops_tokens"]
+            else "(GPT at equal FLOPs not trained)"
+        )
         + (
             ""
             if summary["coding_max_tokens"] is None

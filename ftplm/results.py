@@ -111,9 +111,15 @@ def provenance_line(summary: dict[str, Any]) -> str:
     return f"Command: `{summary['command']}`. Machine: {summary['machine']}. Date: {summary['date']}."
 
 
+def ftp_name(summary: dict[str, Any], designed: str = "FTP") -> str:
+    """The experiment's FTP model: the paper's design, or the model fields every run was trained with."""
+    fields = ", ".join(f"{k} = {v}" for k, v in summary.get("model_overrides", {}).items())
+    return f"FTP ({fields})" if fields else designed
+
+
 def experiment_blocks(name: str, summary: dict[str, Any], docs: Path) -> list[tuple]:
     """One experiment: provenance, FTP − GPT per claim and baseline, the variants side by side, its notes."""
-    tables = [("FTP as designed", summary["claims"])]
+    tables = [(ftp_name(summary, "FTP as designed"), summary["claims"])]
     tables += [(label_name(v), rows) for v, rows in summary.get("variant_claims", {}).items()]
     baselines = list(dict.fromkeys(k for _, rows in tables for r in rows for k in r if k.startswith("gpt-")))
     header = ["claim", "metric", *(f"FTP − {LABELS.get(b) or OLD_LABELS.get(b, b)}" for b in baselines)]
@@ -153,7 +159,9 @@ def readme_table(docs: Path) -> str:
     header = ["experiment", "model", "budget", *(c for c, _ in README_CLAIMS)]
     rows = []
     for name, summary in experiments(docs).items():
-        models = {"FTP": summary["claims"]} | {label_name(k): v for k, v in summary.get("variant_claims", {}).items()}
+        models = {ftp_name(summary): summary["claims"]} | {
+            label_name(k): v for k, v in summary.get("variant_claims", {}).items()
+        }
         for model, claims in models.items():
             by_metric = {r["metric"]: r.get("gpt-matched") for r in claims}
             old = "" if current_protocol(summary) else " (earlier protocol)"

@@ -516,3 +516,16 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
         }
 
     assert metrics(second) == metrics(first)
+
+    # a large budget can leave out GPT at equal FLOPs (its longest run): nothing trained, every table without it
+    shutil.rmtree(out / "gpt-flops-s0")
+    third = paper_experiment(out, **args, skip_equal_flops=True, skip_coding=True)
+    report = (out / "report" / "report.md").read_text()
+    assert not (out / "gpt-flops-s0").exists() and third["equal_flops_tokens"] is None
+    assert "GPT (equal FLOPs)" not in third["evals"] and "(GPT at equal FLOPs not trained)" in report
+    assert not any("gpt-flops" in r for r in [*third["claims"], *third["variant_claims"]["ftp-masked"]])
+
+    def text_columns(summary: dict) -> list:
+        return [r.get(k) for k in ("gpt-matched", "gpt-tokens") for r in summary["claims"] if r["suite"] != "coding"]
+
+    assert any(text_columns(first)) and text_columns(third) == text_columns(first)
