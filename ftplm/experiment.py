@@ -14,9 +14,9 @@ Layout under OUT (every step reuses what is already there, so an interrupted exp
     OUT/evals/*.json             one file per evaluated model (+ matched-s{seed}.json, summary.json)
     OUT/report/                  report.md + report.html
 
-A run that already reached its token budget is reused as is; a run that stopped before is resumed (a run whose
-log.jsonl changed in the last two minutes is taken to be training in another process: the experiment stops rather
-than writing into it). Matched perplexity: the val perplexity of every GPT checkpoint is measured on the same fixed
+A run that already reached its token budget is reused as is; a run that stopped before is resumed (started again
+if it stopped before its first checkpoint; a run whose log.jsonl changed in the last two minutes is taken to be
+training in another process: the experiment stops rather than writing into it). Matched perplexity: the val perplexity of every GPT checkpoint is measured on the same fixed
 windows as FTP's, and the checkpoint closest to FTP's is "GPT (matched ppl)"; the gap is reported and flagged above
 3%. "GPT (equal tokens)" is the final GPT checkpoint (same tokens and steps as FTP); FTP costs more per token
 (ftplm.model.flops_per_token: 1.72x GPT at `small`), so "GPT (equal FLOPs)" is GPT trained on as many training FLOPs
@@ -26,6 +26,7 @@ as FTP, i.e. on that many times more tokens.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -48,7 +49,7 @@ from ftplm.machine import provenance
 from ftplm.model import build_model, flops_per_token
 from ftplm.report import write_report
 from ftplm.results import LABELS, format_diff, label_name, variant_tables
-from ftplm.train import train
+from ftplm.train import RUN_CONFIG, train
 
 TEXT_CORPUS = "wiki-vital,shakespeare,bbc-news"
 TEXT_SUITES = ["ppl", "smoothness", "coherence", "classify"]
@@ -58,6 +59,8 @@ CPU_SCHEDULE = {"batch_size": 8, "warmup_steps": 20, "eval_interval": 25, "eval_
 # weights-only snapshots a GPT run keeps to match FTP's perplexity against (train.snapshot_steps: half of them in the
 # second half of the run, where the matches fall); every run keeps only its latest full checkpoint
 MATCH_SNAPSHOTS = 40
+# what an experiment's run holds before its first checkpoint: nothing trained to lose, so it is started again
+UNSAVED = {"log.jsonl", RUN_CONFIG, "checkpoints", "snapshots"}
 
 
 def train_defaults(preset: str, model_type: str) -> dict[str, Any]:
@@ -137,7 +140,10 @@ def ensure_trained(
         train(data, run, model_type=model_type, resume=True, train_overrides={"max_tokens": max_tokens}, progress=True)
     else:
         if run.exists() and any(run.iterdir()):
-            raise FtplmError(f"{run} exists but holds no checkpoint: remove it or choose another --out")
+            if {p.name for p in run.iterdir()} - UNSAVED:
+                raise FtplmError(f"{run} exists but holds no checkpoint: remove it or choose another --out")
+            log(f"restarting {run}: it stopped before its first checkpoint")
+            shutil.rmtree(run)
         log(f"training {run} ({model_type}, preset {preset}, {max_tokens:,} tokens, seed {seed})")
         train(
             data,

@@ -389,6 +389,21 @@ def test_reuse_finished_run_and_match_perplexity(tiny_data, tiny_ftp_run, tiny_g
     (busy / "log.jsonl").touch()
     with pytest.raises(FtplmError, match="training in another process"):
         ensure_trained(busy, tiny_data, "gpt", "tiny", state["tokens"] * 2, 0, {})
+    # stopped before its first checkpoint: nothing trained to lose, so started again; anything else there is kept
+    unsaved = tmp_path / "unsaved"
+    (unsaved / "checkpoints").mkdir(parents=True)
+    shutil.copy(tiny_gpt_run / "log.jsonl", unsaved / "log.jsonl")
+    (unsaved / "run_config.yaml").write_text("seed: 1\n")
+    os.utime(unsaved / "log.jsonl", (before - 600, before - 600))
+    foreign = tmp_path / "foreign"
+    shutil.copytree(unsaved, foreign)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(FtplmError, match="holds no checkpoint"):
+        ensure_trained(foreign, tiny_data, "gpt", "tiny", 2048, 0, {"batch_size": 2})
+    assert (foreign / "notes.txt").read_text() == "mine" and (foreign / "log.jsonl").is_file()
+    ensure_trained(unsaved, tiny_data, "gpt", "tiny", 2048, 0, {"batch_size": 2})
+    restarted = json.loads((unsaved / "trainer_state.json").read_text())
+    assert restarted["tokens"] >= 2048 and "seed: 0" in (unsaved / "run_config.yaml").read_text()
     m = match_perplexity(tiny_ftp_run, tiny_gpt_run, tiny_data, 1, tmp_path / "matched.json")
     assert m["matched"]["checkpoint"].endswith("step_0000040") and m["gap"] == pytest.approx(
         abs(m["matched"]["ppl"] - m["ftp_ppl"]) / m["ftp_ppl"]
