@@ -41,8 +41,10 @@ def describe_machine() -> str:
 
 
 def command_line() -> str | None:
-    """The `ftplm ...` command this process runs, as a user would type it again (None outside the CLI)."""
-    if sys.argv and Path(sys.argv[0]).name == "ftplm":
+    """The `ftplm ...` command this process runs, as a user would type it again (None outside the CLI); `python -m
+    ftplm ...` runs the same command."""
+    script = Path(sys.argv[0]) if sys.argv else Path()
+    if script.name == "ftplm" or (script.name == "__main__.py" and script.parent.name == "ftplm"):
         return " ".join(["ftplm", *(shlex.quote(a) for a in sys.argv[1:])])
     return None
 

@@ -131,3 +131,19 @@ def test_real_process_exit_status(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "no such run" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("argv0", "expected"),
+    [
+        ("/venv/bin/ftplm", "ftplm experiment paper --out 'runs/a b'"),
+        ("/src/ftplm/__main__.py", "ftplm experiment paper --out 'runs/a b'"),  # python -m ftplm
+        ("/usr/lib/python3/pytest/__main__.py", None),
+    ],
+)
+def test_published_command_line(monkeypatch, argv0, expected):
+    """Every published JSON records the command that made it, however the CLI was started."""
+    from ftplm.machine import command_line
+
+    monkeypatch.setattr(sys, "argv", [argv0, "experiment", "paper", "--out", "runs/a b"])
+    assert command_line() == expected
