@@ -16,11 +16,11 @@ Layout under OUT (every step reuses what is already there, so an interrupted exp
 
 A run that already reached its token budget is reused as is; a run that stopped before is resumed (started again
 if it stopped before its first checkpoint; a run whose log.jsonl changed in the last two minutes is taken to be
-training in another process: the experiment stops rather than writing into it). Matched perplexity: the val perplexity of every GPT checkpoint is measured on the same fixed
-windows as FTP's, and the checkpoint closest to FTP's is "GPT (matched ppl)"; the gap is reported and flagged above
-3%. "GPT (equal tokens)" is the final GPT checkpoint (same tokens and steps as FTP); FTP costs more per token
-(ftplm.model.flops_per_token: 1.72x GPT at `small`), so "GPT (equal FLOPs)" is GPT trained on as many training FLOPs
-as FTP, i.e. on that many times more tokens.
+training in another process: the experiment stops rather than writing into it). Matched perplexity: the val
+perplexity of every GPT checkpoint is measured on the same fixed windows as FTP's, and the checkpoint closest to
+FTP's is "GPT (matched ppl)"; the gap is reported and flagged above 3%. "GPT (equal tokens)" is the final GPT
+checkpoint (same tokens and steps as FTP); FTP costs more per token (ftplm.model.flops_per_token: 1.72x GPT at
+`small`), so "GPT (equal FLOPs)" is GPT trained on as many training FLOPs as FTP, i.e. on that many times more tokens.
 """
 
 from __future__ import annotations
@@ -689,27 +689,29 @@ def experiment_report(
 ) -> None:
     """OUT/report/report.md + .html from the summary."""
 
-    def match_row(name: str, m: dict[str, Any], flops: str) -> list[str]:
+    seeds, variants = summary["seeds"], summary["variants"]
+    flops = by_label.get("gpt-flops", [])  # empty when GPT at equal FLOPs was left out: so is its column
+
+    def match_row(name: str, m: dict[str, Any], flops_ppl: str) -> list[str]:
         return [
             name,
             f"{m['ftp_ppl']:.3f}",
             f"{m['matched']['ppl']:.3f} (step {m['matched']['step']})",
             f"{m['gap']:.2%}" + ("" if m["gap_ok"] else " > 3%!"),
             f"{m['final']['ppl']:.3f} (step {m['final']['step']})",
-            flops,
+            *([flops_ppl] if flops else []),
         ]
 
-    seeds, variants = summary["seeds"], summary["variants"]
-    flops = by_label.get("gpt-flops", [])
     match_rows = [
-        match_row(f"s{s}", m, f"{flops[s]['ppl']['metrics']['ppl']['value']:.3f}" if flops else "-")
+        match_row(f"s{s}", m, f"{flops[s]['ppl']['metrics']['ppl']['value']:.3f}" if flops else "")
         for s, m in enumerate(matched["ftp"])
     ]
     coding_matched = {"ftp": summary["coding_matched"], **summary["variant_coding_matched"]}
     for label, ms in coding_matched.items():
         name = "" if label == "ftp" else f", {label_name(label)}"
         match_rows += [match_row(f"coding s{seed}{name}", m, "-") for seed, m in enumerate(ms)]
-    claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in BASELINES)] for r in summary["claims"]]
+    baselines = [k for k in BASELINES if flops or k != "gpt-flops"]
+    claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in baselines)] for r in summary["claims"]]
     gpts = ("gpt", "gpt-flops") if flops else ("gpt",)
     runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, *gpts)}
     samples = {
@@ -749,12 +751,13 @@ def experiment_report(
         extra_tables=[
             (
                 "Matched perplexity (val ppl on identical windows)",
-                ["seed", "FTP", "GPT matched checkpoint", "gap", "GPT (equal tokens)", "GPT (equal FLOPs)"],
+                ["seed", "FTP", "GPT matched checkpoint", "gap", "GPT (equal tokens)"]
+                + (["GPT (equal FLOPs)"] if flops else []),
                 match_rows,
             ),
             (
                 "The paper's claims: FTP − GPT",
-                ["claim", "metric", *(f"vs {LABELS[k]}" for k in BASELINES)],
+                ["claim", "metric", *(f"vs {LABELS[k]}" for k in baselines)],
                 claim_table,
             ),
             *variant_tables(variants, summary["claims"], summary["variant_claims"], matched, summary["variant_rows"]),
