@@ -14,6 +14,8 @@ Layout under OUT (every step reuses what is already there, so an interrupted exp
     OUT/evals/*.json             one file per evaluated model (+ matched-s{seed}.json, summary.json)
     OUT/report/                  report.md + report.html
 
+A seed whose run directories are gone but whose OUT/evals files are there (copied from a published experiment's
+evals/, or kept from a machine whose runs did not survive) is reused as it is: seeds trained on different days add up.
 A run that already reached its token budget is reused as is; a run that stopped before is resumed (started again
 if it stopped before its first checkpoint; a run whose log.jsonl changed in the last two minutes is taken to be
 training in another process: the experiment stops rather than writing into it). Matched perplexity: the val
@@ -48,7 +50,7 @@ from ftplm.eval.stats import paired_seed_diff, seeds_summary
 from ftplm.machine import provenance
 from ftplm.model import build_model, flops_per_token
 from ftplm.report import write_report
-from ftplm.results import LABELS, format_diff, label_name, variant_tables
+from ftplm.results import LABELS, format_diff, label_name, machines, variant_tables
 from ftplm.train import RUN_CONFIG, train
 
 TEXT_CORPUS = "wiki-vital,shakespeare,bbc-news"
@@ -175,6 +177,8 @@ def equal_flops_tokens(preset: str, data: Path, max_tokens: int, model_overrides
 # ------------------------------------------------------------------------------------------------------
 def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cache: Path) -> dict[str, Any]:
     """Val ppl of FTP's final checkpoint and of every GPT snapshot and checkpoint on the same windows; the closest."""
+    if cache.is_file() and not (ftp_run.exists() or gpt_run.exists()):
+        return json.loads(cache.read_text())  # trained elsewhere (see trained_elsewhere): the match as measured
     ckpts = checkpoints(gpt_run, snapshots=True)
     if not ckpts:
         raise FtplmError(f"{gpt_run} has no checkpoints to match perplexity against")
@@ -215,12 +219,18 @@ def match_perplexity(ftp_run: Path, gpt_run: Path, data: Path, batches: int, cac
 # ------------------------------------------------------------------------------------------------------
 # evaluation (cached per model) and aggregation across seeds
 # ------------------------------------------------------------------------------------------------------
+def fresh(cached: dict[str, Any], path: Path) -> bool:
+    """Whether a model's cached results stand: they were measured on this checkpoint, or the checkpoint is gone
+    (a seed trained elsewhere, see trained_elsewhere), so they are all there is."""
+    return cached.get("checkpoint") == str(path.resolve()) or (bool(cached) and not path.exists())
+
+
 def evaluate_cached(
     path: Path, suites: list[str], data: Path, cache: Path, quick: bool, options: dict[str, Any]
 ) -> dict[str, Any]:
     """{suite: result (with per-item scores)} of one model, read from `cache` when it already holds those suites."""
     have = json.loads(cache.read_text()) if cache.is_file() else {}
-    if have.get("checkpoint") == str(path.resolve()) and all(s in have.get("suites", {}) for s in suites):
+    if fresh(have, path) and all(s in have.get("suites", {}) for s in suites):
         log(f"reusing {cache}")
         return have["suites"]
     log(f"evaluating {path} on {', '.join(suites)}")
@@ -318,7 +328,7 @@ def speculative_cached(path: Path, cache: Path) -> dict[str, Any]:
     """Self-speculative drafting of one FTP model (bench decode: 8 held-out prompts of 32 tokens, 64 new ones, plain
     and 'ftp', greedy and T = 1; less in a short context), cached like the suites."""
     have = json.loads(cache.read_text()) if cache.is_file() else {}
-    if have.get("checkpoint") == str(path.resolve()):
+    if have and fresh(have, path):
         return have["results"]
     log(f"self-speculative decoding of {path}")
     block = json.loads((path / "config.json").read_text())["block_size"]
@@ -381,13 +391,26 @@ def match_seed(
     paths: dict[str, Path] = {}
     for label in ftp_labels:
         log(f"seed {seed}: matching GPT checkpoints to {prefix}{label}'s val perplexity")
-        name = "matched" if label == "ftp" else f"matched-{label}"
-        cache = out / "evals" / f"{prefix}{name}-s{seed}.json"
+        cache = match_cache(out, label, seed, prefix)
         m = match_perplexity(out / f"{prefix}{label}-s{seed}", out / f"{prefix}gpt-s{seed}", data, ppl_batches, cache)
         matched[label].append(m)
         paths[label] = out / f"{prefix}{label}-s{seed}" / "latest"
         paths[matched_label(label)] = Path(m["matched"]["checkpoint"])
     return paths
+
+
+def match_cache(out: Path, ftp_label: str, seed: int, prefix: str = "") -> Path:
+    """OUT/evals/{prefix}matched-s{seed}.json, or matched-{variant}: an FTP model's match to GPT checkpoints."""
+    name = "matched" if ftp_label == "ftp" else f"matched-{ftp_label}"
+    return out / "evals" / f"{prefix}{name}-s{seed}.json"
+
+
+def trained_elsewhere(out: Path, seed: int, ftp_labels: list[str], prefix: str = "") -> bool:
+    """A seed whose runs are gone but whose matches are in OUT/evals (copied there from a published experiment, or
+    kept from a session whose run directories did not survive): its results are reused as they are and nothing of it
+    is trained again. This is how seeds trained on different days add up to one experiment."""
+    runs = [out / f"{prefix}{label}-s{seed}" for label in (*ftp_labels, "gpt", "gpt-flops")]
+    return not any(r.exists() for r in runs) and all(match_cache(out, x, seed, prefix).is_file() for x in ftp_labels)
 
 
 def matched_label(ftp_label: str) -> str:
@@ -482,6 +505,9 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
         f"ftp-{name}": {**spec.model_overrides, **v} for name, v in spec.variants.items()
     }
     for seed in range(spec.seeds):
+        if trained_elsewhere(out, seed, list(ftp_models)):
+            log(f"seed {seed}: no runs, its results in {evals_dir}: reused as they are")
+            continue
         for label, model_set in ftp_models.items():
             ensure_trained(
                 out / f"{label}-s{seed}",
@@ -590,6 +616,13 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
         },
         "variant_rows": model_rows(list(ftp_models), evals, decode, throughput) if spec.variants else [],
         "speculative": decode,
+        "eval_machines": sorted(
+            {
+                m
+                for p in evals_dir.glob("*.json")
+                if p.name != "summary.json" and (m := json.loads(p.read_text()).get("machine"))
+            }
+        ),
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(evals_dir / "summary.json", summary)
@@ -669,7 +702,9 @@ def coding_experiment(
     results: dict[str, list[dict[str, Any]]] = {}
     matches: dict[str, list[dict[str, Any]]] = {label: [] for label in ftp_models}
     for seed in range(seeds):
-        for label, (model_type, model_set) in runs.items():
+        for label, (model_type, model_set) in (
+            {} if trained_elsewhere(out, seed, list(ftp_models), "coding-") else runs
+        ).items():
             run = out / f"coding-{label}-s{seed}"
             ensure_trained(run, cdata, model_type, preset, budget, seed, overrides, model_overrides=model_set)
         paths = {"gpt-tokens": out / f"coding-gpt-s{seed}" / "latest"}
@@ -713,7 +748,12 @@ def experiment_report(
     baselines = [k for k in BASELINES if flops or k != "gpt-flops"]
     claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in baselines)] for r in summary["claims"]]
     gpts = ("gpt", "gpt-flops") if flops else ("gpt",)
-    runs = {f"{t}-s{s}": out / f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, *gpts)}
+    runs = {
+        f"{t}-s{s}": out / f"{t}-s{s}"
+        for s in range(seeds)
+        for t in (*ftp_labels, *gpts)
+        if (out / f"{t}-s{s}").exists()
+    }
     samples = {
         label_name(k): v[0]["coherence"]["examples"]
         for k, v in by_label.items()
@@ -735,7 +775,7 @@ def experiment_report(
         + f"; {'quick' if summary['quick'] else 'full'} suite sizes"
         + "".join(f", {k} = {v}" for k, v in summary["model_overrides"].items())
         + ".",
-        f"Date {summary['date']}, machine {summary['machine']}" + (f", command `{command}`" if command else "") + ".",
+        f"Date {summary['date']}, machine {machines(summary)}" + (f", command `{command}`" if command else "") + ".",
         "Values are means over seeds ± std across seeds, with a 95% CI in brackets: a hierarchical bootstrap (seeds, "
         "then items within seeds) where the metric has per-item scores, else a t interval over seeds (one seed: a "
         "bootstrap over items). Differences are FTP − GPT over the same prompts / documents / problems within each "

@@ -107,8 +107,15 @@ def budget(summary: dict[str, Any]) -> str:
     return f"`{summary['preset']}`, {summary['max_tokens']:,} tokens, {summary['seeds']} seed(s)"
 
 
+def machines(summary: dict[str, Any]) -> str:
+    """The machine that wrote the summary, and those its models were evaluated on where they differ (seeds trained on
+    other days, reused from OUT/evals)."""
+    others = [m for m in summary.get("eval_machines", []) if m != summary["machine"]]
+    return summary["machine"] + (f" (some seeds evaluated on {'; '.join(others)})" if others else "")
+
+
 def provenance_line(summary: dict[str, Any]) -> str:
-    return f"Command: `{summary['command']}`. Machine: {summary['machine']}. Date: {summary['date']}."
+    return f"Command: `{summary['command']}`. Machine: {machines(summary)}. Date: {summary['date']}."
 
 
 def ftp_name(summary: dict[str, Any], designed: str = "FTP") -> str:

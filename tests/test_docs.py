@@ -83,8 +83,10 @@ def test_docs_command_writes_and_checks(tmp_path, capsys):
     (docs / "exp" / "notes.md").write_text("A hand-written reading.\n")
     (docs / "exp-bow").mkdir()  # an experiment whose FTP model is a variant for every run: named by its fields
     (docs / "exp-bow" / "summary.json").write_text(
-        json.dumps({**_summary(0.1), "model_overrides": {"future_bow": 0.5}})
-    )
+        json.dumps(
+            {**_summary(0.1), "model_overrides": {"future_bow": 0.5}, "eval_machines": ["other CPU", "test CPU"]}
+        )
+    )  # one of its seeds evaluated on another machine (reused from OUT/evals): named beside the summary's
     (docs / "bench" / "train-tiny.json").write_text(json.dumps(_bench_train()))
     readme.write_text(f"# x\n\n{README_BEGIN}\nold\n{README_END}\n\nmore\n")
     args = ["docs", "--docs-dir", str(docs), "--readme", str(readme)]
@@ -94,6 +96,7 @@ def test_docs_command_writes_and_checks(tmp_path, capsys):
     assert "+0.2500 [+0.2400, +0.2600] (FTP higher)" in page and "FTP bow" in page and "-0.2500" in page
     assert "test CPU" in page and "3 seed(s)" in page and "A hand-written reading." in page
     assert "**FTP as designed**" in page and "**FTP (future_bow = 0.5)**" in page
+    assert page.count("some seeds evaluated on") == 1 and "test CPU (some seeds evaluated on other CPU)" in page
     assert "ftplm bench train --preset tiny" in page and "| 0.50 |" in page and "7.2 / 3.6" in page  # M tokens/hour
     text = readme.read_text()
     assert "old" not in text and "+0.250 (higher)" in text and "-0.250 (lower)" in text and text.endswith("more\n")

@@ -545,3 +545,17 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
         return [r.get(k) for k in ("gpt-matched", "gpt-tokens") for r in summary["claims"] if r["suite"] != "coding"]
 
     assert any(text_columns(first)) and text_columns(third) == text_columns(first)
+
+    # a seed trained elsewhere: its run directories gone, its OUT/evals kept (as when a published experiment's evals
+    # are copied into OUT) -> nothing trained again, the same figures, a report without its runs
+    for run in out.glob("*-s0"):
+        shutil.rmtree(run)
+    capsys.readouterr()
+    fourth = paper_experiment(out, **args, skip_equal_flops=True)
+    log = capsys.readouterr().out
+    assert "training" not in log and "resuming" not in log and "seed 0: no runs" in log
+    assert not list(out.glob("*-s0")) and "Runs:" not in (out / "report" / "report.md").read_text()
+    assert text_columns(fourth) == text_columns(first) and fourth["variant_rows"] == first["variant_rows"]
+    coding = lambda summary: [r for r in summary["claims"] if r["suite"] == "coding"]  # noqa: E731
+    assert coding(fourth) == coding(first) and fourth["coding_matched"] == first["coding_matched"]
+    assert fourth["eval_machines"] == first["eval_machines"] == [first["machine"]]  # one machine: named once
