@@ -58,6 +58,8 @@ TEXT_SUITES = ["ppl", "smoothness", "coherence", "classify"]
 MAX_GAP = 0.03
 # CPU budgets: more, smaller steps than the presets' own, evaluated often; `base` (a GPU's budgets) keeps its preset's
 CPU_SCHEDULE = {"batch_size": 8, "warmup_steps": 20, "eval_interval": 25, "eval_iters": 10}
+# ... but at most this many validations per run: every 25 steps, they cost ~13% of training time at 8M tokens
+CPU_VALIDATIONS = 50
 # weights-only snapshots a GPT run keeps to match FTP's perplexity against (train.snapshot_steps: half of them in the
 # second half of the run, where the matches fall); every run keeps only its latest full checkpoint
 MATCH_SNAPSHOTS = 40
@@ -65,10 +67,15 @@ MATCH_SNAPSHOTS = 40
 UNSAVED = {"log.jsonl", RUN_CONFIG, "checkpoints", "snapshots"}
 
 
-def train_defaults(preset: str, model_type: str) -> dict[str, Any]:
+def train_defaults(preset: str, model_type: str, max_tokens: int) -> dict[str, Any]:
     """The training settings of an experiment's run, before the user's --train-set."""
+    steps = max_tokens // (CPU_SCHEDULE["batch_size"] * get_preset(preset, "gpt").model.block_size)  # FTP: the same
     return {
-        **({} if preset == "base" else CPU_SCHEDULE),
+        **(
+            {}
+            if preset == "base"
+            else CPU_SCHEDULE | {"eval_interval": max(CPU_SCHEDULE["eval_interval"], steps // CPU_VALIDATIONS)}
+        ),
         "keep_checkpoints": 0,
         "snapshots": MATCH_SNAPSHOTS if model_type == "gpt" else 0,
     }
@@ -154,7 +161,12 @@ def ensure_trained(
             preset_name=preset,
             progress=True,
             model_overrides=model_overrides,
-            train_overrides={**train_defaults(preset, model_type), **overrides, "max_tokens": max_tokens, "seed": seed},
+            train_overrides={
+                **train_defaults(preset, model_type, max_tokens),
+                **overrides,
+                "max_tokens": max_tokens,
+                "seed": seed,
+            },
         )
     return run
 
@@ -485,6 +497,27 @@ class PaperExperiment:
             raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
 
 
+def train_seed(
+    out: Path,
+    data: Path,
+    spec: PaperExperiment,
+    seed: int,
+    ftp_models: dict[str, dict[str, Any]],
+    flops_tokens: int | None,
+) -> None:
+    """One seed's text runs: every FTP model, GPT, and GPT at equal FLOPs (only its final checkpoint is evaluated:
+    no snapshots) unless it is left out."""
+    runs: list[tuple[str, str, int, dict[str, Any], dict[str, Any]]] = [
+        (f"{label}-s{seed}", "ftp", spec.max_tokens, {}, model_set) for label, model_set in ftp_models.items()
+    ]
+    runs.append((f"gpt-s{seed}", "gpt", spec.max_tokens, {}, spec.model_overrides))
+    if flops_tokens is not None:
+        runs.append((f"gpt-flops-s{seed}", "gpt", flops_tokens, {"snapshots": 0}, spec.model_overrides))
+    for name, model_type, tokens, extra, model_set in runs:
+        overrides = {**spec.train_overrides, **extra}
+        ensure_trained(out / name, data, model_type, spec.preset, tokens, seed, overrides, model_overrides=model_set)
+
+
 def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fields: Any) -> dict[str, Any]:
     """Train (or reuse), match perplexity, evaluate every suite for every seed, aggregate, write the report.
     spec: the experiment's settings (or its fields as keywords)."""
@@ -504,45 +537,16 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
     ftp_models = {"ftp": dict(spec.model_overrides)} | {
         f"ftp-{name}": {**spec.model_overrides, **v} for name, v in spec.variants.items()
     }
+    found: tuple[dict[str, list[dict[str, Any]]], ...] = ({label: [] for label in ftp_models}, {}, {})
     for seed in range(spec.seeds):
         if trained_elsewhere(out, seed, list(ftp_models)):
             log(f"seed {seed}: no runs, its results in {evals_dir}: reused as they are")
-            continue
-        for label, model_set in ftp_models.items():
-            ensure_trained(
-                out / f"{label}-s{seed}",
-                data,
-                "ftp",
-                spec.preset,
-                spec.max_tokens,
-                seed,
-                overrides,
-                model_overrides=model_set,
-            )
-        ensure_trained(
-            out / f"gpt-s{seed}",
-            data,
-            "gpt",
-            spec.preset,
-            spec.max_tokens,
-            seed,
-            overrides,
-            model_overrides=spec.model_overrides,
+        else:
+            train_seed(out, data, spec, seed, ftp_models, flops_tokens)
+        match_and_evaluate(
+            out, data, seed, list(ftp_models), spec.ppl_batches, spec.quick, options, flops_tokens is not None, found
         )
-        if flops_tokens is not None:  # only its final checkpoint is evaluated: no snapshots
-            ensure_trained(
-                out / f"gpt-flops-s{seed}",
-                data,
-                "gpt",
-                spec.preset,
-                flops_tokens,
-                seed,
-                {**overrides, "snapshots": 0},
-                model_overrides=spec.model_overrides,
-            )
-    matched, by_label, bands = match_and_evaluate(
-        out, data, spec.seeds, list(ftp_models), spec.ppl_batches, spec.quick, options, flops_tokens is not None
-    )
+    matched, by_label, bands = found
     coding_by_label: dict[str, Any] = {}
     coding_matched: dict[str, list[dict[str, Any]]] = {}
     if not spec.skip_coding:
@@ -637,49 +641,47 @@ def _public(match: dict[str, Any]) -> dict[str, Any]:
 def match_and_evaluate(
     out: Path,
     data: Path,
-    seeds: int,
+    seed: int,
     ftp_labels: list[str],
     ppl_batches: int,
     quick: bool,
     options: dict[str, Any],
-    equal_flops: bool = True,
-) -> tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]:
-    """Per seed: each FTP model matched to the GPT checkpoint closest to its perplexity; every suite of every model
-    and of every GPT checkpoint within MAX_GAP of it (cached). Returns the matches per FTP label, the suite results per
-    label and each FTP model's band of GPT checkpoints (per-item scores averaged over the band), seed by seed."""
+    equal_flops: bool,
+    found: tuple[dict[str, list[dict[str, Any]]], ...],
+) -> None:
+    """One seed: each FTP model matched to the GPT checkpoint closest to its perplexity; every suite of every model
+    and of every GPT checkpoint within MAX_GAP of it (cached). Appends to found = (the matches per FTP label, the suite
+    results per label, each FTP model's band of GPT checkpoints with per-item scores averaged over the band). Called
+    as soon as the seed is trained, so a seed's results are in OUT/evals before the next seed starts."""
+    matched, by_label, bands = found
     evals_dir = out / "evals"
-    matched: dict[str, list[dict[str, Any]]] = {label: [] for label in ftp_labels}
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    bands: dict[str, list[dict[str, Any]]] = {}
-    for seed in range(seeds):
-        paths = {"gpt-tokens": out / f"gpt-s{seed}" / "latest"}
-        if equal_flops:
-            paths["gpt-flops"] = out / f"gpt-flops-s{seed}" / "latest"
-        paths |= match_seed(out, data, ftp_labels, seed, ppl_batches, matched)
-        for label, path in paths.items():
-            by_label.setdefault(label, []).append(
-                evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options)
+    paths = {"gpt-tokens": out / f"gpt-s{seed}" / "latest"}
+    if equal_flops:
+        paths["gpt-flops"] = out / f"gpt-flops-s{seed}" / "latest"
+    paths |= match_seed(out, data, ftp_labels, seed, ppl_batches, matched)
+    for label, path in paths.items():
+        by_label.setdefault(label, []).append(
+            evaluate_cached(path, TEXT_SUITES, data, evals_dir / f"{label}-s{seed}.json", quick, options)
+        )
+    # evaluated already: the matched checkpoints (one FTP model's may fall in another's band) and GPT's final
+    # checkpoint (the weights of gpt-tokens)
+    known = {ms[-1]["final"]["checkpoint"]: by_label["gpt-tokens"][-1] for ms in matched.values()}
+    known |= {ms[-1]["matched"]["checkpoint"]: by_label[matched_label(label)][-1] for label, ms in matched.items()}
+    for label in ftp_labels:
+        band = [
+            known.get(c["checkpoint"])
+            or evaluate_cached(
+                Path(c["checkpoint"]),
+                TEXT_SUITES,
+                data,
+                evals_dir / f"gpt-s{seed}-step{c['step']}.json",
+                quick,
+                options,
             )
-        # evaluated already: the matched checkpoints (one FTP model's may fall in another's band) and GPT's final
-        # checkpoint (the weights of gpt-tokens)
-        known = {ms[-1]["final"]["checkpoint"]: by_label["gpt-tokens"][-1] for ms in matched.values()}
-        known |= {ms[-1]["matched"]["checkpoint"]: by_label[matched_label(label)][-1] for label, ms in matched.items()}
-        for label in ftp_labels:
-            band = [
-                known.get(c["checkpoint"])
-                or evaluate_cached(
-                    Path(c["checkpoint"]),
-                    TEXT_SUITES,
-                    data,
-                    evals_dir / f"gpt-s{seed}-step{c['step']}.json",
-                    quick,
-                    options,
-                )
-                for c in perplexity_band(matched[label][-1])
-            ]
-            if band:
-                bands.setdefault(band_label(label), []).append(mean_items(band))
-    return matched, by_label, bands
+            for c in perplexity_band(matched[label][-1])
+        ]
+        if band:
+            bands.setdefault(band_label(label), []).append(mean_items(band))
 
 
 def coding_experiment(

@@ -457,7 +457,7 @@ def test_aggregate_and_claims():
     assert rows["adjacent_cosine"]["gpt-band"]["value"] == pytest.approx((0.3 + 0.3 + 0.5) / 3)
 
 
-def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
+def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys, monkeypatch):
     """Run again with the same arguments, the experiment retrains nothing and re-evaluates only what is missing
     (here: one model's suites, as if it had been stopped there), and reports the same figures."""
     from ftplm.experiment import MATCH_SNAPSHOTS, paper_experiment
@@ -546,6 +546,22 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
 
     assert any(text_columns(first)) and text_columns(third) == text_columns(first)
 
+    # each seed is evaluated as soon as it is trained: seed 0's results are written before seed 1 starts training
+    (out / "evals" / "gpt-tokens-s0.json").unlink()
+    import ftplm.experiment as experiment
+
+    def stop_at_seed_1(run, *a, **k):
+        if run.name.endswith("-s1"):
+            raise KeyboardInterrupt("the session ended")
+        return real_ensure_trained(run, *a, **k)
+
+    real_ensure_trained = experiment.ensure_trained
+    monkeypatch.setattr(experiment, "ensure_trained", stop_at_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        paper_experiment(out, **{**args, "seeds": 2}, skip_equal_flops=True, skip_coding=True)
+    assert (out / "evals" / "gpt-tokens-s0.json").is_file() and not list(out.glob("*-s1"))
+    monkeypatch.undo()
+
     # a seed trained elsewhere: its run directories gone, its OUT/evals kept (as when a published experiment's evals
     # are copied into OUT) -> nothing trained again, the same figures, a report without its runs
     for run in out.glob("*-s0"):
@@ -559,3 +575,14 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys):
     coding = lambda summary: [r for r in summary["claims"] if r["suite"] == "coding"]  # noqa: E731
     assert coding(fourth) == coding(first) and fourth["coding_matched"] == first["coding_matched"]
     assert fourth["eval_machines"] == first["eval_machines"] == [first["machine"]]  # one machine: named once
+
+
+def test_validation_interval_follows_the_budget():
+    """Every 25 steps at small budgets, at most CPU_VALIDATIONS validations at large ones; a GPU preset keeps its own."""
+    from ftplm.experiment import CPU_VALIDATIONS, train_defaults
+
+    assert train_defaults("mini", "ftp", 1_000_000)["eval_interval"] == 25
+    steps = 16_000_000 // (8 * 128)  # mini: batch 8 x 128 tokens
+    assert train_defaults("mini", "gpt", 16_000_000)["eval_interval"] == steps // CPU_VALIDATIONS == 312
+    assert "eval_interval" not in train_defaults("base", "ftp", 16_000_000)
+    assert train_defaults("mini", "gpt", 1)["snapshots"] > 0 == train_defaults("mini", "ftp", 1)["snapshots"]
