@@ -40,7 +40,7 @@ import torch
 from ftplm.api import load
 from ftplm.bench.decode import bench_decode
 from ftplm.bench.train import bench_train
-from ftplm.checkpoint import checkpoints, write_json
+from ftplm.checkpoint import checkpoints, write_json, write_text
 from ftplm.config import preset as get_preset
 from ftplm.data import TokenData, prepare
 from ftplm.errors import FtplmError
@@ -51,7 +51,7 @@ from ftplm.machine import provenance
 from ftplm.model import build_model, flops_per_token
 from ftplm.report import write_report
 from ftplm.results import LABELS, format_diff, label_name, machines, variant_tables
-from ftplm.train import RUN_CONFIG, train
+from ftplm.train import RUN_CONFIG, read_log, train
 
 TEXT_CORPUS = "wiki-vital,shakespeare,bbc-news"
 TEXT_SUITES = ["ppl", "smoothness", "coherence", "classify"]
@@ -497,6 +497,22 @@ class PaperExperiment:
             raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
 
 
+LOG_TRAIN_RECORDS = 200  # training-loss points a run's compact log keeps (every validation is kept)
+
+
+def keep_log(out: Path, run_name: str) -> None:
+    """OUT/evals/logs/RUN/log.jsonl: every validation of a run and about LOG_TRAIN_RECORDS of its training records,
+    so the report still draws its training curves when the run directory is gone (see trained_elsewhere)."""
+    records = read_log(out / run_name)
+    train_records = [r for r in records if "val" not in r]
+    every = max(1, len(train_records) // LOG_TRAIN_RECORDS)
+    kept_train = {*map(id, train_records[::every]), *map(id, train_records[-1:])}
+    kept = [r for r in records if "val" in r or id(r) in kept_train]
+    if kept:
+        (out / "evals" / "logs" / run_name).mkdir(parents=True, exist_ok=True)
+        write_text(out / "evals" / "logs" / run_name / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def train_seed(
     out: Path,
     data: Path,
@@ -516,6 +532,7 @@ def train_seed(
     for name, model_type, tokens, extra, model_set in runs:
         overrides = {**spec.train_overrides, **extra}
         ensure_trained(out / name, data, model_type, spec.preset, tokens, seed, overrides, model_overrides=model_set)
+        keep_log(out, name)
 
 
 def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fields: Any) -> dict[str, Any]:
@@ -750,12 +767,10 @@ def experiment_report(
     baselines = [k for k in BASELINES if flops or k != "gpt-flops"]
     claim_table = [[r["claim"], r["metric"], *(format_diff(r.get(k)) for k in baselines)] for r in summary["claims"]]
     gpts = ("gpt", "gpt-flops") if flops else ("gpt",)
-    runs = {
-        f"{t}-s{s}": out / f"{t}-s{s}"
-        for s in range(seeds)
-        for t in (*ftp_labels, *gpts)
-        if (out / f"{t}-s{s}").exists()
-    }
+    # a seed trained elsewhere draws its curves from the compact logs it left in OUT/evals (keep_log)
+    names = [f"{t}-s{s}" for s in range(seeds) for t in (*ftp_labels, *gpts)]
+    runs = {name: out / name if (out / name).exists() else out / "evals" / "logs" / name for name in names}
+    runs = {name: run for name, run in runs.items() if run.exists()}
     samples = {
         label_name(k): v[0]["coherence"]["examples"]
         for k, v in by_label.items()

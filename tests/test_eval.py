@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from ftplm.cli import main
 from ftplm.errors import FtplmError
+from ftplm.train import read_log
 
 SMALL = {"coherence_prompts": 3, "classify_docs": 60, "coding_problems": 6, "smoothness_docs": 8, "ppl_batches": 2}
 
@@ -570,7 +571,11 @@ def test_paper_experiment_resumes_where_it_stopped(tmp_path, capsys, monkeypatch
     fourth = paper_experiment(out, **args, skip_equal_flops=True)
     log = capsys.readouterr().out
     assert "training" not in log and "resuming" not in log and "seed 0: no runs" in log
-    assert not list(out.glob("*-s0")) and "Runs:" not in (out / "report" / "report.md").read_text()
+    report = (out / "report" / "report.md").read_text()
+    assert not list(out.glob("*-s0")) and "## Training curves" in report  # drawn from the compact logs it left
+    assert f"**ftp-s0** = `{out / 'evals' / 'logs' / 'ftp-s0'}`" in report
+    compact = read_log(out / "evals" / "logs" / "gpt-s0")
+    assert any("val" in r for r in compact) and compact[-1]["tokens"] >= 3000
     assert text_columns(fourth) == text_columns(first) and fourth["variant_rows"] == first["variant_rows"]
     coding = lambda summary: [r for r in summary["claims"] if r["suite"] == "coding"]  # noqa: E731
     assert coding(fourth) == coding(first) and fourth["coding_matched"] == first["coding_matched"]
