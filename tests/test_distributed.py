@@ -266,4 +266,6 @@ def test_unreachable_peer_times_out_instead_of_hanging(tiny_data, tmp_path):
 def test_bad_input_under_torchrun_ends_every_process(tiny_data, tmp_path):
     result = _torchrun(tiny_data, tmp_path / "r", "--backend", "nccl")
     assert result.returncode != 0
-    assert result.stderr.count("ftplm train: error: the NCCL backend needs CUDA GPUs") == 2  # each rank, one line
+    # one line per rank that got to write it: once a rank exits with an error, torchrun's agent stops the others,
+    # sometimes before they write theirs (seen in CI: 1 of 2)
+    assert result.stderr.count("ftplm train: error: the NCCL backend needs CUDA GPUs") in (1, 2)
