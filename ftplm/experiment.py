@@ -340,7 +340,7 @@ def speculative_cached(path: Path, cache: Path) -> dict[str, Any]:
     """Self-speculative drafting of one FTP model (bench decode: 8 held-out prompts of 32 tokens, 64 new ones, plain
     and 'ftp', greedy and T = 1; less in a short context), cached like the suites."""
     have = json.loads(cache.read_text()) if cache.is_file() else {}
-    if have and fresh(have, path):
+    if fresh(have, path):
         return have["results"]
     log(f"self-speculative decoding of {path}")
     block = json.loads((path / "config.json").read_text())["block_size"]
@@ -497,6 +497,8 @@ class PaperExperiment:
             raise FtplmError("--max-tokens, --coding-max-tokens and --ppl-batches must be positive")
 
 
+# what match_and_evaluate gathers, seed by seed: matches per FTP label, suite results per label, bands per FTP label
+Found = tuple[dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]], dict[str, list[dict[str, Any]]]]
 LOG_TRAIN_RECORDS = 200  # training-loss points a run's compact log keeps (every validation is kept)
 
 
@@ -504,10 +506,9 @@ def keep_log(out: Path, run_name: str) -> None:
     """OUT/evals/logs/RUN/log.jsonl: every validation of a run and about LOG_TRAIN_RECORDS of its training records,
     so the report still draws its training curves when the run directory is gone (see trained_elsewhere)."""
     records = read_log(out / run_name)
-    train_records = [r for r in records if "val" not in r]
-    every = max(1, len(train_records) // LOG_TRAIN_RECORDS)
-    kept_train = {*map(id, train_records[::every]), *map(id, train_records[-1:])}
-    kept = [r for r in records if "val" in r or id(r) in kept_train]
+    train_rows = [i for i, r in enumerate(records) if "val" not in r]
+    kept_train = {*train_rows[:: max(1, len(train_rows) // LOG_TRAIN_RECORDS)], *train_rows[-1:]}
+    kept = [r for i, r in enumerate(records) if "val" in r or i in kept_train]
     if kept:
         (out / "evals" / "logs" / run_name).mkdir(parents=True, exist_ok=True)
         write_text(out / "evals" / "logs" / run_name / "log.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
@@ -554,7 +555,7 @@ def paper_experiment(out: str | Path, spec: PaperExperiment | None = None, **fie
     ftp_models = {"ftp": dict(spec.model_overrides)} | {
         f"ftp-{name}": {**spec.model_overrides, **v} for name, v in spec.variants.items()
     }
-    found: tuple[dict[str, list[dict[str, Any]]], ...] = ({label: [] for label in ftp_models}, {}, {})
+    found: Found = ({label: [] for label in ftp_models}, {}, {})
     for seed in range(spec.seeds):
         if trained_elsewhere(out, seed, list(ftp_models)):
             log(f"seed {seed}: no runs, its results in {evals_dir}: reused as they are")
@@ -664,7 +665,7 @@ def match_and_evaluate(
     quick: bool,
     options: dict[str, Any],
     equal_flops: bool,
-    found: tuple[dict[str, list[dict[str, Any]]], ...],
+    found: Found,
 ) -> None:
     """One seed: each FTP model matched to the GPT checkpoint closest to its perplexity; every suite of every model
     and of every GPT checkpoint within MAX_GAP of it (cached). Appends to found = (the matches per FTP label, the suite
@@ -721,11 +722,10 @@ def coding_experiment(
     results: dict[str, list[dict[str, Any]]] = {}
     matches: dict[str, list[dict[str, Any]]] = {label: [] for label in ftp_models}
     for seed in range(seeds):
-        for label, (model_type, model_set) in (
-            {} if trained_elsewhere(out, seed, list(ftp_models), "coding-") else runs
-        ).items():
-            run = out / f"coding-{label}-s{seed}"
-            ensure_trained(run, cdata, model_type, preset, budget, seed, overrides, model_overrides=model_set)
+        if not trained_elsewhere(out, seed, list(ftp_models), "coding-"):
+            for label, (model_type, model_set) in runs.items():
+                run = out / f"coding-{label}-s{seed}"
+                ensure_trained(run, cdata, model_type, preset, budget, seed, overrides, model_overrides=model_set)
         paths = {"gpt-tokens": out / f"coding-gpt-s{seed}" / "latest"}
         paths |= match_seed(out, cdata, list(ftp_models), seed, ppl_batches, matches, "coding-")
         for label, path in paths.items():
